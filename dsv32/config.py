@@ -1,0 +1,326 @@
+"""Typed, frozen configuration: the model (from an HF ``config.json`` or a preset) and the engine (from flags).
+
+``ModelConfig`` describes the network exactly as DeepSeek's checkpoints do (``DeepseekV32ForCausalLM`` with the
+lightning indexer, ``DeepseekV3ForCausalLM`` without it: dense MLA). ``EngineConfig`` carries the serving knobs that
+vLLM users know (``max_model_len``, ``max_num_seqs``, ``kv_cache_dtype`` ...). Both are frozen dataclasses: they are
+built once at start-up and flow one way into the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("DeepseekV32ForCausalLM", "DeepseekV3ForCausalLM")
+TINY_PRESET = "tiny"
+
+
+class ConfigError(ValueError):
+    """A config.json (or flag combination) that we cannot run; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    """YaRN RoPE scaling (``rope_scaling`` / ``rope_parameters`` with ``type``/``rope_type`` = ``yarn``)."""
+
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """``quantization_config`` of DeepSeek's FP8 checkpoints: e4m3 weights with 128x128 block scales."""
+
+    quant_method: str = "fp8"
+    fmt: str = "e4m3"
+    weight_block_size: tuple[int, int] = (128, 128)
+    activation_scheme: str = "dynamic"
+    scale_fmt: str | None = "ue8m0"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The DeepSeek-V3.x network. Field names follow the HF ``config.json`` keys."""
+
+    architecture: str = "DeepseekV32ForCausalLM"
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    num_attention_heads: int = 128
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: YarnConfig | None = field(default_factory=YarnConfig)
+    max_position_embeddings: int = 163840
+    # Lightning indexer (DeepSeek Sparse Attention); index_topk == 0 means dense MLA (V3 / V3.1 / R1).
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    num_nextn_predict_layers: int = 1
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    torch_dtype: str = "bfloat16"
+    quantization: QuantConfig | None = field(default_factory=QuantConfig)
+
+    # ---- derived quantities -------------------------------------------------------------------------
+    @property
+    def has_indexer(self) -> bool:
+        return self.index_topk > 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_latent_dim(self) -> int:
+        """Width of one cached MLA entry: the normed latent plus the shared rope key (576 for the real model)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """``qk_head_dim**-0.5``, times ``mscale(factor, mscale_all_dim)**2`` under YaRN (0.13523 for the real model)."""
+        scale = self.qk_head_dim**-0.5
+        if self.rope_scaling is not None and self.rope_scaling.mscale_all_dim and self.rope_scaling.factor > 1:
+            m = 0.1 * self.rope_scaling.mscale_all_dim * math.log(self.rope_scaling.factor) + 1.0
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (
+            self.n_routed_experts > 0
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    # ---- construction ---------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Build from the dict of an HF ``config.json``; unknown architectures and inconsistent values raise
+        ``ConfigError`` naming the key."""
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            model_type = cfg.get("model_type")
+            arch = {"deepseek_v32": "DeepseekV32ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}.get(model_type)
+        if arch is None:
+            raise ConfigError(
+                f"config.json key 'architectures' = {archs!r}: expected one of {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        kwargs: dict[str, Any] = {"architecture": arch}
+        simple = {f.name for f in fields(cls)} - {"architecture", "rope_scaling", "quantization", "index_topk",
+                                                  "torch_dtype", "rope_theta"}
+        for key in simple:
+            if key in cfg and cfg[key] is not None:
+                kwargs[key] = cfg[key]
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        for key in required:
+            if key not in cfg:
+                raise ConfigError(f"config.json is missing required key '{key}'")
+        if cfg.get("q_lora_rank") is None:
+            raise ConfigError("config.json key 'q_lora_rank' is null: models without a q LoRA (V2-Lite) are not "
+                              "supported")
+        # Indexer: present for V3.2 only. A V3.2 config without index keys is inconsistent.
+        if arch == "DeepseekV32ForCausalLM":
+            for key in ("index_topk", "index_n_heads", "index_head_dim"):
+                if key not in cfg:
+                    raise ConfigError(f"config.json for DeepseekV32ForCausalLM is missing key '{key}'")
+            kwargs["index_topk"] = int(cfg["index_topk"])
+        else:
+            kwargs["index_topk"] = 0
+        kwargs["torch_dtype"] = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+        kwargs["rope_theta"] = float(cfg.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0)
+        kwargs["rope_scaling"] = _parse_rope(rope)
+        kwargs["quantization"] = _parse_quant(cfg.get("quantization_config"))
+        if "n_routed_experts" in cfg and cfg["n_routed_experts"] is None:
+            kwargs["n_routed_experts"] = 0
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> ModelConfig:
+        """Read ``path/config.json`` (``path`` may also be the file itself) or the name of a built-in preset."""
+        if path == TINY_PRESET:
+            return tiny_config()
+        file = path if path.endswith(".json") else os.path.join(path, "config.json")
+        if not os.path.isfile(file):
+            raise ConfigError(f"no config.json at {file!r} (expected an HF checkpoint folder or the preset 'tiny')")
+        try:
+            with open(file, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file} is not valid JSON: {e}") from None
+        return cls.from_hf_config(cfg)
+
+    def with_overrides(self, **kw: Any) -> ModelConfig:
+        return replace(self, **kw)
+
+
+def _parse_rope(rope: dict[str, Any] | None) -> YarnConfig | None:
+    if not rope:
+        return None
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise ConfigError(f"config.json key 'rope_scaling.type' = {kind!r}: only 'yarn' (or none) is supported")
+    defaults = YarnConfig()
+    return YarnConfig(
+        factor=float(rope.get("factor", defaults.factor)),
+        original_max_position_embeddings=int(
+            rope.get("original_max_position_embeddings", defaults.original_max_position_embeddings)),
+        beta_fast=float(rope.get("beta_fast", defaults.beta_fast)),
+        beta_slow=float(rope.get("beta_slow", defaults.beta_slow)),
+        mscale=float(rope.get("mscale", defaults.mscale)),
+        mscale_all_dim=float(rope.get("mscale_all_dim", defaults.mscale_all_dim)),
+    )
+
+
+def _parse_quant(q: dict[str, Any] | None) -> QuantConfig | None:
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(f"config.json key 'quantization_config.quant_method' = {method!r}: only 'fp8' is supported")
+    fmt = q.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"config.json key 'quantization_config.fmt' = {fmt!r}: only 'e4m3' is supported")
+    block = q.get("weight_block_size", [128, 128])
+    if not isinstance(block, (list, tuple)) or len(block) != 2:
+        raise ConfigError(f"config.json key 'quantization_config.weight_block_size' = {block!r}: expected [rows, cols]")
+    return QuantConfig(quant_method=method, fmt=fmt, weight_block_size=(int(block[0]), int(block[1])),
+                       activation_scheme=q.get("activation_scheme", "dynamic"), scale_fmt=q.get("scale_fmt"))
+
+
+def _validate(c: ModelConfig) -> None:
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"config key '{key}' = {getattr(c, key)!r}: {msg}")
+
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                "q_lora_rank", "qk_nope_head_dim", "v_head_dim", "max_position_embeddings"):
+        need(int(getattr(c, key)) > 0, key, "must be a positive integer")
+    need(c.qk_rope_head_dim > 0 and c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be positive and even")
+    need(c.scoring_func == "sigmoid", "scoring_func", "DeepSeek-V3.x routers use 'sigmoid'")
+    need(c.hidden_act == "silu", "hidden_act", "DeepSeek-V3.x uses 'silu'")
+    need(c.first_k_dense_replace >= 0, "first_k_dense_replace", "must be >= 0")
+    need(c.moe_layer_freq >= 1, "moe_layer_freq", "must be >= 1")
+    if c.n_routed_experts > 0:
+        need(c.n_group >= 1 and c.n_routed_experts % c.n_group == 0, "n_group", "must divide n_routed_experts")
+        need(1 <= c.topk_group <= c.n_group, "topk_group", "must be in [1, n_group]")
+        need(1 <= c.num_experts_per_tok <= c.topk_group * (c.n_routed_experts // c.n_group), "num_experts_per_tok",
+             "must be at least 1 and fit in the kept groups (topk_group * experts per group)")
+        need(c.n_routed_experts // c.n_group >= 2, "n_routed_experts", "groups need >= 2 experts (top-2 group score)")
+        need(c.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
+    need(c.index_topk >= 0, "index_topk", "must be >= 0 (0 = dense attention)")
+    if c.has_indexer:
+        need(c.index_n_heads > 0, "index_n_heads", "must be positive")
+        need(c.index_head_dim > c.qk_rope_head_dim, "index_head_dim", "must exceed qk_rope_head_dim")
+    need(c.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+    need(c.torch_dtype in ("bfloat16", "float16", "float32"), "torch_dtype", "expected bfloat16, float16 or float32")
+    if c.rope_scaling is not None:
+        need(c.rope_scaling.factor >= 1.0, "rope_scaling", "yarn factor must be >= 1")
+
+
+def tiny_config() -> ModelConfig:
+    """The built-in ``tiny`` preset: the real V3.2 architecture (indexer, 576-wide MLA latent, grouped sigmoid MoE,
+    YaRN, one MTP layer, FP8 block quantisation) at toy width, with the real 129280-token vocabulary so the real
+    tokenizer fits. Weights come from ``--load-format dummy``."""
+    return ModelConfig(
+        architecture="DeepseekV32ForCausalLM",
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=128,
+        kv_lora_rank=512,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=64,
+        v_head_dim=64,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        index_n_heads=16,
+        index_head_dim=128,
+        index_topk=64,
+        num_nextn_predict_layers=1,
+        torch_dtype="bfloat16",
+    )
+
+
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Serving knobs, named as vLLM names its flags."""
+
+    model: str = TINY_PRESET
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"  # auto | safetensors | dummy
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 64
+    kv_cache_dtype: str = "auto"
+    kv_cache_memory: int | None = None  # bytes for the KV cache; None = from gpu_memory_utilization / a CPU default
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    max_waiting_requests: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype {self.kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ConfigError(f"--load-format {self.load_format!r}: expected auto, safetensors or dummy")
+        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"--max-model-len must be positive, got {self.max_model_len}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
