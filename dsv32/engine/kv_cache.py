@@ -1,0 +1,150 @@
+"""Paged KV-cache block accounting and the prefix cache (block ids only; the tensors belong to the model).
+
+Every layer's caches (MLA latent + rope key, indexer key) share one block table, so one ``KVCacheManager`` hands
+out block ids for all of them. A block holds ``block_size`` consecutive tokens of one sequence.
+
+Prefix caching (vLLM v1's design): a *full* block whose KV has been computed is registered under the chain hash of
+its tokens (see ``request.hash_block_tokens``). Blocks are shared by reference count. A block whose count drops to 0
+goes to the free queue but keeps its hash, so a later prompt with the same prefix can take it back; allocation takes
+blocks from the front of the free queue (least recently freed first) and only then forgets their hash (LRU
+eviction). Blocks that hold nothing reusable go to the front so they are reused before any cached block.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from dsv32.engine.request import Sequence
+
+
+@dataclass
+class _Block:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: bytes | None = None
+
+
+class KVCacheManager:
+    """Allocates block ids to sequences and finds cached prefixes."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks = [_Block(i) for i in range(num_blocks)]
+        # Blocks with ref_cnt 0, in eviction order (front first). An OrderedDict gives O(1) removal from the middle.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._cached: dict[bytes, int] = {}
+        # Counters in tokens, vLLM's prefix_cache_queries / prefix_cache_hits.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    # ---- queries ------------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now (free ones, including cached blocks nobody references)."""
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by live sequences (vLLM's kv_cache_usage_perc, 0..1)."""
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids of the longest cached prefix of ``seq``'s tokens (not yet referenced: pass them to
+        ``allocate``). At most ``num_tokens - 1`` tokens are served from cache, so the last token is always computed
+        and yields the logits to sample from."""
+        if not self.enable_prefix_caching:
+            return []
+        hashes = seq.full_block_hashes(self.block_size)
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        hit: list[int] = []
+        for block_hash in hashes[:max_blocks]:
+            block_id = self._cached.get(block_hash)
+            if block_id is None:
+                break
+            hit.append(block_id)
+        return hit
+
+    def record_prefix_query(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_cache_queries += num_query_tokens
+        self.prefix_cache_hits += num_hit_tokens
+
+    # ---- mutation -----------------------------------------------------------------------------------
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
+        """Make room for ``num_new_tokens`` more computed tokens of ``seq``. ``cached_block_ids`` (from
+        ``find_cached_prefix``, for a sequence with no blocks yet) become its first blocks and count as computed
+        tokens: the caller advances ``num_computed_tokens`` past them. Returns False, changing nothing, when there
+        are not enough free blocks."""
+        cached_block_ids = cached_block_ids or []
+        # Cached blocks that nobody references sit in the free queue: taking them costs free capacity too.
+        num_revived = sum(1 for b in cached_block_ids if self._blocks[b].ref_cnt == 0)
+        num_total = len(seq.block_ids) + len(cached_block_ids)
+        num_tokens = seq.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
+        num_needed = max(0, self.blocks_needed(num_tokens) - num_total)
+        if num_needed + num_revived > len(self._free):
+            return False
+        if cached_block_ids:  # they are registered already
+            for block_id in cached_block_ids:
+                self._ref(block_id)
+            seq.block_ids.extend(cached_block_ids)
+            seq.num_registered_blocks = len(seq.block_ids)
+        for _ in range(num_needed):
+            block_id, _ = self._free.popitem(last=False)
+            block = self._blocks[block_id]
+            if block.block_hash is not None:  # evict: its content is about to be overwritten
+                del self._cached[block.block_hash]
+                block.block_hash = None
+            block.ref_cnt = 1
+            seq.block_ids.append(block_id)
+        return True
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """Offer ``seq``'s newly completed full blocks to the prefix cache (call after its KV was written)."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        if num_full <= seq.num_registered_blocks:
+            return
+        hashes = seq.full_block_hashes(self.block_size)
+        for i in range(seq.num_registered_blocks, num_full):
+            block = self._blocks[seq.block_ids[i]]
+            # Two sequences may compute the same block in the same step: the first one registered wins, the other
+            # copy stays private and is recycled first when freed.
+            if block.block_hash is None and hashes[i] not in self._cached:
+                block.block_hash = hashes[i]
+                self._cached[hashes[i]] = block.block_id
+        seq.num_registered_blocks = num_full
+
+    def free(self, seq: Sequence) -> None:
+        """Drop ``seq``'s references. Tail blocks are freed first so they are evicted before the shared head."""
+        for block_id in reversed(seq.block_ids):
+            block = self._blocks[block_id]
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self._free[block_id] = None
+                if block.block_hash is None:
+                    self._free.move_to_end(block_id, last=False)
+        seq.block_ids = []
+        seq.num_registered_blocks = 0
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's /reset_prefix_cache). Only possible while no block is in use."""
+        if len(self._free) != self.num_blocks:
+            return False
+        for block in self._blocks:
+            block.block_hash = None
+        self._cached.clear()
+        return True
+
+    def _ref(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.ref_cnt == 0:
+            del self._free[block_id]
+        block.ref_cnt += 1

@@ -1,0 +1,161 @@
+"""The scheduler: which sequences run this step, with how many tokens each, within one token budget.
+
+The one idea (vLLM v1): there is no prefill phase and no decode phase. Each sequence has ``num_tokens`` known tokens
+and ``num_computed_tokens`` whose KV is cached; a step gives some sequences new tokens to compute so they catch up.
+A decode is 1 new token, a prompt is many, split into chunks when it does not fit the budget (chunked prefill).
+
+Policy, per step:
+1. Running sequences, decodes first, then unfinished prompt chunks. When the KV cache has no room for one, the most
+   recently scheduled-last running sequence is preempted by recompute (its blocks are freed and it goes back to the
+   front of the waiting queue; its prefix blocks usually survive in the prefix cache).
+2. If nothing was preempted, waiting sequences in arrival order (FIFO), each first served what the prefix cache
+   holds, until the token budget, ``max_num_seqs`` or the free blocks run out.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from dsv32.engine.kv_cache import KVCacheManager
+from dsv32.engine.request import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed for it this step, from position seq.num_computed_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Continuous batching over a ``KVCacheManager``: a FIFO waiting queue and a running list."""
+
+    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, finish_reason: str, stop_reason: int | str | None = None) -> None:
+        """End ``seq`` (stopped, length or aborted) wherever it is, and release its blocks."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = finish_reason
+        seq.stop_reason = stop_reason
+        self.kv_cache.free(seq)
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # Decodes first (they are latency-bound and need one token each), then prompt chunks, each in arrival order.
+        # Preemption victims come from the end of this order, so a victim has never been scheduled this step.
+        order = [s for s in self.running if not s.in_prompt_phase] + [s for s in self.running if s.in_prompt_phase]
+        i = 0
+        while i < len(order) and budget > 0:
+            seq = order[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv_cache.allocate(seq, num_new):
+                victim = order.pop()
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append(ScheduledSeq(seq, num_new))
+                budget -= num_new
+                i += 1
+        # vLLM's rule: a step that had to preempt admits nobody new (the cache is already too tight).
+        if out.num_preempted == 0:
+            budget = self._admit_waiting(out, budget)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        held_back: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self._waits_for_leader(seq):
+                held_back.append(self.waiting.popleft())
+                continue
+            cached: list[int] = []
+            # Prompt logprobs need the logits of every prompt position, so such a sequence computes all of it.
+            if self.kv_cache.enable_prefix_caching and not seq.needs_prompt_logprobs:
+                cached = self.kv_cache.find_cached_prefix(seq)
+            num_cached_tokens = len(cached) * self.kv_cache.block_size
+            num_new = min(seq.num_tokens - num_cached_tokens, budget)
+            if not self.kv_cache.allocate(seq, num_new, cached):
+                break  # FIFO: nobody overtakes the head of the queue
+            if self.kv_cache.enable_prefix_caching:
+                self.kv_cache.record_prefix_query(seq.num_tokens, num_cached_tokens)
+            if seq.num_preemptions == 0:  # what the user sees: the first admission's cache hit
+                seq.num_cached_tokens = num_cached_tokens
+            seq.num_computed_tokens = num_cached_tokens
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        self.waiting.extendleft(reversed(held_back))
+        return budget
+
+    def _waits_for_leader(self, seq: Sequence) -> bool:
+        """An n > 1 sibling waits until its leader has computed (and cached) the shared prompt."""
+        leader = seq.prefill_leader
+        return (
+            leader is not None
+            and self.kv_cache.enable_prefix_caching
+            and not leader.is_finished
+            and leader.num_computed_tokens < leader.num_prompt_tokens
+        )
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv_cache.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def on_step_done(self, out: SchedulerOutput) -> None:
+        """The model wrote the scheduled tokens' KV: advance each sequence and offer its full blocks to the cache."""
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.kv_cache.register_computed_blocks(item.seq)

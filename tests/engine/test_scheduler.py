@@ -1,0 +1,179 @@
+"""Scheduler policy with token counts only (no model): budget, decode-first, chunking, FIFO, preemption, n > 1."""
+
+import random
+
+from dsv32.engine.kv_cache import KVCacheManager
+from dsv32.engine.request import Sequence
+from dsv32.engine.sampling_params import SamplingParams
+from dsv32.engine.scheduler import Scheduler, SchedulerOutput
+
+BS = 4
+
+
+def make_seq(prompt_len: int, max_tokens: int, first_token: int = 0, rid: str = "r") -> Sequence:
+    return Sequence(rid, 0, [first_token + i for i in range(prompt_len)], SamplingParams(), max_tokens=max_tokens)
+
+
+def fake_step(sched: Scheduler) -> SchedulerOutput:
+    """One engine step without a model: each sequence that caught up samples a token (a function of its length)."""
+    out = sched.schedule()
+    assert out.num_tokens <= sched.max_num_batched_tokens
+    assert sched.num_running <= sched.max_num_seqs
+    sched.on_step_done(out)
+    for item in out.scheduled:
+        seq = item.seq
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.append_token(1000 + seq.num_tokens)
+            if seq.num_output_tokens >= seq.max_tokens:
+                sched.finish(seq, "length")
+    return out
+
+
+def run_to_completion(sched: Scheduler, max_steps: int = 10_000) -> list[SchedulerOutput]:
+    steps = []
+    while sched.has_unfinished:
+        steps.append(fake_step(sched))
+        assert len(steps) < max_steps, "scheduler made no progress"
+    return steps
+
+
+def test_decodes_first_then_chunked_prefill_within_budget():
+    kv = KVCacheManager(64, BS)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=10)
+    a = make_seq(3, 5)
+    sched.add(a)
+    first = fake_step(sched)
+    assert [(s.seq, s.num_new_tokens) for s in first.scheduled] == [(a, 3)]
+    b = make_seq(25, 2, first_token=50)
+    sched.add(b)
+    out = fake_step(sched)
+    # a's decode goes first; b gets the rest of the budget as its first chunk.
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1), (b, 9)]
+    out = fake_step(sched)
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1), (b, 9)]
+    out = fake_step(sched)
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1), (b, 7)]
+    assert b.num_output_tokens == 1
+    run_to_completion(sched)
+    assert kv.num_free_blocks == 64
+
+
+def test_fifo_admission_and_max_num_seqs():
+    kv = KVCacheManager(64, BS)
+    sched = Scheduler(kv, max_num_seqs=2, max_num_batched_tokens=100)
+    seqs = [make_seq(3, 3, first_token=10 * i) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    out = fake_step(sched)
+    assert [s.seq for s in out.scheduled] == seqs[:2]
+    run_to_completion(sched)
+    assert all(s.is_finished and s.num_output_tokens == 3 for s in seqs)
+    assert kv.num_free_blocks == 64
+
+
+def test_preemption_by_recompute_completes_everything():
+    # 6 blocks of 4 tokens; each sequence grows to 16 tokens (4 blocks), so two cannot both finish without preemption.
+    kv = KVCacheManager(6, BS)
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    seqs = [make_seq(6, 10, first_token=100 * i) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    run_to_completion(sched)
+    assert sched.num_preemptions > 0
+    for s in seqs:
+        assert s.is_finished and s.num_output_tokens == 10
+        # Tokens are a function of length only, so recompute must not have changed the stream.
+        assert s.output_token_ids == [1000 + n for n in range(6, 16)]
+    assert kv.num_free_blocks == 6
+
+
+def test_preempted_sequence_reuses_its_cached_prefix():
+    kv = KVCacheManager(6, BS)
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    seqs = [make_seq(9, 10, first_token=100 * i) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    run_to_completion(sched)
+    assert sched.num_preemptions > 0
+    assert kv.prefix_cache_hits > 0
+    assert all(s.num_cached_tokens == 0 for s in seqs)  # the user-visible hit is the first admission's
+    assert kv.num_free_blocks == 6
+
+
+def test_prefix_hit_on_admission_reports_cached_tokens():
+    kv = KVCacheManager(32, BS)
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    a = make_seq(10, 1)
+    sched.add(a)
+    run_to_completion(sched)
+    b = make_seq(10, 1)
+    sched.add(b)
+    out = fake_step(sched)
+    assert b.num_cached_tokens == 8 and out.scheduled[0].num_new_tokens == 2
+    assert kv.prefix_cache_queries == 20 and kv.prefix_cache_hits == 8
+
+
+def test_prompt_logprobs_bypass_the_prefix_cache():
+    kv = KVCacheManager(32, BS)
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    sched.add(make_seq(10, 1))
+    run_to_completion(sched)
+    b = make_seq(10, 1)
+    b.needs_prompt_logprobs = True
+    sched.add(b)
+    out = fake_step(sched)
+    assert b.num_cached_tokens == 0 and out.scheduled[0].num_new_tokens == 10
+
+
+def test_siblings_wait_for_leader_then_hit_cache():
+    kv = KVCacheManager(32, BS)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=6)
+    leader = make_seq(10, 2)
+    siblings = [make_seq(10, 2) for _ in range(2)]
+    for s in siblings:
+        s.prefill_leader = leader
+    other = make_seq(3, 2, first_token=500)
+    for s in [leader, *siblings, other]:
+        sched.add(s)
+    out = fake_step(sched)
+    assert [s.seq for s in out.scheduled] == [leader]  # budget 6 < 10: leader's first chunk only
+    out = fake_step(sched)
+    # leader finishes its prompt; siblings are held back, the unrelated request behind them is not.
+    assert [s.seq for s in out.scheduled] == [leader, other]
+    out = fake_step(sched)
+    assert siblings[0] in [s.seq for s in out.scheduled]
+    run_to_completion(sched)
+    assert all(s.num_cached_tokens == 8 for s in siblings)
+    assert kv.num_free_blocks == 32
+
+
+def test_finish_from_waiting_and_running_frees_blocks():
+    kv = KVCacheManager(16, BS)
+    sched = Scheduler(kv, max_num_seqs=1, max_num_batched_tokens=64)
+    a, b = make_seq(5, 10), make_seq(5, 10, first_token=9)
+    sched.add(a)
+    sched.add(b)
+    fake_step(sched)
+    sched.finish(a, "abort")
+    sched.finish(b, "abort")
+    assert not sched.has_unfinished and kv.num_free_blocks == 16
+    assert a.finish_reason == b.finish_reason == "abort"
+
+
+def test_random_workloads_never_leak_or_stall():
+    rng = random.Random(0)
+    for trial in range(30):
+        num_blocks = rng.randint(8, 24)
+        kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=rng.random() < 0.7)
+        sched = Scheduler(kv, max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(1, 40))
+        capacity = num_blocks * BS
+        seqs = []
+        for i in range(rng.randint(1, 10)):
+            prompt_len = rng.randint(1, capacity - 1)
+            # Shared prefixes (token values from a small range) so the cache gets hits.
+            s = make_seq(prompt_len, rng.randint(1, capacity - prompt_len), first_token=rng.choice([0, 0, 7 * i]))
+            seqs.append(s)
+            sched.add(s)
+        run_to_completion(sched)
+        assert all(s.is_finished and s.num_output_tokens == s.max_tokens for s in seqs), trial
+        assert kv.num_free_blocks == num_blocks, trial
