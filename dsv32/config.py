@@ -104,7 +104,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """``qk_head_dim**-0.5``, times ``mscale(factor, mscale_all_dim)**2`` under YaRN (0.13523 for the real model)."""
+        """``qk_head_dim**-0.5`` times ``mscale(factor, mscale_all_dim)**2`` under YaRN (0.13523 for the real model)."""
         scale = self.qk_head_dim**-0.5
         if self.rope_scaling is not None and self.rope_scaling.mscale_all_dim and self.rope_scaling.factor > 1:
             m = 0.1 * self.rope_scaling.mscale_all_dim * math.log(self.rope_scaling.factor) + 1.0

@@ -1,0 +1,137 @@
+"""The DeepSeek-V3 / V3.2 decoder: embedding -> N x (MLA[+indexer] , MLP|MoE) -> RMSNorm -> LM head, plus MTP.
+
+One decoder layer (pre-norm residual)::
+
+    h = h + MLA(RMSNorm(h))
+    h = h + FFN(RMSNorm(h))          # FFN = dense SwiGLU for the first ``first_k_dense_replace`` layers, else MoE
+
+The forward runs on a flat varlen ``ForwardBatch`` (no padding) against a paged ``KVCache``; it returns the
+final-normed hidden state of every token and leaves the LM head to ``compute_logits`` so the engine only projects
+the rows it samples from.
+
+MTP (``num_nextn_predict_layers``; checkpoint layer ``num_hidden_layers + j``): for position i, from the main model's
+final hidden ``h_i`` and the embedding of token ``t_{i+1}``::
+
+    x = W_eh [RMSNorm_e(Emb(t_{i+1})) ; RMSNorm_h(h_i)];   x = DecoderLayer(x);   logits = Head(RMSNorm(x))
+
+with the embedding and head shared with the main model (as vLLM/SGLang load it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv32.config import ModelConfig
+from dsv32.model.batch import AttentionMetadata, ForwardBatch
+from dsv32.model.cache import CacheLayout, KVCache, normalize_kv_cache_dtype
+from dsv32.model.linear import Linear
+from dsv32.model.mla import MLA
+from dsv32.model.moe import MLP, MoE
+from dsv32.model.norm import RMSNorm
+from dsv32.model.rope import rope_cos_sin, rope_inv_freq
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, moe: bool) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: nn.Module = MoE(config, dtype) if moe else MLP(config.hidden_size, config.intermediate_size, dtype)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                cache: KVCache) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, cache, self.layer_idx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, hidden: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, hidden, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class DeepseekModel(nn.Module):
+    """``model.*`` of the HF checkpoint: embeddings, decoder layers, final norm."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, config.is_moe_layer(i))
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MTPLayer(nn.Module):
+    """One multi-token-prediction module (checkpoint prefix ``model.layers.{num_hidden_layers + j}``)."""
+
+    def __init__(self, config: ModelConfig, cache_layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, dtype)
+        self.block = DecoderLayer(config, cache_layer, dtype, moe=config.n_routed_experts > 0)
+        self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    """DeepSeek-V3.2 (with indexer) or V3 (dense MLA) for causal LM, on a paged KV cache."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, with_mtp: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.model = DeepseekModel(config, dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype)
+        n_mtp = config.num_nextn_predict_layers if with_mtp else 0
+        self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + j, dtype) for j in range(n_mtp))
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @property
+    def num_cache_layers(self) -> int:
+        return self.config.num_hidden_layers + len(self.mtp)
+
+    def cache_layout(self, kv_cache_dtype: str) -> CacheLayout:
+        c = self.config
+        return CacheLayout(c.kv_lora_rank, c.qk_rope_head_dim, c.index_head_dim if c.has_indexer else 0,
+                           normalize_kv_cache_dtype(kv_cache_dtype), self.dtype)
+
+    def kv_cache_bytes_per_token(self, kv_cache_dtype: str) -> int:
+        return self.cache_layout(kv_cache_dtype).bytes_per_token() * self.num_cache_layers
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str) -> KVCache:
+        return KVCache(self.cache_layout(kv_cache_dtype), self.num_cache_layers, num_blocks, block_size,
+                       self.inv_freq.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        """Final-normed hidden states ``[T, hidden]`` of every token in the batch; writes their KV to the cache."""
+        meta = AttentionMetadata.build(batch, kv_cache.block_size)
+        cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)
+        h = self.model.embed_tokens(batch.input_ids)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, meta, kv_cache)
+        return self.model.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def forward_mtp(self, batch: ForwardBatch, previous_hidden: torch.Tensor, kv_cache: KVCache,
+                    depth: int = 0) -> torch.Tensor:
+        """MTP module ``depth``: ``batch.input_ids`` hold the *next* tokens ``t_{i+1}`` at positions ``i``, and
+        ``previous_hidden`` the main model's final hidden ``h_i``. Returns the MTP hidden states (normed, ready for
+        ``compute_logits``)."""
+        mtp = self.mtp[depth]
+        meta = AttentionMetadata.build(batch, kv_cache.block_size)
+        cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)
+        e = mtp.enorm(self.model.embed_tokens(batch.input_ids))
+        x = mtp.eh_proj(torch.cat((e, mtp.hnorm(previous_hidden.to(self.dtype))), dim=-1))
+        return mtp.shared_head_norm(mtp.block(x, cos, sin, meta, kv_cache))

@@ -1,0 +1,218 @@
+"""Build the model and fill its weights: HF safetensors checkpoints (sharded, FP8 block-scaled) or dummy weights.
+
+Checkpoint names are HF's. Three renames happen here: per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight``
+go into the stacked ``experts.gate_up_proj`` / ``experts.down_proj``; the MTP layers ``model.layers.{N+j}.*`` go to
+``mtp.{j}.*`` (their copies of the embedding and LM head are dropped: they share the main model's); FP8 weights are
+dequantised with their ``weight_scale_inv`` 128x128 block multipliers to the compute dtype. Tensors are read from the
+memory-mapped files one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from dsv32.config import ModelConfig
+from dsv32.model.deepseek import DeepseekForCausalLM
+from dsv32.model.fp8 import dequantize_block_fp8
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+SCALE_SUFFIX = "_scale_inv"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the config: missing, misshapen or unknown tensors."""
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return _DTYPES[config.torch_dtype]
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected auto, bfloat16, float16 or float32")
+    return _DTYPES[dtype]
+
+
+def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
+               dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", seed: int = 0,
+               with_mtp: bool = False, progress: bool = True) -> DeepseekForCausalLM:
+    """Instantiate ``DeepseekForCausalLM`` on ``device`` and load (or, for ``dummy``, generate) its weights."""
+    torch_dtype = resolve_dtype(dtype, config)
+    with torch.device(device):
+        model = DeepseekForCausalLM(config, torch_dtype, with_mtp=with_mtp)
+    if load_format == "dummy" or path is None:
+        init_dummy_weights(model, seed)
+    elif load_format in ("auto", "safetensors"):
+        load_safetensors(model, path, progress=progress)
+    else:
+        raise ValueError(f"load_format {load_format!r}: expected auto, safetensors or dummy")
+    return model.eval()
+
+
+def init_dummy_weights(model: DeepseekForCausalLM, seed: int) -> None:
+    """Deterministic random weights (vLLM's ``--load-format dummy``): N(0, 0.02) matrices, unit norms, a small
+    random router bias so biased selection is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("norm.bias"):
+                param.zero_()
+            elif name.endswith("e_score_correction_bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """Map tensor name -> safetensors file, from ``model.safetensors.index.json`` or the ``*.safetensors`` present."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint folder {path!r} does not exist")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {path!r}")
+    names: dict[str, str] = {}
+    for file in files:
+        with safe_open(os.path.join(path, file), framework="pt") as fh:
+            names.update(dict.fromkeys(fh.keys(), os.path.join(path, file)))
+    return names
+
+
+class _Target:
+    """Where a checkpoint tensor goes: a parameter, optionally one expert's slice of a stacked parameter."""
+
+    def __init__(self, param: torch.Tensor, name: str, expert: int | None = None, part: str | None = None) -> None:
+        self.param, self.name, self.expert, self.part = param, name, expert, part
+
+    def view(self) -> torch.Tensor:
+        if self.expert is None:
+            return self.param
+        p = self.param[self.expert]
+        if self.part == "down_proj":
+            return p
+        half = p.shape[0] // 2
+        return p[:half] if self.part == "gate_proj" else p[half:]
+
+
+def _map_name(name: str, config: ModelConfig, with_mtp: bool) -> str | None:
+    """Checkpoint name -> our parameter name (``None``: deliberately skipped)."""
+    m = _LAYER.match(name)
+    if m and int(m.group(1)) >= config.num_hidden_layers:
+        j = int(m.group(1)) - config.num_hidden_layers
+        rest = m.group(2)
+        if not with_mtp or j >= config.num_nextn_predict_layers:
+            return None
+        if rest.startswith(("embed_tokens.", "shared_head.head.")):
+            return None  # shared with the main model
+        if rest.startswith("shared_head.norm."):
+            return f"mtp.{j}.shared_head_norm.{rest.split('.', 2)[2]}"
+        if rest.startswith(("enorm.", "hnorm.", "eh_proj.")):
+            return f"mtp.{j}.{rest}"
+        return f"mtp.{j}.block.{rest}"
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    return name
+
+
+def load_safetensors(model: DeepseekForCausalLM, path: str, progress: bool = True) -> None:
+    config = model.config
+    with_mtp = len(model.mtp) > 0
+    params = dict(model.named_parameters())
+    files = checkpoint_files(path)
+    scales = {n for n in files if n.endswith(SCALE_SUFFIX)}
+    filled: set[tuple[str, int | None, str | None]] = set()
+    by_file: dict[str, list[str]] = {}
+    for name, file in files.items():
+        if name not in scales:
+            by_file.setdefault(file, []).append(name)
+    bar = tqdm(total=sum(map(len, by_file.values())), desc="Loading safetensors", unit="tensor", disable=not progress)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as fh:
+            for name in sorted(names):
+                bar.update(1)
+                target = _resolve(name, config, with_mtp, params)
+                if target is None:
+                    continue
+                tensor = fh.get_slice(name)[:] if name in fh.keys() else None
+                if tensor is None:
+                    raise CheckpointError(f"tensor {name!r} listed in the index is missing from {file}")
+                scale_name = name + SCALE_SUFFIX
+                if tensor.dtype == torch.float8_e4m3fn:
+                    if scale_name not in files:
+                        raise CheckpointError(f"FP8 tensor {name!r} has no {scale_name!r}")
+                    with safe_open(files[scale_name], framework="pt") as sf:
+                        scale = sf.get_tensor(scale_name)
+                    block = config.quantization.weight_block_size if config.quantization else (128, 128)
+                    try:
+                        tensor = dequantize_block_fp8(tensor, scale, block, target.param.dtype)
+                    except ValueError as e:
+                        raise CheckpointError(f"{scale_name}: {e}") from None
+                dest = target.view()
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                                          f"{tuple(dest.shape)} from config.json")
+                with torch.no_grad():
+                    dest.copy_(tensor.to(dest.dtype))
+                filled.add((target.name, target.expert, target.part))
+    bar.close()
+    _check_complete(model, params, filled)
+
+
+def _resolve(name: str, config: ModelConfig, with_mtp: bool, params: dict[str, torch.nn.Parameter]) -> _Target | None:
+    mapped = _map_name(name, config, with_mtp)
+    if mapped is None:
+        return None
+    m = _EXPERT.match(mapped)
+    if m:
+        prefix, expert, part = m.group(1), int(m.group(2)), m.group(3)
+        pname = f"{prefix}.{'down_proj' if part == 'down_proj' else 'gate_up_proj'}"
+        if pname not in params or expert >= params[pname].shape[0]:
+            raise CheckpointError(f"unexpected tensor {name!r} (expert {expert} does not exist in this config)")
+        return _Target(params[pname], pname, expert, part)
+    if mapped not in params:
+        raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint (not part of a "
+                              f"{config.architecture} with this config.json)")
+    return _Target(params[mapped], mapped)
+
+
+def _check_complete(model: DeepseekForCausalLM, params: dict[str, torch.nn.Parameter],
+                    filled: set[tuple[str, int | None, str | None]]) -> None:
+    done_whole = {n for n, e, _ in filled if e is None}
+    missing: list[str] = []
+    for name, param in params.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and name not in done_whole:
+            parts = ("down_proj",) if name.endswith("down_proj") else ("gate_proj", "up_proj")
+            for e in range(param.shape[0]):
+                missing += [f"{name[:-len('gate_up_proj') if 'gate_up' in name else -len('down_proj')]}{e}.{p}.weight"
+                            for p in parts if (name, e, p) not in filled]
+        elif name not in done_whole:
+            missing.append(name)
+    if "lm_head.weight" in missing and model.config.tie_word_embeddings:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+        missing.remove("lm_head.weight")
+    if "model.layers.0.mlp.gate.e_score_correction_bias" in missing:
+        # V3-style checkpoints without the aux-free bias: selection is then plain top-k (bias 0, as initialised).
+        missing = [m for m in missing if not m.endswith("e_score_correction_bias")]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")

@@ -1,0 +1,117 @@
+"""Feed-forward blocks: the dense SwiGLU MLP and the DeepSeek MoE (sigmoid, group-limited, bias-for-selection routing).
+
+SwiGLU MLP:  ``y = W_down( silu(W_gate x) * (W_up x) )``.
+
+MoE (``topk_method = noaux_tc``), per token ``x``::
+
+    s      = sigmoid(x @ W_gate^T)                       # [E] router scores, fp32
+    sb     = s + e_score_correction_bias                 # the bias only steers SELECTION
+    gscore = sum of the top-2 of sb in each of n_group groups
+    keep the topk_group best groups; sb := -inf elsewhere
+    idx    = topk(sb, num_experts_per_tok)
+    w      = s[idx] / sum(s[idx]) * routed_scaling_factor  # UNBIASED scores, renormalised, x2.5
+    y      = sum_j w_j * Expert_{idx_j}(x) + SharedExpert(x)
+
+No auxiliary loss, no capacity limit, no token dropping.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv32.config import ModelConfig
+from dsv32.model.linear import Linear
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_proj = Linear(hidden, inter, dtype)
+        self.up_proj = Linear(hidden, inter, dtype)
+        self.down_proj = Linear(inter, hidden, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(router_logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
+          normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited top-k routing. ``router_logits`` ``[T, E]`` fp32 -> ``(weights [T, k] fp32, ids [T, k])``."""
+    scores = router_logits.sigmoid()
+    choice = scores + bias.float()
+    num_tokens, num_experts = choice.shape
+    if n_group > 1:
+        group_scores = choice.view(num_tokens, n_group, -1).topk(2, dim=-1).values.sum(-1)
+        kept = group_scores.topk(topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        expert_mask = group_mask.repeat_interleave(num_experts // n_group, dim=1)
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    ids = choice.topk(top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, ids)
+    if normalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=dtype),
+                                   requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts, dtype=torch.float32),
+                                                    requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        logits = F.linear(x.float(), self.weight.float())
+        return route(logits, self.e_score_correction_bias, c.n_group, c.topk_group, c.num_experts_per_tok,
+                     c.norm_topk_prob, c.routed_scaling_factor)
+
+
+class Experts(nn.Module):
+    """All routed experts, stacked: ``gate_up_proj`` ``[E, 2I, H]`` (gate rows, then up rows), ``down_proj``
+    ``[E, H, I]``."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Reference grouped computation: tokens sorted by expert, one GEMM pair per expert that got tokens."""
+        top_k = ids.shape[1]
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        token_of = order // top_k
+        weight_of = weights.flatten()[order]
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_of[start:start + count]
+            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            out.index_add_(0, rows, y.float() * weight_of[start:start + count, None])
+            start += count
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate = Gate(config, dtype)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, dtype)
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype)
+                               if config.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        y = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x).float()
+        return y.to(x.dtype)
