@@ -1,0 +1,233 @@
+"""The ``dsv32`` console script: ``serve`` (the OpenAI-compatible server), ``chat`` (a terminal client for it),
+``bench serve`` (load generator) and ``eval gsm8k`` (accuracy against a running server).
+
+Flags follow vLLM's names so its launch commands carry over; the heavy modules (torch, the engine, the benchmark)
+are imported only by the subcommand that needs them, so ``dsv32 --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from dsv32.config import DTYPES, KV_CACHE_DTYPES, TINY_PRESET, ConfigError, EngineConfig
+from dsv32.server.settings import REASONING_PARSERS, TOOL_CALL_PARSERS, ServerConfig
+
+API_KEY_ENV = "DSV32_API_KEY"
+
+logger = logging.getLogger("dsv32")
+
+
+def _positive_int(text: str) -> int:
+    value = _int_with_suffix(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _int_with_suffix(text: str) -> int:
+    """Integers, also written as vLLM allows for lengths: ``32k`` (x1000), ``32K`` (x1024), ``1m``/``1M``."""
+    scale = {"k": 1000, "K": 1024, "m": 1_000_000, "M": 1024 * 1024}
+    try:
+        if text and text[-1] in scale:
+            return int(float(text[:-1]) * scale[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer (optionally with k/K/m/M), got {text!r}") from None
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=TINY_PRESET,
+                        help="Hugging Face checkpoint folder of a DeepSeek-V3.2 (or V3/V3.1/R1) model, or 'tiny' "
+                             "(default): a built-in toy model of the same architecture with random weights.")
+    net = parser.add_argument_group("HTTP")
+    net.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1; 0.0.0.0 for all).")
+    net.add_argument("--port", type=int, default=8000, help="Port to listen on (default 8000).")
+    net.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="Name(s) the API answers to; the first is reported in responses (default: the model path).")
+    net.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                     help=f"Require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, else none).")
+    net.add_argument("--reasoning-parser", default="deepseek_v3", choices=sorted(REASONING_PARSERS),
+                     help="Split the model's thinking into `reasoning` / `reasoning_content` (default deepseek_v3; "
+                          "'none' leaves it in `content`).")
+    net.add_argument("--tool-call-parser", default="deepseek_v32", choices=sorted(TOOL_CALL_PARSERS),
+                     help="Parse DSML tool calls into `tool_calls` (default deepseek_v32; 'none' disables tools).")
+    net.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help="Accepted for vLLM command compatibility: `tool_choice: auto` is on whenever a tool-call "
+                          "parser is set.")
+    net.add_argument("--max-logprobs", type=int, default=20,
+                     help="Most top alternatives a request may ask for with logprobs/top_logprobs (default 20).")
+    net.add_argument("--log-requests", action="store_true",
+                     help="Log each request's prompt and sampling parameters (off by default: prompts can be private).")
+    net.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="On SIGTERM, seconds to let in-flight requests finish before aborting them (default 30).")
+    net.add_argument("--uvicorn-log-level", default="warning",
+                     choices=["critical", "error", "warning", "info", "debug", "trace"],
+                     help="Log level of uvicorn's own messages (default warning).")
+
+    eng = parser.add_argument_group("engine")
+    eng.add_argument("--tokenizer", default=None, help="Tokenizer folder or tokenizer.json (default: the model's).")
+    eng.add_argument("--tokenizer-mode", default="deepseek_v32", choices=["auto", "deepseek_v32"],
+                     help="Accepted for vLLM command compatibility; the V3.2 encoding is always used.")
+    eng.add_argument("--trust-remote-code", action="store_true",
+                     help="Accepted for vLLM/SGLang command compatibility; no remote code is ever run.")
+    eng.add_argument("--dtype", default="auto", choices=DTYPES, help="Weight/activation dtype (default auto).")
+    eng.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                     help="'dummy' initialises random weights (auto = safetensors for a checkpoint, dummy for tiny).")
+    eng.add_argument("--max-model-len", type=_positive_int, default=None,
+                     help="Context length (prompt + output) in tokens, e.g. 8192 or 32k (default: the model's).")
+    eng.add_argument("--max-num-seqs", type=_positive_int, default=64,
+                     help="Most requests running in one batch (default 64).")
+    eng.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+                     help="Token budget of one engine step; longer prompts are prefilled in chunks (default 2048).")
+    eng.add_argument("--max-waiting-requests", type=_positive_int, default=1024,
+                     help="Requests allowed to wait for a batch slot; beyond that the server answers 503 (default "
+                          "1024).")
+    eng.add_argument("--block-size", type=_positive_int, default=64, help="KV-cache block size in tokens (default 64).")
+    eng.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                     help="KV-cache storage dtype: auto (model dtype) or fp8 (default auto).")
+    eng.add_argument("--kv-cache-memory-bytes", type=_positive_int, default=None,
+                     help="Bytes for the KV cache (default: from --gpu-memory-utilization, or a CPU default).")
+    eng.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                     help="Fraction of GPU memory the engine may use, KV cache included (default 0.9).")
+    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                     help="Reuse the KV cache of shared prompt prefixes (default on).")
+    eng.add_argument("--seed", type=int, default=0, help="Seed for weight init (dummy) and sampling (default 0).")
+    eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="Where the model runs (default: cuda if available, else cpu).")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        served_model_name=args.served_model_name[0] if args.served_model_name else None,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_memory=args.kv_cache_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+        device=args.device,
+        max_waiting_requests=args.max_waiting_requests,
+    )
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        served_model_names=tuple(args.served_model_name or [args.model]),
+        model_path=args.model,
+        api_key=args.api_key or None,
+        reasoning_parser=args.reasoning_parser,
+        tool_call_parser=args.tool_call_parser,
+        max_logprobs=args.max_logprobs,
+        log_requests=args.log_requests,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        engine_config = engine_config_from_args(args)
+        server_config = server_config_from_args(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"dsv32 serve: error: {exc}", file=sys.stderr)
+        return 2
+    from dsv32.server.launcher import serve
+
+    return serve(engine_config, server_config, host=args.host, port=args.port,
+                 shutdown_timeout=args.shutdown_timeout, uvicorn_log_level=args.uvicorn_log_level)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from dsv32.server.chat_client import run_chat_client
+
+    return run_chat_client(args)
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000",
+                        help="Base URL of a running `dsv32 serve` (or any OpenAI-compatible server).")
+    parser.add_argument("--model", default=None, help="Model name to ask for (default: the server's first model).")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"Bearer key (default ${API_KEY_ENV}).")
+    parser.add_argument("--system", default=None, help="A system prompt for the conversation.")
+    parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
+                        help="Ask the model to think first; its thinking is shown apart from the answer (default on).")
+    parser.add_argument("--max-tokens", type=_positive_int, default=1024, help="Most tokens per answer (default 1024).")
+    parser.add_argument("--temperature", type=float, default=None, help="Sampling temperature (server default).")
+    parser.add_argument("--top-p", type=float, default=None, help="Nucleus sampling mass (server default).")
+
+
+# Subcommands written in other modules, imported only when chosen: (group, name, module, add-arguments, run).
+_EXTERNAL_SUBCOMMANDS = (
+    ("bench", "serve", "dsv32.bench.serve", "add_bench_serve_arguments", "run_bench_serve",
+     "Benchmark a running OpenAI-compatible server (vllm bench serve's metrics)."),
+    ("eval", "gsm8k", "dsv32.eval.gsm8k", "add_eval_gsm8k_arguments", "run_eval_gsm8k",
+     "GSM8K accuracy of a running server."),
+)
+
+
+def _add_external(group_parser: argparse.ArgumentParser, group: str, chosen: Sequence[str]) -> None:
+    subparsers = group_parser.add_subparsers(dest=f"{group}_command", metavar="COMMAND", required=True)
+    for grp, name, module_name, add_name, run_name, help_text in _EXTERNAL_SUBCOMMANDS:
+        if grp != group:
+            continue
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        # Import the (numpy/tqdm-heavy) module only when this very subcommand is on the command line.
+        if list(chosen[:2]) == [group, name]:
+            import importlib
+
+            module = importlib.import_module(module_name)
+            getattr(module, add_name)(sub)
+            sub.set_defaults(handler=getattr(module, run_name))
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsv32",
+        description="DeepSeek-V3.2 inference engine with an OpenAI-compatible server.",
+        epilog="Examples:\n  dsv32 serve                      # built-in tiny model, random weights, 127.0.0.1:8000\n"
+               "  dsv32 serve /models/DeepSeek-V3.2 --max-model-len 32k\n"
+               "  dsv32 chat --url http://127.0.0.1:8000\n"
+               "  dsv32 bench serve --num-prompts 100\n  dsv32 eval gsm8k",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = subparsers.add_parser("serve", help="Run the OpenAI-compatible HTTP server.",
+                                  description="Run the OpenAI-compatible HTTP server (vLLM's flag names).")
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=run_serve)
+
+    chat = subparsers.add_parser("chat", help="Chat with a running server in the terminal.",
+                                 description="Interactive chat against a running server; the model's thinking is "
+                                             "shown apart from its answer. Type /help in the chat for commands.")
+    add_chat_arguments(chat)
+    chat.set_defaults(handler=run_chat)
+
+    bench = subparsers.add_parser("bench", help="Benchmarks (bench serve).", description="Benchmarks.")
+    _add_external(bench, "bench", argv)
+    evaluate = subparsers.add_parser("eval", help="Accuracy evaluations (eval gsm8k).",
+                                     description="Accuracy evaluations.")
+    _add_external(evaluate, "eval", argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""``POST /v1/completions``: raw prompts (a string, token ids, or a batch of either) in, text completions out,
+with ``echo`` and legacy ``logprobs`` (prompt logprobs too when echoing), streamed or not.
+
+A batch of prompts becomes one engine request per prompt; choice ``index`` is ``prompt_index * n + i`` in prompt
+order, as vLLM numbers them. ``max_tokens=0`` with ``echo`` scores the prompt without generating (lm-eval's
+loglikelihood requests): the engine generates one token, which is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncGenerator
+
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+
+from dsv32.engine.outputs import CompletionOutput, RequestOutput
+from dsv32.server.errors import APIError
+from dsv32.server.generation import EngineRequest, merge_outputs, start_all
+from dsv32.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+    usage_info,
+)
+from dsv32.server.sampling import build_sampling_params, check_token_ids, resolve_max_tokens
+from dsv32.server.sse import sse_event, sse_response
+from dsv32.server.state import ServerState
+
+
+class _PromptRun:
+    """One prompt of the batch: its ids, its engine request, and what has been streamed of each completion."""
+
+    def __init__(self, text: str, token_ids: list[int], score_only: bool) -> None:
+        self.text = text
+        self.token_ids = token_ids
+        self.score_only = score_only
+        self.request: EngineRequest | None = None
+        self.sent_chars: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+        self.last: RequestOutput | None = None
+
+
+def _tokenize_prompts(state: ServerState, request: CompletionRequest) -> list[tuple[str, list[int]]]:
+    prompts: list[tuple[str, list[int]]] = []
+    for prompt in request.prompts():
+        if isinstance(prompt, str):
+            prompts.append((prompt, state.tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)))
+        else:
+            check_token_ids(prompt, state.vocab_size, "prompt")
+            prompts.append((state.tokenizer.decode(prompt, skip_special_tokens=False), list(prompt)))
+        if not prompts[-1][1]:
+            raise APIError("Prompt cannot be empty.", 400, param="prompt")
+    return prompts
+
+
+def _visible(run: _PromptRun, completion: CompletionOutput) -> tuple[str, list[int]]:
+    """The generated text and ids the client gets: nothing when only the prompt was to be scored."""
+    if run.score_only:
+        return "", []
+    return completion.text, completion.token_ids
+
+
+def _finish_reason(run: _PromptRun, completion: CompletionOutput) -> str | None:
+    # Scoring a prompt "ran out" of its zero-token budget: vLLM reports "length".
+    return "length" if run.score_only and completion.finish_reason == "stop" else completion.finish_reason
+
+
+async def create_completion(state: ServerState, request: CompletionRequest, raw_request: Request) -> Response:
+    state.check_model(request.model)
+    state.check_logprobs(request.logprobs, "logprobs")
+    state.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
+    request_id = state.request_id("cmpl", raw_request.headers.get("x-request-id"), request.request_id or request.rid)
+    runs: list[_PromptRun] = []
+    for index, (text, token_ids) in enumerate(_tokenize_prompts(state, request)):
+        score_only = request.max_tokens == 0
+        max_tokens = resolve_max_tokens(1 if score_only else request.max_tokens, len(token_ids), state.max_model_len)
+        want_prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+        params = build_sampling_params(
+            request, max_tokens=max_tokens, vocab_size=state.vocab_size, max_num_seqs=state.max_num_seqs,
+            logprobs=request.logprobs,
+            prompt_logprobs=request.prompt_logprobs if request.prompt_logprobs is not None else want_prompt_logprobs)
+        run = _PromptRun(text, token_ids, score_only)
+        sub_id = request_id if len(request.prompts()) == 1 else f"{request_id}-{index}"
+        state.log_request(sub_id, request, len(token_ids))
+        run.request = EngineRequest(state.engine, state.metrics, sub_id, token_ids, params, raw_request, prompt=text)
+        runs.append(run)
+    await start_all(_requests(runs))
+    created = int(time.time())
+    if request.stream:
+        return sse_response(_stream(state, request, runs, request_id, created), headers={"X-Request-Id": request_id})
+    return await _full_response(state, request, runs, request_id, created)
+
+
+def _echo_prefix(state: ServerState, request: CompletionRequest, run: _PromptRun, out: RequestOutput,
+                 logprobs: CompletionLogprobs | None) -> str:
+    """The prompt text for ``echo``, adding the prompt tokens' logprobs (first one null) to ``logprobs``."""
+    if not request.echo:
+        return ""
+    if logprobs is not None and out.prompt_logprobs is not None:
+        state.logprobs.completion(run.token_ids, out.prompt_logprobs, request.logprobs or 0, 0, into=logprobs)
+    return run.text
+
+
+def _requests(runs: list[_PromptRun]) -> list[EngineRequest]:
+    return [run.request for run in runs if run.request is not None]
+
+
+def _usage(runs: list[_PromptRun]) -> UsageInfo:
+    prompt = sum(len(run.token_ids) for run in runs)
+    generated = sum(len(_visible(run, c)[1]) for run in runs if run.last for c in run.last.outputs)
+    cached = sum(run.last.num_cached_tokens for run in runs if run.last)
+    return usage_info(prompt, generated, cached)
+
+
+async def _full_response(state: ServerState, request: CompletionRequest, runs: list[_PromptRun], request_id: str,
+                         created: int) -> Response:
+    async with contextlib.aclosing(merge_outputs(_requests(runs))) as outputs:
+        async for position, out in outputs:
+            runs[position].last = out
+    choices: list[CompletionChoice] = []
+    for prompt_index, run in enumerate(runs):
+        assert run.last is not None
+        for completion in run.last.outputs:
+            text, token_ids = _visible(run, completion)
+            logprobs = CompletionLogprobs() if request.logprobs is not None else None
+            prefix = _echo_prefix(state, request, run, run.last, logprobs)
+            if logprobs is not None and completion.logprobs is not None:
+                state.logprobs.completion(token_ids, completion.logprobs, request.logprobs or 0,
+                                          len(prefix), into=logprobs)
+            prompt_logprobs = (state.logprobs.prompt_logprobs(run.last.prompt_logprobs)
+                               if request.prompt_logprobs is not None and run.last.prompt_logprobs else None)
+            choices.append(CompletionChoice(index=prompt_index * request.n + completion.index, text=prefix + text,
+                                            logprobs=logprobs, finish_reason=_finish_reason(run, completion),
+                                            stop_reason=completion.stop_reason, prompt_logprobs=prompt_logprobs))
+    choices.sort(key=lambda choice: choice.index)
+    response = CompletionResponse(id=request_id, created=created, model=state.config.model_name, choices=choices,
+                                  usage=_usage(runs))
+    return JSONResponse(response.model_dump(mode="json"), headers={"X-Request-Id": request_id})
+
+
+async def _stream(state: ServerState, request: CompletionRequest, runs: list[_PromptRun], request_id: str,
+                  created: int) -> AsyncGenerator[str, None]:
+    include_usage = request.stream_options is not None and bool(request.stream_options.include_usage)
+    continuous = include_usage and bool(request.stream_options and request.stream_options.continuous_usage_stats)
+
+    def chunk(choice: CompletionChoice) -> str:
+        usage = _usage(runs) if continuous else None
+        return sse_event(CompletionResponse(id=request_id, created=created, model=state.config.model_name,
+                                            choices=[choice], usage=usage))
+
+    async with contextlib.aclosing(merge_outputs(_requests(runs))) as outputs:
+        async for position, out in outputs:
+            run = runs[position]
+            run.last = out
+            for completion in out.outputs:
+                first = completion.index not in run.sent_chars
+                text, token_ids = _visible(run, completion)
+                sent_chars = run.sent_chars.get(completion.index, 0)
+                sent_tokens = run.sent_tokens.get(completion.index, 0)
+                logprobs = CompletionLogprobs() if request.logprobs is not None else None
+                prefix = _echo_prefix(state, request, run, out, logprobs) if first else ""
+                echo_chars = len(run.text) if request.echo else 0
+                if logprobs is not None and completion.logprobs is not None:
+                    state.logprobs.completion(token_ids[sent_tokens:], completion.logprobs[sent_tokens:len(token_ids)],
+                                              request.logprobs or 0, echo_chars + sent_chars, into=logprobs)
+                run.sent_chars[completion.index] = len(text)
+                run.sent_tokens[completion.index] = len(token_ids)
+                delta_text = text[sent_chars:]
+                finish_reason = _finish_reason(run, completion)
+                if not (prefix or delta_text or finish_reason or (logprobs and logprobs.tokens)):
+                    continue
+                yield chunk(CompletionChoice(index=position * request.n + completion.index, text=prefix + delta_text,
+                                             logprobs=logprobs, finish_reason=finish_reason,
+                                             stop_reason=completion.stop_reason if finish_reason else None))
+    if include_usage:
+        yield sse_event(CompletionResponse(id=request_id, created=created, model=state.config.model_name,
+                                           choices=[], usage=_usage(runs)))

@@ -1,0 +1,121 @@
+"""Every failure the HTTP server reports, in OpenAI's (and vLLM's) envelope:
+``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status.
+
+Route code raises ``APIError``; ``install_error_handlers`` turns it, FastAPI's validation errors (invalid JSON, a bad
+field) and Starlette's own errors (unknown route, wrong method) into that envelope, so a client never sees a
+traceback or FastAPI's default 422 shape. vLLM converts request validation errors to 400 as well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+# vLLM (>= 0.10.1) names the error type after the HTTP status, as the OpenAI SDK's exception classes do.
+_ERROR_TYPES: dict[int, str] = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+    503: "ServiceUnavailableError",
+}
+
+
+def error_type_for(status_code: int) -> str:
+    return _ERROR_TYPES.get(status_code, HTTPStatus(status_code).phrase.replace(" ", "") + "Error")
+
+
+class APIError(Exception):
+    """A request the server refuses or cannot finish; becomes one OpenAI-style JSON error."""
+
+    def __init__(self, message: str, status_code: int = 400, param: str | None = None,
+                 error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.param = param
+        self.error_type = error_type or error_type_for(status_code)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
+                          "code": self.status_code}}
+
+    def to_response(self) -> JSONResponse:
+        return JSONResponse(self.to_dict(), status_code=self.status_code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(f"The model `{model}` does not exist.", 404, param="model")
+
+
+def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int) -> APIError:
+    """vLLM's wording, which agent frameworks grep for ("maximum context length")."""
+    return APIError(
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
+        "Please reduce the length of the messages or completion.",
+        400,
+        param="messages",
+    )
+
+
+def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable sentence (and the offending field) out of pydantic's error list."""
+    messages: list[str] = []
+    first_param: str | None = None
+    for err in exc.errors():
+        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        field = ".".join(loc) or None
+        if err.get("type") == "json_invalid":
+            detail = err.get("ctx", {}).get("error") or err.get("msg", "could not parse")
+            messages.append(f"Invalid JSON body: {detail}")
+            continue
+        msg = str(err.get("msg", "invalid value"))
+        # pydantic prefixes errors raised by our own validators; the prefix only adds noise for API users.
+        msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        messages.append(f"{field}: {msg}" if field else msg)
+        if first_param is None:
+            first_param = field
+    return "; ".join(messages) or "Invalid request", first_param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.to_response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation_error(exc)
+        return APIError(message, 400, param=param).to_response()
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def _json_error(_: Request, exc: json.JSONDecodeError) -> JSONResponse:
+        return APIError(f"Invalid JSON body: {exc.msg} (line {exc.lineno} column {exc.colno})", 400).to_response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = APIError(str(exc.detail), exc.status_code).to_response()
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error while serving a request")
+        return APIError(f"Internal server error: {type(exc).__name__}", 500).to_response()

@@ -1,0 +1,184 @@
+"""One engine request as the HTTP layer drives it: start it, turn engine refusals into HTTP errors, abort it when
+the client goes away or the handler is cancelled, and feed the per-request metrics.
+
+``EngineRequest.start()`` waits for the engine's first output before any HTTP status is sent, so a prompt that can
+never fit (400) or a full waiting queue (503) is a proper error response even for ``stream=true`` (SGLang's
+"kick-start"; vLLM validates before streaming too). Everything after that is read from ``outputs()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+
+from dsv32.engine.outputs import RequestOutput
+from dsv32.engine.sampling_params import SamplingParams
+from dsv32.server.errors import APIError
+from dsv32.server.metrics import RequestMetrics, ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+# Abort tasks that must outlive a cancelled handler; referenced here so they are not garbage-collected mid-run.
+_background: set[asyncio.Future[None]] = set()
+
+
+class EngineRequest:
+    """Drives ``engine.generate`` for one prompt on behalf of one HTTP request."""
+
+    def __init__(self, engine: Any, metrics: ServerMetrics, request_id: str, prompt_token_ids: list[int],
+                 sampling_params: SamplingParams, raw_request: Request | None, prompt: str | None = None) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self.request_id = request_id
+        self._prompt_token_ids = prompt_token_ids
+        self._params = sampling_params
+        self._raw_request = raw_request
+        self._prompt = prompt
+        self._stream: AsyncIterator[RequestOutput] | None = None
+        self._first: RequestOutput | None = None
+        self._finished = False
+        self._watcher: asyncio.Task[None] | None = None
+        self.client_disconnected = False
+        self._timing: RequestMetrics | None = None
+
+    async def start(self) -> RequestOutput:
+        """Submit the request and wait for its first output; raises ``APIError`` (400/503) if the engine refuses."""
+        from dsv32.engine.async_engine import EngineOverloadedError
+
+        self._timing = self._metrics.track(self._params.n, self._params.max_tokens or 0)
+        self._stream = aiter(self._engine.generate(self._prompt_token_ids, self._params, self.request_id,
+                                                   prompt=self._prompt))
+        if self._raw_request is not None:
+            self._watcher = asyncio.create_task(self._watch_disconnect(), name=f"watch-{self.request_id}")
+        try:
+            self._first = await anext(self._stream)
+        except EngineOverloadedError as exc:
+            await self.close()
+            self._metrics.count_rejected("overloaded")
+            raise APIError(f"The server is overloaded: {exc}. Retry later.", 503) from None
+        except ValueError as exc:
+            await self.close()
+            self._metrics.count_rejected("invalid")
+            raise APIError(str(exc), 400) from None
+        except StopAsyncIteration:
+            await self.close()
+            raise APIError("The engine ended the request without output.", 500) from None
+        except BaseException:
+            await self.close()
+            raise
+        self._observe(self._first)
+        return self._first
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """The first output (again) and every later one, until the engine marks the request finished."""
+        assert self._stream is not None and self._first is not None, "start() first"
+        try:
+            yield self._first
+            if self._first.finished:
+                return
+            async for out in self._stream:
+                self._observe(out)
+                yield out
+                if out.finished:
+                    return
+        finally:
+            await self.close()
+
+    def _observe(self, out: RequestOutput) -> None:
+        assert self._timing is not None
+        self._timing.on_tokens(sum(len(c.token_ids) for c in out.outputs))
+        if out.finished and not self._finished:
+            self._finished = True
+            reason = "abort" if any(c.finish_reason == "abort" for c in out.outputs) else (
+                out.outputs[0].finish_reason or "stop")
+            self._timing.on_finish(reason, len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))
+
+    async def _watch_disconnect(self) -> None:
+        """Waits for the client to hang up, then aborts the engine request so its KV blocks are freed now."""
+        assert self._raw_request is not None
+        while True:
+            message = await self._raw_request.receive()
+            if message["type"] == "http.disconnect":
+                break
+        self.client_disconnected = True
+        logger.info("client of request %s disconnected; aborting it", self.request_id)
+        await self._abort()
+
+    async def _abort(self) -> None:
+        if not self._finished:
+            await self._engine.abort(self.request_id)
+
+    async def close(self) -> None:
+        """Stop watching the client and abort the engine request unless it already finished. The abort runs in its
+        own task: this is often called while the handler is being cancelled (client gone, server shutting down),
+        and the blocks must be freed even then."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+        stream, self._stream = self._stream, None
+        aborting = asyncio.ensure_future(self._abort_and_close(stream))
+        _background.add(aborting)
+        aborting.add_done_callback(_background.discard)
+        await asyncio.shield(aborting)
+
+    async def _abort_and_close(self, stream: AsyncIterator[RequestOutput] | None) -> None:
+        try:
+            await self._abort()
+        finally:
+            if stream is not None and hasattr(stream, "aclose"):
+                await stream.aclose()
+
+
+async def merge_outputs(requests: list[EngineRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave the outputs of several started requests as they arrive, tagged with each one's position."""
+    if len(requests) == 1:
+        try:
+            async for out in requests[0].outputs():
+                yield 0, out
+        finally:
+            await requests[0].close()
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput] | tuple[int, BaseException] | None] = asyncio.Queue()
+
+    async def pump(position: int, request: EngineRequest) -> None:
+        try:
+            async for out in request.outputs():
+                await queue.put((position, out))
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            await queue.put((position, exc))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+                continue
+            position, payload = item
+            if isinstance(payload, BaseException):
+                raise payload
+            yield position, payload
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for request in requests:
+            await request.close()
+
+
+async def start_all(requests: list[EngineRequest]) -> list[RequestOutput]:
+    """Start every request; if one is refused, abort the ones already started and re-raise its error."""
+    results = await asyncio.gather(*(r.start() for r in requests), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            for request in requests:
+                await request.close()
+            raise result
+    return results  # type: ignore[return-value]

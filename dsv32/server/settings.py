@@ -1,0 +1,43 @@
+"""``ServerConfig``: the HTTP side's knobs (names, auth, parsers, limits), kept apart from the engine's
+``EngineConfig`` so the serving code depends on neither the CLI nor the engine's internals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# vLLM's parser names first; SGLang's spellings map onto them.
+REASONING_PARSERS = {"deepseek_v3": "deepseek_v3", "deepseek-v3": "deepseek_v3", "deepseek_r1": "deepseek_v3",
+                     "deepseek-r1": "deepseek_v3", "none": "none"}
+TOOL_CALL_PARSERS = {"deepseek_v32": "deepseek_v32", "deepseekv32": "deepseek_v32", "none": "none"}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the OpenAI-compatible layer needs to know beyond the engine."""
+
+    served_model_names: tuple[str, ...] = ("tiny",)
+    model_path: str = "tiny"
+    api_key: str | None = None
+    # "deepseek_v3": split reasoning from content; "none": the reasoning stays in `content`.
+    reasoning_parser: str = "deepseek_v3"
+    # "deepseek_v32": parse DSML tool calls; "none": no tool calling (`tool_choice` other than "none" is refused).
+    tool_call_parser: str = "deepseek_v32"
+    max_logprobs: int = 20
+    log_requests: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names:
+            raise ValueError("at least one served model name is needed")
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}: expected one of "
+                             f"{', '.join(REASONING_PARSERS)}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"unknown tool-call parser {self.tool_call_parser!r}: expected one of "
+                             f"{', '.join(TOOL_CALL_PARSERS)}")
+        object.__setattr__(self, "reasoning_parser", REASONING_PARSERS[self.reasoning_parser])
+        object.__setattr__(self, "tool_call_parser", TOOL_CALL_PARSERS[self.tool_call_parser])
+
+    @property
+    def model_name(self) -> str:
+        """The name responses carry: the first served name."""
+        return self.served_model_names[0]

@@ -1,0 +1,71 @@
+"""``ServerState``: what every route handler shares (the engine, its tokenizer, the server's config and metrics),
+built once when the app is created, plus the checks every generation endpoint starts with."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsv32.server.errors import APIError, model_not_found
+from dsv32.server.logprobs import LogprobFormatter
+from dsv32.server.metrics import ServerMetrics
+from dsv32.server.protocol import random_uuid
+from dsv32.server.settings import ServerConfig
+from dsv32.tokenizer import Tokenizer
+
+logger = logging.getLogger("dsv32.server")
+
+
+@dataclass
+class ServerState:
+    engine: Any  # dsv32.engine.async_engine.AsyncLLM (Contract B); typed loosely so tests can drive the layer alone
+    config: ServerConfig
+    metrics: ServerMetrics
+    logprobs: LogprobFormatter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.logprobs = LogprobFormatter(self.tokenizer)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.engine_config.max_num_seqs
+
+    def check_model(self, model: str | None) -> None:
+        """``model`` may be omitted (vLLM allows it); otherwise it must be a served name or the model path."""
+        if model is not None and model not in self.config.served_model_names and model != self.config.model_path:
+            raise model_not_found(model)
+
+    def check_logprobs(self, requested: int | None, field_name: str) -> None:
+        if requested is not None and requested > self.config.max_logprobs:
+            raise APIError(f"{field_name}={requested} is more than this server's max_logprobs="
+                           f"{self.config.max_logprobs}.", 400, param=field_name)
+
+    def request_id(self, prefix: str, header_id: str | None, body_id: str | None) -> str:
+        """vLLM honours ``X-Request-Id``; SGLang's body ``rid`` (or vLLM's ``request_id``) works too. A random
+        suffix keeps ids unique in the engine even when a client reuses its own."""
+        chosen = body_id or header_id
+        return f"{prefix}-{chosen}-{random_uuid()[:8]}" if chosen else f"{prefix}-{random_uuid()}"
+
+    def log_request(self, request_id: str, request: Any, prompt_tokens: int) -> None:
+        """Prompt text stays out of the logs unless --log-requests asked for it (prompts can be private)."""
+        if self.config.log_requests:
+            logger.info("request %s (%d prompt tokens): %s", request_id, prompt_tokens,
+                        request.model_dump_json(exclude_none=True))
+        else:
+            logger.info("request %s: %d prompt tokens", request_id, prompt_tokens)
+        if request.model_extra:
+            logger.warning("request %s: the following fields were present in the request but ignored: %s",
+                           request_id, sorted(request.model_extra))
