@@ -1,0 +1,303 @@
+"""Batched sampling: next-token logits ``[B, V]`` and each row's ``SamplingParams`` -> token ids and logprobs.
+
+The order follows vLLM v1. Logprobs are taken from the raw model logits (vLLM's default ``raw_logprobs``); then
+min_tokens (ban EOS and stop ids), logit_bias, and the repetition / frequency / presence penalties edit the logits;
+greedy rows take the argmax of those; sampled rows divide by their temperature, apply min_p, then top-k, then top-p,
+and draw with the exponential race (argmax of ``p / q``, ``q ~ Exp(1)``), the same as sampling from ``p``.
+Every step works on whole sub-batches of rows at once; rows that ask for nothing special skip it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dsv32.engine.outputs import Logprob, PositionLogprobs
+from dsv32.engine.sampling_params import SamplingParams
+
+# Rows of logits turned into log-probabilities at once for prompt logprobs: bounds the float32 working memory.
+PROMPT_LOGPROBS_CHUNK_ROWS = 256
+
+
+@dataclass
+class SamplingRequestState:
+    """What the sampler needs to know about one row of the batch.
+
+    ``generator`` is the request's own random stream (see ``make_generator``), so a seeded request draws the same
+    numbers whatever else is in the batch; None draws from the sampler's shared stream.
+    """
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None = None
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A request's own random stream for ``SamplingParams.seed`` (None when the request has no seed).
+
+    Keep it for the request's whole life: it advances once per sampled token, so the tokens depend only on the
+    seed and the logits. (For ``n > 1`` vLLM gives completion ``i`` the seed ``seed + i``.)
+    """
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def validate_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """Reject ``logit_bias`` / ``stop_token_ids`` entries outside the model's vocabulary, before they reach a batch."""
+    for name, token_ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+        bad = sorted(token_id for token_id in token_ids if not 0 <= token_id < vocab_size)
+        if bad:
+            raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad}.")
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob and rank (1 = most likely) of one chosen token, and the top alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+    def to_position_logprobs(self, decode_token: Callable[[int], str] | None = None) -> PositionLogprobs:
+        """vLLM's ``{token_id: Logprob}`` for this position: the chosen token first, then the alternatives in rank
+        order (the chosen one appears once). ``decode_token`` fills ``decoded_token``."""
+        def entry(token_id: int, logprob: float, rank: int) -> Logprob:
+            return Logprob(logprob, rank, decode_token(token_id) if decode_token else None)
+
+        position = {self.token_id: entry(self.token_id, self.logprob, self.rank)}
+        for rank, (token_id, logprob) in enumerate(zip(self.top_token_ids, self.top_logprobs, strict=True), start=1):
+            if token_id not in position:
+                position[token_id] = entry(token_id, logprob, rank)
+        return position
+
+
+@dataclass
+class SamplerOutput:
+    """``token_ids``: the next token of each row (int64, on the logits' device). ``logprobs``: per row, None unless
+    that row's params asked for ``logprobs``."""
+
+    token_ids: torch.Tensor
+    logprobs: list[TokenLogprobs | None]
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]) -> list[TokenLogprobs]:
+    """Raw logprob and rank of ``token_ids[i]`` under ``logits[i]``, plus the ``num_top[i]`` most likely tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids.view(-1, 1))
+    # vLLM's rank: how many tokens are at least as likely as the chosen one (ties count against it).
+    ranks = (logprobs >= chosen).sum(dim=-1)
+    max_top = max(num_top, default=0)
+    if max_top > 0:
+        top_logprobs, top_ids = logprobs.topk(max_top, dim=-1)
+        top_ids_rows, top_logprobs_rows = top_ids.tolist(), top_logprobs.tolist()
+    else:
+        top_ids_rows = top_logprobs_rows = [[] for _ in num_top]
+    return [
+        TokenLogprobs(token_id, logprob, rank, ids[:count], values[:count])
+        for token_id, logprob, rank, ids, values, count in zip(
+            token_ids.tolist(), chosen.view(-1).tolist(), ranks.tolist(), top_ids_rows, top_logprobs_rows, num_top,
+            strict=True,
+        )
+    ]
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: Sequence[int], num_top: int) -> list[TokenLogprobs | None]:
+    """``prompt_logprobs``: for each prompt token, its logprob given the tokens before it (None for the first).
+
+    ``logits[i]`` is the model's output at prompt position ``i`` (it predicts token ``i + 1``); rows past the
+    second-to-last position (e.g. the one that predicts the first generated token) are ignored. For a prompt
+    prefilled in chunks, call ``token_logprobs`` per chunk with the next prompt tokens as targets instead.
+    """
+    needed = len(prompt_token_ids) - 1
+    if logits.dim() != 2 or logits.shape[0] < needed:
+        raise ValueError(f"prompt_logprobs needs logits of shape [>= {needed}, vocab] for a prompt of "
+                         f"{len(prompt_token_ids)} tokens, got {tuple(logits.shape)}.")
+    targets = torch.tensor(list(prompt_token_ids[1:]), dtype=torch.long, device=logits.device)
+    result: list[TokenLogprobs | None] = [None]
+    for start in range(0, needed, PROMPT_LOGPROBS_CHUNK_ROWS):
+        end = min(start + PROMPT_LOGPROBS_CHUNK_ROWS, needed)
+        result.extend(token_logprobs(logits[start:end], targets[start:end], [num_top] * (end - start)))
+    return result
+
+
+def _rows_tensor(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _padded(sequences: list[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """Token id lists as one ``[len(sequences), longest]`` tensor, padded with ``pad``."""
+    out = torch.full((len(sequences), max((len(s) for s in sequences), default=0)), pad, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, :len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+    return out.to(device)
+
+
+def _token_counts(sequences: list[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """How often each vocabulary id occurs in each sequence: ``[len(sequences), vocab_size]`` float32."""
+    ids = _padded(sequences, vocab_size, device)  # the padding id lands in an extra column that is dropped
+    counts = torch.zeros(len(sequences), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1)
+
+
+class Sampler:
+    """Picks the next token of every row of a batch; see the module docstring for the order of operations."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        # Rows without their own seed share one stream per device, seeded from the engine seed when there is one.
+        self._seed = seed
+        self._shared_generators: dict[torch.device, torch.Generator] = {}
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._shared_generators:
+            generator = torch.Generator(device=device)
+            if self._seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self._seed)
+            self._shared_generators[device] = generator
+        return self._shared_generators[device]
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRequestState], eos_token_id: int) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"Sampler expects logits of shape [{len(rows)}, vocab] (one row per request), "
+                             f"got {tuple(logits.shape)}.")
+        raw_logits = logits
+        logits = self.processed_logits(logits, rows, eos_token_id)
+        # The argmax of every row (cheaper than gathering the greedy ones first); sampled rows are overwritten below.
+        if any(row.params.greedy for row in rows):
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if sampled:
+            sampled_rows = _rows_tensor(sampled, logits.device)
+            token_ids[sampled_rows] = self._sample(logits[sampled_rows], [rows[i] for i in sampled])
+
+        wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        if wanted:
+            wanted_rows = _rows_tensor(wanted, logits.device)
+            computed = token_logprobs(raw_logits[wanted_rows], token_ids[wanted_rows],
+                                      [rows[i].params.logprobs or 0 for i in wanted])
+            for i, row_logprobs in zip(wanted, computed, strict=True):
+                logprobs[i] = row_logprobs
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    def processed_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRequestState],
+                         eos_token_id: int) -> torch.Tensor:
+        """The float32 logits after min_tokens, logit_bias and penalties: what greedy rows take the argmax of, and
+        what sampled rows' temperature, min_p, top-k and top-p then work on."""
+        # Each edit returns a new tensor only when some row needs it: the caller's logits stay untouched.
+        logits = self._ban_stop_tokens_before_min_tokens(logits.float(), rows, eos_token_id)
+        logits = self._apply_logit_bias(logits, rows)
+        return self._apply_penalties(logits, rows)
+
+    @staticmethod
+    def _ban_stop_tokens_before_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRequestState],
+                                           eos_token_id: int) -> torch.Tensor:
+        # As vLLM: EOS is banned even with ignore_eos (which only stops EOS from ending the request).
+        batch_rows: list[int] = []
+        banned: list[int] = []
+        for i, row in enumerate(rows):
+            if len(row.output_token_ids) < row.params.min_tokens:
+                stop_ids = {eos_token_id, *row.params.stop_token_ids}
+                batch_rows.extend([i] * len(stop_ids))
+                banned.extend(stop_ids)
+        if not banned:
+            return logits
+        index = (_rows_tensor(batch_rows, logits.device), _rows_tensor(banned, logits.device))
+        return logits.index_put(index, torch.tensor(float("-inf"), device=logits.device))
+
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRequestState]) -> torch.Tensor:
+        batch_rows: list[int] = []
+        token_ids: list[int] = []
+        biases: list[float] = []
+        for i, row in enumerate(rows):
+            for token_id, bias in (row.params.logit_bias or {}).items():
+                batch_rows.append(i)
+                token_ids.append(int(token_id))
+                biases.append(float(bias))
+        if not biases:
+            return logits
+        index = (_rows_tensor(batch_rows, logits.device), _rows_tensor(token_ids, logits.device))
+        return logits.index_put(index, torch.tensor(biases, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRequestState]) -> torch.Tensor:
+        """Repetition penalty over prompt + output tokens (HF/vLLM: positive logits divided, negative multiplied);
+        OpenAI frequency (per occurrence) and presence (once) penalties over output tokens, subtracted."""
+        penalized = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0
+                     or row.params.frequency_penalty != 0.0 or row.params.presence_penalty != 0.0]
+        if not penalized:
+            return logits
+        device, vocab_size = logits.device, logits.shape[1]
+        params = [rows[i].params for i in penalized]
+        batch_rows = _rows_tensor(penalized, device)
+        penalized_logits = logits[batch_rows]
+        output_counts = _token_counts([rows[i].output_token_ids for i in penalized], vocab_size, device)
+        if any(p.repetition_penalty != 1.0 for p in params):
+            prompt_counts = _token_counts([rows[i].prompt_token_ids for i in penalized], vocab_size, device)
+            seen = (prompt_counts > 0) | (output_counts > 0)
+            repetition = _column([p.repetition_penalty for p in params], device)
+            repeated = torch.where(penalized_logits > 0, penalized_logits / repetition, penalized_logits * repetition)
+            penalized_logits = torch.where(seen, repeated, penalized_logits)
+        penalized_logits -= _column([p.frequency_penalty for p in params], device) * output_counts
+        penalized_logits -= _column([p.presence_penalty for p in params], device) * (output_counts > 0)
+        return logits.index_copy(0, batch_rows, penalized_logits)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRequestState]) -> torch.Tensor:
+        """Draw one token per row of ``logits`` (the non-greedy rows, in order)."""
+        device, vocab_size = logits.device, logits.shape[1]
+        params = [row.params for row in rows]
+        logits = logits / _column([p.temperature for p in params], device)
+
+        if any(p.min_p > 0.0 for p in params):
+            probs = torch.softmax(logits, dim=-1)
+            threshold = probs.amax(dim=-1, keepdim=True) * _column([p.min_p for p in params], device)
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+
+        top_k = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]
+        if any(top_k):
+            top_values = logits.topk(max(top_k), dim=-1).values
+            kth_index = torch.tensor([max(k, 1) - 1 for k in top_k], dtype=torch.long, device=device).view(-1, 1)
+            kth_value = top_values.gather(1, kth_index)
+            no_top_k = torch.tensor([k == 0 for k in top_k], device=device).view(-1, 1)
+            kth_value = kth_value.masked_fill(no_top_k, float("-inf"))
+            logits = logits.masked_fill(logits < kth_value, float("-inf"))
+
+        top_p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
+        if top_p_rows:
+            index = _rows_tensor(top_p_rows, device)
+            sorted_logits, order = logits[index].sort(dim=-1, descending=True)
+            sorted_probs = torch.softmax(sorted_logits, dim=-1)
+            # Keep the smallest set of most likely tokens whose mass reaches top_p: a token goes when the tokens
+            # ranked above it already hold top_p (so the first token always stays).
+            mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop_sorted = mass_above >= _column([params[i].top_p for i in top_p_rows], device)
+            drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+            logits[index] = logits[index].masked_fill(drop, float("-inf"))
+
+        probs = torch.softmax(logits, dim=-1)
+        race = torch.empty_like(probs)
+        shared = [i for i, row in enumerate(rows) if row.generator is None]
+        if shared:
+            race[_rows_tensor(shared, device)] = torch.empty(len(shared), vocab_size, device=device).exponential_(
+                generator=self._shared_generator(device))
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                race[i].exponential_(generator=row.generator)
+        return (probs / race).argmax(dim=-1)
