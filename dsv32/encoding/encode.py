@@ -3,7 +3,7 @@
 DeepSeek-V3.2 ships no Jinja chat template; its reference is the Python module ``encoding/encoding_dsv32.py``.
 ``encode_messages`` here has the same name, arguments and output for every conversation the reference accepts.
 Where the reference would fail with an ``assert``, ``KeyError`` or ``NotImplementedError`` we raise one
-``ValueError`` that names the offending message (its index in ``context + messages``).
+``EncodingError`` (a ``ValueError``) that names the offending message (its index in ``context + messages``).
 
 The one input the reference cannot encode at all - a ``developer`` message before the last user/developer message,
 in thinking mode with ``drop_thinking=True`` (its drop step removes the message and then indexes past the end) -
@@ -112,8 +112,17 @@ def render_tool_calls(tool_calls: Sequence[Mapping[str, Any]]) -> str:
     return f"{TOOL_CALLS_START}\n" + "\n".join(invokes) + f"\n</{DSML_TOKEN}function_calls>"
 
 
-def _fail(index: int, problem: str) -> ValueError:
-    return ValueError(f"message {index}: {problem}")
+class EncodingError(ValueError):
+    """An invalid conversation; ``index`` is the offending message's position in ``context + messages``."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(f"message {index}: {problem}")
+        self.index = index
+        self.problem = problem
+
+
+def _fail(index: int, problem: str) -> EncodingError:
+    return EncodingError(index, problem)
 
 
 def _check_text(index: int, message: Mapping[str, Any], field: str) -> None:
