@@ -8,6 +8,7 @@ are imported only by the subcommand that needs them, so ``dsv32 --help`` is inst
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -182,9 +183,10 @@ def _add_external(group_parser: argparse.ArgumentParser, group: str, chosen: Seq
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         # Import the (numpy/tqdm-heavy) module only when this very subcommand is on the command line.
         if list(chosen[:2]) == [group, name]:
-            import importlib
-
-            module = importlib.import_module(module_name)
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                group_parser.error(f"'{group} {name}' is not available in this installation: {exc}")
             getattr(module, add_name)(sub)
             sub.set_defaults(handler=getattr(module, run_name))
 

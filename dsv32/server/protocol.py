@@ -311,8 +311,8 @@ class TokenizeRequest(OpenAIBaseModel):
     messages: list[ChatMessage] | None = None
     tools: list[ChatCompletionToolParam] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
     return_token_strs: bool = False
 
     @model_validator(mode="after")

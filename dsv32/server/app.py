@@ -1,0 +1,149 @@
+"""The FastAPI application: every HTTP route of the OpenAI-compatible server, API-key auth, and the engine's
+lifetime (shut down, aborting what is left, when the app stops).
+
+Routes (vLLM's shapes): ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (and
+``/v1/models/{model}``), ``POST /tokenize`` and ``/detokenize`` (also under ``/v1``), ``GET /tokenizer_info``,
+``GET /health``, ``GET /version``, ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.metadata
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from dsv32.server.chat import create_chat_completion, render_tokenize_prompt
+from dsv32.server.completions import create_completion
+from dsv32.server.errors import APIError, install_error_handlers
+from dsv32.server.metrics import CONTENT_TYPE, ServerMetrics
+from dsv32.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from dsv32.server.sampling import check_token_ids
+from dsv32.server.settings import ServerConfig
+from dsv32.server.state import ServerState
+
+try:
+    VERSION = importlib.metadata.version("dsv32")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    VERSION = "0.0.0+source"
+
+
+def build_app(engine: Any, config: ServerConfig) -> FastAPI:
+    """The app serving ``engine`` (an ``AsyncLLM``, already started). The engine is shut down with the app."""
+    state = ServerState(engine=engine, config=config, metrics=ServerMetrics(config.model_name, engine.stats))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="dsv32", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = state
+    install_error_handlers(app)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": VERSION}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    def model_card(name: str) -> ModelCard:
+        return ModelCard(id=name, root=config.model_path, max_model_len=state.max_model_len)
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        cards = [model_card(name) for name in config.served_model_names]
+        return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str) -> JSONResponse:
+        state.check_model(model)
+        return JSONResponse(model_card(model).model_dump(mode="json"))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await create_chat_completion(state, request, raw_request)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw_request: Request) -> Response:
+        return await create_completion(state, request, raw_request)
+
+    @app.post("/tokenize")
+    @app.post("/v1/tokenize")
+    async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
+        state.check_model(request.model)
+        if request.messages is not None:
+            token_ids = state.tokenizer.encode(render_tokenize_prompt(request))
+        else:
+            token_ids = state.tokenizer.encode(request.prompt or "", add_special_tokens=request.add_special_tokens)
+        body: dict[str, Any] = {"count": len(token_ids), "max_model_len": state.max_model_len, "tokens": token_ids}
+        if request.return_token_strs:
+            body["token_strs"] = state.tokenizer.convert_ids_to_tokens(token_ids)
+        return body
+
+    @app.post("/detokenize")
+    @app.post("/v1/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> dict[str, str]:
+        state.check_model(request.model)
+        check_token_ids(request.tokens, state.vocab_size, "tokens")
+        return {"prompt": state.tokenizer.decode(request.tokens, skip_special_tokens=False)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        tokenizer = state.tokenizer
+        return {
+            "tokenizer_class": "DeepSeekV32Tokenizer",
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token": None,
+            "vocab_size": tokenizer.vocab_size,
+            "model_max_length": state.max_model_len,
+            # V3.2 has no Jinja template: prompts are rendered by DeepSeek's Python encoding (dsv32.encoding).
+            "chat_template": None,
+            "add_bos_token": True,
+        }
+
+    return app
+
+
+class APIKeyMiddleware:
+    """With an API key, every ``/v1`` route needs ``Authorization: Bearer <key>`` (vLLM protects exactly these).
+    Plain ASGI rather than ``@app.middleware``: that wrapper buffers the request channel, which would hide a client
+    disconnect from the streaming handlers."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self._app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith("/v1"):
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not hmac.compare_digest(given, self._expected):
+                response = APIError("Unauthorized: a valid 'Authorization: Bearer <api key>' header is required.",
+                                    401).to_response()
+                await response(scope, receive, send)
+                return
+        await self._app(scope, receive, send)

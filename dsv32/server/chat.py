@@ -1,0 +1,314 @@
+"""``POST /v1/chat/completions``: messages in, the V3.2 prompt out to the engine, and the completion parsed back
+into ``reasoning`` / ``content`` / ``tool_calls`` - one response, or SSE chunks in vLLM's order (role, reasoning
+deltas, content deltas, tool-call deltas, the finish chunk, the usage chunk, ``[DONE]``).
+
+Prompt rendering and output parsing belong to ``dsv32.encoding``; this module only drives them. The parser's initial
+state (inside reasoning or not) comes from the rendered prompt - does it end in ``<think>`` - never from request
+flags, so the turn after a tool result is parsed right (sglang#17551).
+
+When the parser gives up on a forced tool call (the model did not complete it), it hands the markup back as content;
+the forced part of it is the server's text, not the model's, and is cut from what the client sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+
+from dsv32.encoding import ChatEncoding, Delta, StreamingParser, merge_deltas, prepare_chat_request
+from dsv32.encoding.encode import DSML_TOKEN, THINK_END, TOOL_CALLS_START
+from dsv32.engine.outputs import CompletionOutput, RequestOutput
+from dsv32.server.errors import APIError
+from dsv32.server.generation import EngineRequest
+from dsv32.server.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    DeltaFunctionCall,
+    DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    NamedToolChoice,
+    TokenizeRequest,
+    ToolCall,
+    UsageInfo,
+    usage_info,
+)
+from dsv32.server.sampling import build_sampling_params, resolve_max_tokens
+from dsv32.server.sse import sse_event, sse_response
+from dsv32.server.state import ServerState
+
+# Appended to the prompt to force a tool call (tool_choice "required" or named): the model continues inside an
+# invoke tag. DeepSeek-V3.2 has no constrained decoding here, so the call's start is written for it.
+_FORCED_CALL_PREFIX = f"{TOOL_CALLS_START}\n<{DSML_TOKEN}invoke name=\""
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """The prompt sent to the engine and how to read the completion that follows it."""
+
+    encoding: ChatEncoding
+    prompt: str
+    # Markup the server appended to force a tool call: fed to each parser first, never shown to the client.
+    forced_prefix: str = ""
+
+    def new_parser(self, separate_reasoning: bool) -> ChoiceParser:
+        # Without reasoning separation (--reasoning-parser none, SGLang's separate_reasoning=false) the whole
+        # completion, `</think>` included, is content, as in vLLM without a reasoning parser.
+        mode = self.encoding.parser_thinking_mode if separate_reasoning else "chat"
+        return ChoiceParser(StreamingParser(mode, self.encoding.tools), self.forced_prefix)
+
+
+class ChoiceParser:
+    """The encoding's streaming parser for one choice, primed with the forced tool-call markup (if any) and
+    cutting that markup from content should the parser hand it back."""
+
+    def __init__(self, parser: StreamingParser, forced_prefix: str) -> None:
+        self._parser = parser
+        if forced_prefix:
+            parser.feed(forced_prefix)
+        # Only the markup after `</think>` can come back as content.
+        self._hidden = forced_prefix.removeprefix(THINK_END)
+
+    @property
+    def tools_called(self) -> bool:
+        return self._parser.tools_called
+
+    def feed(self, text: str) -> list[Delta]:
+        return self._hide(self._parser.feed(text))
+
+    def finish(self) -> list[Delta]:
+        return self._hide(self._parser.finish())
+
+    def _hide(self, deltas: list[Delta]) -> list[Delta]:
+        if not self._hidden:
+            return deltas
+        kept: list[Delta] = []
+        for delta in deltas:
+            if delta.tool_call is not None:
+                self._hidden = ""  # the forced markup became a real call
+            elif self._hidden and delta.content is not None:
+                shared = len(os.path.commonprefix([self._hidden, delta.content]))
+                if shared == min(len(self._hidden), len(delta.content)):
+                    self._hidden = self._hidden[shared:]
+                    delta = Delta(content=delta.content[shared:])
+                else:
+                    self._hidden = ""
+            kept.append(delta)
+        return kept
+
+
+def _chat_encoding(request: ChatCompletionRequest | TokenizeRequest, **chat_fields: Any) -> ChatEncoding:
+    try:
+        return prepare_chat_request(
+            [message.model_dump(exclude_none=True) for message in request.messages or []],
+            tools=[tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None,
+            chat_template_kwargs=request.chat_template_kwargs,
+            continue_final_message=request.continue_final_message,
+            **chat_fields,
+        )
+    except ValueError as exc:
+        raise APIError(str(exc), 400, param="messages") from None
+
+
+def render_tokenize_prompt(request: TokenizeRequest) -> str:
+    """The prompt ``/tokenize`` counts for chat ``messages``: exactly what a chat completion would send."""
+    return _chat_encoding(request).prompt
+
+
+def render_chat_prompt(request: ChatCompletionRequest) -> RenderedChat:
+    """Render the conversation with the V3.2 encoding (a bad conversation is a 400), forcing a tool call's start
+    for ``tool_choice`` "required" or named. Forcing skips any thinking: the call has to come first."""
+    tool_choice = request.tool_choice
+    encoding = _chat_encoding(
+        request,
+        tool_choice=tool_choice.model_dump() if isinstance(tool_choice, NamedToolChoice) else tool_choice,
+        reasoning_effort=request.reasoning_effort,
+        response_format=request.response_format.model_dump(exclude_none=True) if request.response_format else None,
+        thinking=request.thinking,
+        reasoning=request.reasoning,
+    )
+    if encoding.tool_choice == "required" or isinstance(encoding.tool_choice, dict):
+        forced = _FORCED_CALL_PREFIX
+        if isinstance(encoding.tool_choice, dict):
+            forced += f'{encoding.tool_choice["function"]["name"]}">\n'
+        if encoding.parser_thinking_mode == "thinking":
+            forced = THINK_END + forced
+        return RenderedChat(encoding, encoding.prompt + forced, forced)
+    return RenderedChat(encoding, encoding.prompt)
+
+
+@dataclass
+class _ChoiceStream:
+    """Per-choice streaming state: the parser, what was read of the engine's text, and pending logprobs."""
+
+    parser: ChoiceParser
+    text_sent: int = 0
+    tokens_sent: int = 0
+    started: bool = False
+    finished: bool = False
+    pending_logprobs: list[Any] = field(default_factory=list)
+
+
+def _finish_reason(completion: CompletionOutput, parser: ChoiceParser) -> str | None:
+    # A call cut off by max_tokens keeps "length" so the client knows its arguments may be incomplete.
+    if completion.finish_reason == "stop" and parser.tools_called:
+        return "tool_calls"
+    return completion.finish_reason
+
+
+def _delta_message(deltas: Sequence[Delta], include_reasoning: bool) -> DeltaMessage:
+    """Folds one step's parser deltas into one chunk delta (a step may end reasoning and start content)."""
+    reasoning = "".join(d.reasoning_content for d in deltas if d.reasoning_content is not None)
+    content = "".join(d.content for d in deltas if d.content is not None)
+    calls: dict[int, DeltaToolCall] = {}
+    for d in deltas:
+        call = d.tool_call
+        if call is None:
+            continue
+        existing = calls.get(call.index)
+        if existing is None:
+            calls[call.index] = DeltaToolCall(
+                index=call.index, id=call.id, type="function" if call.id else None,
+                function=DeltaFunctionCall(name=call.name, arguments=call.arguments))
+        else:
+            assert existing.function is not None
+            existing.function.arguments = (existing.function.arguments or "") + call.arguments
+    reasoning_text = reasoning if (reasoning and include_reasoning) else None
+    return DeltaMessage(content=content or None, reasoning=reasoning_text, reasoning_content=reasoning_text,
+                        tool_calls=list(calls.values()) or None)
+
+
+def _echo_text(request: ChatCompletionRequest) -> str:
+    """vLLM's chat ``echo``: the last message's content when it is the assistant's (the answer being continued)."""
+    last = request.messages[-1]
+    return (last.text() or "") if request.echo and last.role == "assistant" else ""
+
+
+async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, raw_request: Request) -> Response:
+    state.check_model(request.model)
+    if request.logprobs:
+        state.check_logprobs(request.top_logprobs, "top_logprobs")
+    tool_choice = request.effective_tool_choice()
+    if request.tools and state.config.tool_call_parser == "none" and tool_choice != "none":
+        choice_name = tool_choice if isinstance(tool_choice, str) else "named"
+        raise APIError(f'"{choice_name}" tool choice requires --tool-call-parser to be set', 400, param="tool_choice")
+    rendered = render_chat_prompt(request)
+    prompt_ids = state.tokenizer.encode(rendered.prompt)
+    max_tokens = resolve_max_tokens(request.requested_max_tokens(), len(prompt_ids), state.max_model_len)
+    params = build_sampling_params(
+        request, max_tokens=max_tokens, vocab_size=state.vocab_size, max_num_seqs=state.max_num_seqs,
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None)
+    request_id = state.request_id("chatcmpl", raw_request.headers.get("x-request-id"),
+                                  request.request_id or request.rid)
+    state.log_request(request_id, request, len(prompt_ids))
+    engine_request = EngineRequest(state.engine, state.metrics, request_id, prompt_ids, params, raw_request,
+                                   prompt=rendered.prompt)
+    await engine_request.start()
+    created = int(time.time())
+    headers = {"X-Request-Id": request_id}
+    if request.stream:
+        return sse_response(_stream(state, request, rendered, engine_request, created), headers=headers)
+    return JSONResponse((await _full_response(state, request, rendered, engine_request, created)).model_dump(
+        mode="json"), headers=headers)
+
+
+def _usage(out: RequestOutput) -> UsageInfo:
+    return usage_info(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens)
+
+
+def _tool_calls(merged: dict[str, Any]) -> list[ToolCall]:
+    return [ToolCall(id=call["id"], function=FunctionCall(name=call["function"]["name"],
+                                                          arguments=call["function"]["arguments"]))
+            for call in merged["tool_calls"]]
+
+
+async def _full_response(state: ServerState, request: ChatCompletionRequest, rendered: RenderedChat,
+                         engine_request: EngineRequest, created: int) -> ChatCompletionResponse:
+    final: RequestOutput | None = None
+    async with contextlib.aclosing(engine_request.outputs()) as outputs:
+        async for out in outputs:
+            final = out
+    assert final is not None
+    choices: list[ChatCompletionChoice] = []
+    for completion in final.outputs:
+        parser = rendered.new_parser(request.separate_reasoning)
+        merged = merge_deltas([*parser.feed(completion.text), *parser.finish()])
+        reasoning = merged["reasoning_content"] if request.include_reasoning and merged["reasoning_content"] else None
+        tool_calls = _tool_calls(merged)
+        content = _echo_text(request) + merged["content"]
+        message = ChatResponseMessage(content=content if (content or not (reasoning or tool_calls)) else None,
+                                      reasoning=reasoning, reasoning_content=reasoning, tool_calls=tool_calls)
+        logprobs = None
+        if request.logprobs and completion.logprobs is not None:
+            logprobs = ChatLogprobs(content=state.logprobs.chat(completion.token_ids, completion.logprobs,
+                                                                request.top_logprobs or 0))
+        choices.append(ChatCompletionChoice(index=completion.index, message=message, logprobs=logprobs,
+                                            finish_reason=_finish_reason(completion, parser),
+                                            stop_reason=completion.stop_reason))
+    return ChatCompletionResponse(id=engine_request.request_id, created=created, model=state.config.model_name,
+                                  choices=choices, usage=_usage(final))
+
+
+async def _stream(state: ServerState, request: ChatCompletionRequest, rendered: RenderedChat,
+                  engine_request: EngineRequest, created: int) -> AsyncGenerator[str, None]:
+    include_usage = request.stream_options is not None and bool(request.stream_options.include_usage)
+    continuous = include_usage and bool(request.stream_options and request.stream_options.continuous_usage_stats)
+    choices = [_ChoiceStream(rendered.new_parser(request.separate_reasoning)) for _ in range(request.n)]
+    last: RequestOutput | None = None
+
+    def chunk(index: int, delta: DeltaMessage, finish_reason: str | None = None, stop_reason: Any = None,
+              logprobs: ChatLogprobs | None = None) -> str:
+        return sse_event(ChatCompletionStreamResponse(
+            id=engine_request.request_id, created=created, model=state.config.model_name,
+            choices=[ChatCompletionStreamChoice(index=index, delta=delta, logprobs=logprobs,
+                                                finish_reason=finish_reason, stop_reason=stop_reason)],
+            usage=_usage(last) if continuous and last is not None else None))
+
+    async with contextlib.aclosing(engine_request.outputs()) as outputs:
+        async for out in outputs:
+            last = out
+            for completion in out.outputs:
+                choice = choices[completion.index]
+                if choice.finished:
+                    continue
+                if not choice.started:
+                    # Sent at the first engine output so it still marks the time to first token.
+                    choice.started = True
+                    yield chunk(completion.index, DeltaMessage(role="assistant", content=_echo_text(request)))
+                new_text = completion.text[choice.text_sent:]
+                choice.text_sent = len(completion.text)
+                deltas = choice.parser.feed(new_text) if new_text else []
+                if completion.finished:
+                    deltas += choice.parser.finish()
+                if request.logprobs and completion.logprobs is not None:
+                    new_tokens = completion.token_ids[choice.tokens_sent:]
+                    choice.pending_logprobs += state.logprobs.chat(
+                        new_tokens, completion.logprobs[choice.tokens_sent:len(completion.token_ids)],
+                        request.top_logprobs or 0)
+                    choice.tokens_sent = len(completion.token_ids)
+                delta = _delta_message(deltas, request.include_reasoning)
+                if not delta.is_empty():
+                    logprobs = ChatLogprobs(content=choice.pending_logprobs) if choice.pending_logprobs else None
+                    choice.pending_logprobs = []
+                    yield chunk(completion.index, delta, logprobs=logprobs)
+                if completion.finished:
+                    choice.finished = True
+                    logprobs = ChatLogprobs(content=choice.pending_logprobs) if choice.pending_logprobs else None
+                    yield chunk(completion.index, DeltaMessage(), finish_reason=_finish_reason(completion,
+                                                                                                  choice.parser),
+                                stop_reason=completion.stop_reason, logprobs=logprobs)
+    if include_usage and last is not None:
+        yield sse_event(ChatCompletionStreamResponse(id=engine_request.request_id, created=created,
+                                                     model=state.config.model_name, choices=[], usage=_usage(last)))
