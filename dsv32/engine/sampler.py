@@ -3,7 +3,7 @@
 The order follows vLLM v1. Logprobs are taken from the raw model logits (vLLM's default ``raw_logprobs``); then
 min_tokens (ban EOS and stop ids), logit_bias, and the repetition / frequency / presence penalties edit the logits;
 greedy rows take the argmax of those; sampled rows divide by their temperature, apply min_p, then top-k, then top-p,
-and draw with the exponential race (argmax of ``p / q``, ``q ~ Exp(1)``), the same as sampling from ``p``.
+and draw by inverse CDF: one uniform number per row (cheap on a CPU, unlike one random number per vocabulary entry).
 Every step works on whole sub-batches of rows at once; rows that ask for nothing special skip it.
 """
 
@@ -19,6 +19,9 @@ from dsv32.engine.sampling_params import SamplingParams
 
 # Rows of logits turned into log-probabilities at once for prompt logprobs: bounds the float32 working memory.
 PROMPT_LOGPROBS_CHUNK_ROWS = 256
+
+# How many of the most likely tokens top-p looks among before it sorts a whole row (see _top_p_smallest_kept_logit).
+TOP_P_CANDIDATES = 1024
 
 
 @dataclass
@@ -282,22 +285,49 @@ class Sampler:
         top_p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
         if top_p_rows:
             index = _rows_tensor(top_p_rows, device)
-            sorted_logits, order = logits[index].sort(dim=-1, descending=True)
-            sorted_probs = torch.softmax(sorted_logits, dim=-1)
-            # Keep the smallest set of most likely tokens whose mass reaches top_p: a token goes when the tokens
-            # ranked above it already hold top_p (so the first token always stays).
-            mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
-            drop_sorted = mass_above >= _column([params[i].top_p for i in top_p_rows], device)
-            drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
-            logits[index] = logits[index].masked_fill(drop, float("-inf"))
+            nucleus_logits = logits[index]
+            smallest_kept = _top_p_smallest_kept_logit(nucleus_logits, _column([params[i].top_p for i in top_p_rows],
+                                                                               device))
+            logits = logits.index_copy(0, index, nucleus_logits.masked_fill(nucleus_logits < smallest_kept,
+                                                                            float("-inf")))
 
-        probs = torch.softmax(logits, dim=-1)
-        race = torch.empty_like(probs)
+        # Inverse-CDF draw: one uniform number per row, from the row's own generator when it has one.
+        cumulative = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+        uniform = torch.empty(len(rows), 1, device=device)
         shared = [i for i, row in enumerate(rows) if row.generator is None]
         if shared:
-            race[_rows_tensor(shared, device)] = torch.empty(len(shared), vocab_size, device=device).exponential_(
-                generator=self._shared_generator(device))
+            uniform[_rows_tensor(shared, device)] = torch.rand(len(shared), 1, device=device,
+                                                               generator=self._shared_generator(device))
         for i, row in enumerate(rows):
             if row.generator is not None:
-                race[i].exponential_(generator=row.generator)
-        return (probs / race).argmax(dim=-1)
+                uniform[i] = torch.rand(1, device=device, generator=row.generator)
+        total = cumulative[:, -1:]
+        # Strictly below the total mass, so the first cumulative value above it is a token with nonzero probability.
+        target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cumulative, target, right=True).view(-1)
+
+
+def _top_p_smallest_kept_logit(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row, the smallest logit in the top-p nucleus: the fewest most likely tokens whose mass reaches ``top_p``.
+
+    Sorting a whole 129k vocabulary is slow on a CPU, so the nucleus is first looked for among the
+    ``TOP_P_CANDIDATES`` best tokens, which almost always hold the mass of a real model's distribution; only rows
+    where they fall short are sorted in full.
+    """
+    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+    candidates = logits.topk(min(TOP_P_CANDIDATES, logits.shape[1]), dim=-1).values
+    smallest_kept = _nucleus_boundary(candidates, log_total, top_p)
+    short = ((candidates - log_total).exp().sum(dim=-1, keepdim=True) < top_p).view(-1).nonzero().view(-1)
+    if short.numel() and candidates.shape[1] < logits.shape[1]:
+        full = logits[short].sort(dim=-1, descending=True).values
+        smallest_kept[short] = _nucleus_boundary(full, log_total[short], top_p[short])
+    return smallest_kept
+
+
+def _nucleus_boundary(descending_logits: torch.Tensor, log_total: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The last logit kept by top-p among logits sorted in descending order (normalised by ``log_total``): a token
+    is dropped once the tokens ranked above it already hold ``top_p``, so the best token always stays."""
+    probs = (descending_logits - log_total).exp()
+    mass_above = probs.cumsum(dim=-1) - probs
+    kept = (mass_above < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+    return descending_logits.gather(1, kept - 1)

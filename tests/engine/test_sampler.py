@@ -75,9 +75,23 @@ def test_top_k_rows_and_unrestricted_rows_in_one_batch() -> None:
 
 def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     logits_row = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().tolist()
-    assert set(sample_many(logits_row, SamplingParams(top_p=0.7)).tolist()) == {0, 1}
-    assert set(sample_many(logits_row, SamplingParams(top_p=0.5)).tolist()) == {0}
+    assert set(sample_many(logits_row, SamplingParams(top_p=0.45)).tolist()) == {0}
+    assert set(sample_many(logits_row, SamplingParams(top_p=0.55)).tolist()) == {0, 1}
+    assert set(sample_many(logits_row, SamplingParams(top_p=0.79)).tolist()) == {0, 1}
+    assert set(sample_many(logits_row, SamplingParams(top_p=0.81)).tolist()) == {0, 1, 2}
     assert set(sample_many(logits_row, SamplingParams(top_p=0.96)).tolist()) == {0, 1, 2, 3}
+
+
+def test_top_p_beyond_the_candidate_shortcut(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With only 2 candidates looked at first, a flat row needs the full sort; a peaked row does not.
+    monkeypatch.setattr(sampler_module, "TOP_P_CANDIDATES", 2)
+    flat = torch.tensor([0.2, 0.19, 0.18, 0.16, 0.14, 0.13]).log().tolist()
+    peaked = torch.tensor([0.6, 0.3, 0.04, 0.03, 0.02, 0.01]).log().tolist()
+    logits = torch.tensor([flat, peaked]).repeat(1000, 1)
+    params = SamplingParams(top_p=0.75)
+    draws = Sampler(seed=0)(logits, [row(params)] * 2000, EOS).token_ids
+    assert set(draws[0::2].tolist()) == {0, 1, 2, 3, 4}  # the mass above the 6th token is 0.87 >= 0.75
+    assert set(draws[1::2].tolist()) == {0, 1}
 
 
 def test_min_p_drops_tokens_below_a_fraction_of_the_best() -> None:
