@@ -99,18 +99,18 @@ class ServerMetrics:
                                        labels + ["finished_reason"], registry=self.registry)
         self.rejected = Counter("dsv32:requests_rejected", "Requests refused before they reached the engine.",
                                 labels + ["reason"], registry=self.registry)
-        self._labels = (model_name, "0")
+        self.labels = (model_name, "0")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     def track(self, n: int, max_tokens: int) -> RequestMetrics:
-        self.params_n.labels(*self._labels).observe(n)
-        self.params_max_tokens.labels(*self._labels).observe(max_tokens)
+        self.params_n.labels(*self.labels).observe(n)
+        self.params_max_tokens.labels(*self.labels).observe(max_tokens)
         return RequestMetrics(self)
 
     def count_rejected(self, reason: str) -> None:
-        self.rejected.labels(*self._labels, reason).inc()
+        self.rejected.labels(*self.labels, reason).inc()
 
 
 class RequestMetrics:
@@ -129,7 +129,7 @@ class RequestMetrics:
         if new <= 0:
             return
         now = time.perf_counter()
-        labels = self._metrics._labels
+        labels = self._metrics.labels
         if self._first_token is None:
             self._first_token = now
             self._metrics.time_to_first_token.labels(*labels).observe(now - self._arrival)
@@ -143,7 +143,7 @@ class RequestMetrics:
         self._tokens_seen = total_generated
 
     def on_finish(self, finish_reason: str, prompt_tokens: int, generation_tokens: int) -> None:
-        labels = self._metrics._labels
+        labels = self._metrics.labels
         self._metrics.e2e_latency.labels(*labels).observe(time.perf_counter() - self._arrival)
         self._metrics.prompt_tokens.labels(*labels).observe(prompt_tokens)
         self._metrics.generation_tokens.labels(*labels).observe(generation_tokens)
