@@ -38,15 +38,16 @@ class SamplingRequestState:
     generator: torch.Generator | None = None
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+def make_generator(seed: int | None) -> torch.Generator | None:
     """A request's own random stream for ``SamplingParams.seed`` (None when the request has no seed).
 
     Keep it for the request's whole life: it advances once per sampled token, so the tokens depend only on the
-    seed and the logits. (For ``n > 1`` vLLM gives completion ``i`` the seed ``seed + i``.)
+    seed and the logits. It lives on the CPU whatever the logits' device: the sampler draws one number per row.
+    (For ``n > 1`` vLLM gives completion ``i`` the seed ``seed + i``.)
     """
     if seed is None:
         return None
-    generator = torch.Generator(device=device)
+    generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
 
@@ -159,19 +160,12 @@ class Sampler:
     """Picks the next token of every row of a batch; see the module docstring for the order of operations."""
 
     def __init__(self, seed: int | None = None) -> None:
-        # Rows without their own seed share one stream per device, seeded from the engine seed when there is one.
-        self._seed = seed
-        self._shared_generators: dict[torch.device, torch.Generator] = {}
-
-    def _shared_generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._shared_generators:
-            generator = torch.Generator(device=device)
-            if self._seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(self._seed)
-            self._shared_generators[device] = generator
-        return self._shared_generators[device]
+        # Rows without their own seed share this stream, seeded from the engine seed when there is one.
+        self._shared_generator = torch.Generator()
+        if seed is None:
+            self._shared_generator.seed()
+        else:
+            self._shared_generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRequestState], eos_token_id: int) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
@@ -291,16 +285,16 @@ class Sampler:
             logits = logits.index_copy(0, index, nucleus_logits.masked_fill(nucleus_logits < smallest_kept,
                                                                             float("-inf")))
 
-        # Inverse-CDF draw: one uniform number per row, from the row's own generator when it has one.
+        # Inverse-CDF draw: one uniform number per row (drawn on the CPU), from the row's own generator if it has one.
         cumulative = torch.softmax(logits, dim=-1).cumsum(dim=-1)
-        uniform = torch.empty(len(rows), 1, device=device)
+        uniform = torch.empty(len(rows), 1)
         shared = [i for i, row in enumerate(rows) if row.generator is None]
         if shared:
-            uniform[_rows_tensor(shared, device)] = torch.rand(len(shared), 1, device=device,
-                                                               generator=self._shared_generator(device))
+            uniform[shared] = torch.rand(len(shared), 1, generator=self._shared_generator)
         for i, row in enumerate(rows):
             if row.generator is not None:
-                uniform[i] = torch.rand(1, device=device, generator=row.generator)
+                uniform[i] = torch.rand(1, generator=row.generator)
+        uniform = uniform.to(device)
         total = cumulative[:, -1:]
         # Strictly below the total mass, so the first cumulative value above it is a token with nonzero probability.
         target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
