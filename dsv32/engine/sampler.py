@@ -120,6 +120,8 @@ def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: Sequence[int], num_t
     second-to-last position (e.g. the one that predicts the first generated token) are ignored. For a prompt
     prefilled in chunks, call ``token_logprobs`` per chunk with the next prompt tokens as targets instead.
     """
+    if not prompt_token_ids:
+        raise ValueError("prompt_logprobs needs a non-empty prompt.")
     needed = len(prompt_token_ids) - 1
     if logits.dim() != 2 or logits.shape[0] < needed:
         raise ValueError(f"prompt_logprobs needs logits of shape [>= {needed}, vocab] for a prompt of "

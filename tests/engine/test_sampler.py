@@ -220,6 +220,8 @@ def test_prompt_logprobs(monkeypatch: pytest.MonkeyPatch, chunk_rows: int) -> No
 
 def test_prompt_logprobs_of_a_one_token_prompt_and_too_few_rows() -> None:
     assert prompt_logprobs(torch.zeros(1, 5), [3], num_top=1) == [None]
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        prompt_logprobs(torch.zeros(1, 5), [], num_top=1)
     with pytest.raises(ValueError, match=r"\[>= 3, vocab\]"):
         prompt_logprobs(torch.zeros(2, 5), [1, 2, 3, 4], num_top=1)
 
