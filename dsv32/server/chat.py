@@ -213,7 +213,7 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     request_id = state.request_id("chatcmpl", raw_request.headers.get("x-request-id"),
                                   request.request_id or request.rid)
     state.log_request(request_id, request, len(prompt_ids))
-    engine_request = EngineRequest(state.engine, state.metrics, request_id, prompt_ids, params, raw_request,
+    engine_request = EngineRequest(state, request_id, prompt_ids, params, raw_request,
                                    prompt=rendered.prompt)
     await engine_request.start()
     created = int(time.time())

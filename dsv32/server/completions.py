@@ -86,7 +86,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
         run = _PromptRun(text, token_ids, score_only)
         sub_id = request_id if len(request.prompts()) == 1 else f"{request_id}-{index}"
         state.log_request(sub_id, request, len(token_ids))
-        run.request = EngineRequest(state.engine, state.metrics, sub_id, token_ids, params, raw_request, prompt=text)
+        run.request = EngineRequest(state, sub_id, token_ids, params, raw_request, prompt=text)
         runs.append(run)
     await start_all(_requests(runs))
     created = int(time.time())

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from starlette.requests import Request
 
 from dsv32.engine.outputs import RequestOutput
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.server.errors import APIError
-from dsv32.server.metrics import RequestMetrics, ServerMetrics
+from dsv32.server.metrics import RequestMetrics
+from dsv32.server.state import ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +29,11 @@ _background: set[asyncio.Future[None]] = set()
 class EngineRequest:
     """Drives ``engine.generate`` for one prompt on behalf of one HTTP request."""
 
-    def __init__(self, engine: Any, metrics: ServerMetrics, request_id: str, prompt_token_ids: list[int],
+    def __init__(self, state: ServerState, request_id: str, prompt_token_ids: list[int],
                  sampling_params: SamplingParams, raw_request: Request | None, prompt: str | None = None) -> None:
-        self._engine = engine
-        self._metrics = metrics
+        self._state = state
+        self._engine = state.engine
+        self._metrics = state.metrics
         self.request_id = request_id
         self._prompt_token_ids = prompt_token_ids
         self._params = sampling_params
@@ -50,6 +51,7 @@ class EngineRequest:
         from dsv32.engine.async_engine import EngineOverloadedError
 
         self._timing = self._metrics.track(self._params.n, self._params.max_tokens or 0)
+        self._state.active_requests.add(self)
         self._stream = aiter(self._engine.generate(self._prompt_token_ids, self._params, self.request_id,
                                                    prompt=self._prompt))
         if self._raw_request is not None:
@@ -106,9 +108,10 @@ class EngineRequest:
                 break
         self.client_disconnected = True
         logger.info("client of request %s disconnected; aborting it", self.request_id)
-        await self._abort()
+        await self.abort()
 
-    async def _abort(self) -> None:
+    async def abort(self) -> None:
+        """Ask the engine to stop this request; its output stream then ends with finish_reason "abort"."""
         if not self._finished:
             await self._engine.abort(self.request_id)
 
@@ -116,6 +119,7 @@ class EngineRequest:
         """Stop watching the client and abort the engine request unless it already finished. The abort runs in its
         own task: this is often called while the handler is being cancelled (client gone, server shutting down),
         and the blocks must be freed even then."""
+        self._state.active_requests.discard(self)
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.cancel()
@@ -127,7 +131,7 @@ class EngineRequest:
 
     async def _abort_and_close(self, stream: AsyncIterator[RequestOutput] | None) -> None:
         try:
-            await self._abort()
+            await self.abort()
         finally:
             if stream is not None and hasattr(stream, "aclose"):
                 await stream.aclose()

@@ -1,22 +1,53 @@
 """Start the engine and serve the app with uvicorn until SIGINT/SIGTERM.
 
-Shutdown is graceful: uvicorn stops accepting connections, lets in-flight requests finish for up to
-``shutdown_timeout`` seconds, then cancels the rest (each cancelled handler aborts its engine request), and the
-app's lifespan finally shuts the engine down, aborting anything still queued.
+Shutdown is graceful: the listening socket closes at once (new connections are refused), requests in flight get up
+to ``shutdown_timeout`` seconds to finish, then the ones still running are aborted through the engine - so each
+client still receives a proper ending (``finish_reason: "abort"``, ``[DONE]``) instead of a cut connection - and the
+app's lifespan finally shuts the engine down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import uvicorn
 
 from dsv32.config import TINY_PRESET, EngineConfig
 from dsv32.server.app import build_app
 from dsv32.server.settings import ServerConfig
+from dsv32.server.state import ServerState
 
 logger = logging.getLogger("dsv32.server")
+
+# After the aborts, how long handlers get to send their last chunks before uvicorn cancels them.
+_ABORT_FLUSH_SECONDS = 5.0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, plus: abort the engine requests still running once the drain period is over."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_seconds: float) -> None:
+        super().__init__(config)
+        self._state = state
+        self._drain_seconds = drain_seconds
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        aborter = asyncio.create_task(self._abort_after_drain())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            aborter.cancel()
+
+    async def _abort_after_drain(self) -> None:
+        if self._state.active_requests:
+            logger.info("shutting down: letting %d request(s) finish for up to %.0f s",
+                        len(self._state.active_requests), self._drain_seconds)
+        await asyncio.sleep(self._drain_seconds)
+        aborted = await self._state.abort_all()
+        if aborted:
+            logger.warning("shutting down: aborted %d request(s) still running", aborted)
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig, *, host: str, port: int,
@@ -35,8 +66,8 @@ async def _serve(engine_config: EngineConfig, server_config: ServerConfig, host:
     engine = AsyncLLM.from_engine_config(engine_config)
     app = build_app(engine, server_config)
     config = uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level, lifespan="on",
-                            timeout_graceful_shutdown=shutdown_timeout, access_log=False)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=shutdown_timeout + _ABORT_FLUSH_SECONDS, access_log=False)
+    server = GracefulServer(config, app.state.server, drain_seconds=shutdown_timeout)
     logger.info("serving %s as %s on http://%s:%d (max_model_len=%d, max_num_seqs=%d)", engine_config.model,
                 ", ".join(server_config.served_model_names), host, port, engine.max_model_len,
                 engine_config.max_num_seqs)

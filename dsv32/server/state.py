@@ -23,9 +23,18 @@ class ServerState:
     config: ServerConfig
     metrics: ServerMetrics
     logprobs: LogprobFormatter = field(init=False)
+    # Requests between start and close (dsv32.server.generation.EngineRequest), for aborting them at shutdown.
+    active_requests: set[Any] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.logprobs = LogprobFormatter(self.tokenizer)
+
+    async def abort_all(self) -> int:
+        """Abort every request in flight (their streams end with finish_reason "abort"); returns how many."""
+        requests = list(self.active_requests)
+        for request in requests:
+            await request.abort()
+        return len(requests)
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -1,0 +1,93 @@
+"""The `dsv32` console script: subcommands, vLLM-named serve flags mapped onto the configs, help and errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dsv32.cli import build_parser, engine_config_from_args, main, server_config_from_args
+
+
+def parse(*argv: str):
+    return build_parser(argv).parse_args(argv)
+
+
+def test_serve_defaults_to_the_tiny_model_on_localhost_8000() -> None:
+    args = parse("serve")
+    assert (args.model, args.host, args.port) == ("tiny", "127.0.0.1", 8000)
+    engine = engine_config_from_args(args)
+    server = server_config_from_args(args)
+    assert engine.model == "tiny" and engine.enable_prefix_caching is True and engine.max_model_len is None
+    assert server.served_model_names == ("tiny",) and server.model_name == "tiny"
+    assert server.reasoning_parser == "deepseek_v3" and server.tool_call_parser == "deepseek_v32"
+    assert server.api_key is None and server.log_requests is False
+
+
+def test_serve_flags_map_onto_engine_and_server_config() -> None:
+    args = parse("serve", "/models/v32", "--host", "0.0.0.0", "--port", "9001", "--served-model-name", "ds", "alias",
+                 "--dtype", "float32", "--max-model-len", "32k", "--max-num-seqs", "8", "--max-num-batched-tokens",
+                 "512", "--kv-cache-dtype", "fp8", "--no-enable-prefix-caching", "--seed", "7", "--api-key", "k",
+                 "--reasoning-parser", "deepseek-v3", "--tool-call-parser", "deepseekv32", "--load-format", "dummy",
+                 "--max-waiting-requests", "4", "--block-size", "32", "--log-requests", "--max-logprobs", "5",
+                 "--tokenizer-mode", "deepseek_v32", "--enable-auto-tool-choice", "--trust-remote-code")
+    engine = engine_config_from_args(args)
+    server = server_config_from_args(args)
+    assert (args.host, args.port) == ("0.0.0.0", 9001)
+    assert engine.model == "/models/v32" and engine.served_model_name == "ds"
+    assert engine.dtype == "float32" and engine.max_model_len == 32000 and engine.max_num_seqs == 8
+    assert engine.max_num_batched_tokens == 512 and engine.kv_cache_dtype == "fp8"
+    assert engine.enable_prefix_caching is False and engine.seed == 7 and engine.load_format == "dummy"
+    assert engine.max_waiting_requests == 4 and engine.block_size == 32
+    # SGLang's parser spellings map onto vLLM's.
+    assert server.served_model_names == ("ds", "alias") and server.model_path == "/models/v32"
+    assert server.reasoning_parser == "deepseek_v3" and server.tool_call_parser == "deepseek_v32"
+    assert server.api_key == "k" and server.log_requests and server.max_logprobs == 5
+
+
+def test_api_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSV32_API_KEY", "from-env")
+    assert server_config_from_args(parse("serve")).api_key == "from-env"
+    assert server_config_from_args(parse("serve", "--api-key", "flag")).api_key == "flag"
+
+
+@pytest.mark.parametrize("argv", [
+    ("serve", "--dtype", "int3"),
+    ("serve", "--max-num-seqs", "0"),
+    ("serve", "--max-model-len", "lots"),
+    ("serve", "--reasoning-parser", "qwen3"),
+    ("bench",),
+    ("frobnicate",),
+])
+def test_bad_flags_exit_with_usage_error(argv: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse(*argv)
+    assert exited.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_inconsistent_engine_config_is_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--gpu-memory-utilization", "1.5"]) == 2
+    assert "--gpu-memory-utilization" in capsys.readouterr().err
+
+
+def test_bench_and_eval_subcommands_are_wired_lazily() -> None:
+    from dsv32.bench.serve import run_bench_serve
+    from dsv32.eval.gsm8k import run_eval_gsm8k
+
+    assert parse("bench", "serve").handler is run_bench_serve
+    assert parse("eval", "gsm8k").handler is run_eval_gsm8k
+
+
+def test_chat_subcommand_flags() -> None:
+    args = parse("chat", "--url", "http://h:1", "--no-thinking", "--max-tokens", "64")
+    assert (args.url, args.thinking, args.max_tokens) == ("http://h:1", False, 64)
+
+
+@pytest.mark.parametrize("argv", [[], ["serve"], ["chat"], ["bench", "serve"], ["eval", "gsm8k"]])
+def test_help_is_available_for_every_subcommand(argv: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "dsv32.cli", *argv, "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: dsv32")
