@@ -14,6 +14,8 @@ import itertools
 from array import array
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from dsv32.engine.outputs import PositionLogprobs
 from dsv32.engine.sampling_params import SamplingParams
 
@@ -44,7 +46,6 @@ class Sequence:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams  # this completion's own params (n == 1, seed offset by index)
     max_tokens: int  # resolved: min(params.max_tokens, max_model_len - prompt length)
-    needs_prompt_logprobs: bool = False
     # With prefix caching, siblings wait until this sequence has computed the shared prompt, then hit the cache.
     prefill_leader: Sequence | None = None
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
@@ -55,6 +56,14 @@ class Sequence:
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache when first scheduled
     num_preemptions: int = 0
+    # This completion's own random stream (seeded requests only): advanced once per sampled token, never during a
+    # recompute, so the tokens depend on the seed and the logits alone.
+    generator: torch.Generator | None = None
+    # prompt_logprobs[i] belongs to prompt token i (the first is None: nothing predicts it). Only the completion
+    # that reports them (index 0) has a list; it grows chunk by chunk as the prompt is computed.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    logprobs: list[PositionLogprobs] | None = None  # per generated token, when params.logprobs is set
+    cumulative_logprob: float | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -81,6 +90,10 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def in_prompt_phase(self) -> bool:
@@ -114,8 +127,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     sequences: list[Sequence] = field(default_factory=list)
-    # prompt_logprobs[i] belongs to prompt token i; the first is None (nothing predicts it).
-    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    stream: bool = True  # report after every step that changed it; else only once finished
 
     @property
     def is_finished(self) -> bool:

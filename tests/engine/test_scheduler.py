@@ -119,7 +119,7 @@ def test_prompt_logprobs_bypass_the_prefix_cache():
     sched.add(make_seq(10, 1))
     run_to_completion(sched)
     b = make_seq(10, 1)
-    b.needs_prompt_logprobs = True
+    b.prompt_logprobs = [None]
     sched.add(b)
     out = fake_step(sched)
     assert b.num_cached_tokens == 0 and out.scheduled[0].num_new_tokens == 10

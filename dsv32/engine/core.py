@@ -1,0 +1,250 @@
+"""The engine core shared by the offline ``LLM`` and the server's ``AsyncLLM``: requests in, ``RequestOutput``s out.
+
+One ``step()`` = schedule -> run the model and sample -> advance every sequence -> turn new tokens into text, check
+stop conditions, free finished sequences' blocks -> report. It is synchronous and not thread-safe: its owner calls
+every method from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from dsv32.config import TINY_PRESET, EngineConfig, ModelConfig
+from dsv32.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from dsv32.engine.kv_cache import KVCacheManager
+from dsv32.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from dsv32.engine.request import Request, Sequence, child_sampling_params
+from dsv32.engine.runner import ModelRunner, SampledToken, resolve_device
+from dsv32.engine.sampler import TokenLogprobs, make_generator, validate_token_ids
+from dsv32.engine.sampling_params import SamplingParams
+from dsv32.engine.scheduler import Scheduler
+from dsv32.model.loader import load_model
+from dsv32.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# vLLM's default --max-logprobs.
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /metrics and the periodic log line (vLLM's metric names in comments)."""
+
+    num_running: int  # vllm:num_requests_running (sequences)
+    num_waiting: int  # vllm:num_requests_waiting
+    num_total_blocks: int
+    num_free_blocks: int
+    kv_cache_usage: float  # vllm:kv_cache_usage_perc, 0..1
+    prefix_cache_queries: int  # tokens looked up
+    prefix_cache_hits: int  # tokens found
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+@dataclass
+class _CompletionState:
+    """Text side of one sequence: incremental detokenizer, stop-string checker, the text reported so far."""
+
+    detokenizer: IncrementalDetokenizer
+    stop_checker: StopChecker
+    text: str = ""
+
+
+class EngineCore:
+    """Model + tokenizer + KV cache + scheduler, driven one step at a time."""
+
+    def __init__(self, engine_config: EngineConfig, model_config: ModelConfig | None = None) -> None:
+        """``model_config`` overrides the one read from ``engine_config.model`` (a preset variant built in code,
+        e.g. the tiny model as dense-MLA V3)."""
+        self.engine_config = engine_config
+        self.model_config = model_config or ModelConfig.from_pretrained(engine_config.model)
+        self.tokenizer = Tokenizer.from_pretrained(engine_config.tokenizer or engine_config.model)
+        self.device = resolve_device(engine_config.device)
+        is_preset = engine_config.model == TINY_PRESET
+        load_format = "dummy" if is_preset else engine_config.load_format
+        model = load_model(self.model_config, None if is_preset else engine_config.model, load_format,
+                           engine_config.dtype, self.device, seed=engine_config.seed)
+        self.runner = ModelRunner(model, engine_config, self.device, self.tokenizer.eos_token_id)
+        self.max_model_len = self.runner.max_model_len
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, engine_config.block_size,
+                                       engine_config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
+        self._requests: dict[str, Request] = {}
+        self._completions: dict[Sequence, _CompletionState] = {}
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, strict_max_tokens: bool = True) -> None:
+        """Raise ``ValueError`` (vLLM's wording) for a request the engine can never serve. With
+        ``strict_max_tokens`` (the server's rule) an explicit ``max_tokens`` must fit in ``max_model_len`` too;
+        without it (the offline rule) generation just stops at ``max_model_len`` with finish_reason "length"."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("The decoder prompt cannot be empty")
+        vocab_size = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"Token id {bad[0]} is out of vocabulary (the model's vocabulary size is {vocab_size})")
+        if num_prompt >= self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                             f"request has {num_prompt} input tokens. Please reduce the length of the input messages.")
+        if strict_max_tokens and params.max_tokens is not None and num_prompt + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the messages, {params.max_tokens} in the "
+                f"completion). Please reduce the length of the messages or completion.")
+        for name, value in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if value is not None and value > MAX_LOGPROBS:
+                raise ValueError(f"Requested {name} of {value}, which is greater than max allowed: {MAX_LOGPROBS}")
+        if any(not stop for stop in params.stop):
+            raise ValueError("stop strings must be non-empty.")
+        validate_token_ids(params, vocab_size)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None, stream: bool = True, strict_max_tokens: bool = True) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"Request id {request_id!r} is already running")
+        self.validate(prompt_token_ids, params, strict_max_tokens)
+        prompt_token_ids = list(prompt_token_ids)
+        room = self.max_model_len - len(prompt_token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        request = Request(request_id, prompt, prompt_token_ids, params, stream=stream)
+        for index in range(params.n):
+            child = child_sampling_params(params, index)
+            seq = Sequence(request_id, index, prompt_token_ids, child, max_tokens,
+                           prefill_leader=request.sequences[0] if index else None)
+            seq.generator = make_generator(child.seed)
+            if index == 0 and params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]
+            if params.logprobs is not None:
+                seq.logprobs = []
+                seq.cumulative_logprob = 0.0
+            self._completions[seq] = _CompletionState(
+                IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child.skip_special_tokens),
+                StopChecker(child.stop, child.include_stop_str_in_output))
+            request.sequences.append(seq)
+            self.scheduler.add(seq)
+        self._requests[request_id] = request
+        self._prompt_tokens_total += len(prompt_token_ids)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (None if it is unknown or done)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        for seq in request.sequences:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        return self._report(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; return the outputs of the requests it changed (streaming requests) or finished."""
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return []
+        result = self.runner.execute(sched_out.scheduled)
+        self.scheduler.on_step_done(sched_out)
+        touched: dict[str, Request] = {}
+        for seq, chunk in result.prompt_logprobs:
+            seq.prompt_logprobs.extend(self._position_logprobs(lp) for lp in chunk)
+        for sampled in result.sampled:
+            self._append_token(sampled)
+            touched[sampled.seq.request_id] = self._requests[sampled.seq.request_id]
+        return [out for request in touched.values() if (out := self._report(request)) is not None]
+
+    def _append_token(self, sampled: SampledToken) -> None:
+        seq, token_id = sampled.seq, sampled.token_id
+        params = seq.sampling_params
+        seq.append_token(token_id)
+        self._generation_tokens_total += 1
+        if sampled.logprobs is not None and seq.logprobs is not None:
+            seq.logprobs.append(self._position_logprobs(sampled.logprobs))
+            seq.cumulative_logprob += sampled.logprobs.logprob
+        finish_reason: str | None = None
+        stop_reason: int | str | None = None
+        if seq.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id == self.tokenizer.eos_token_id:
+                finish_reason = "stop"
+            elif token_id in params.stop_token_ids:
+                finish_reason, stop_reason = "stop", token_id
+        if finish_reason is None and (seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+            finish_reason = "length"
+        state = self._completions[seq]
+        # As vLLM: the stop token itself is not part of the text unless include_stop_str_in_output.
+        hide_token = finish_reason == "stop" and not params.include_stop_str_in_output
+        delta = "" if hide_token else state.detokenizer.step([token_id])
+        if finish_reason is not None:
+            delta += state.detokenizer.finish()
+        if delta and state.stop_checker.append(delta) is not None:
+            finish_reason, stop_reason = "stop", state.stop_checker.stopped_by
+        if finish_reason is not None:
+            self.scheduler.finish(seq, finish_reason, stop_reason)
+        state.text += state.stop_checker.stream_delta(finished=finish_reason is not None)
+
+    def _position_logprobs(self, lp: TokenLogprobs) -> PositionLogprobs:
+        return lp.to_position_logprobs(lambda token_id: self.tokenizer.decode([token_id], skip_special_tokens=False))
+
+    def _report(self, request: Request) -> RequestOutput | None:
+        """The request's cumulative output; a finished request is forgotten after this."""
+        finished = request.is_finished
+        if not (finished or request.stream):
+            return None
+        outputs = []
+        for seq in request.sequences:
+            state = self._completions[seq]
+            outputs.append(CompletionOutput(
+                index=seq.index,
+                text=state.text,
+                token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            ))
+        first = request.sequences[0]
+        out = RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=outputs,
+            finished=finished,
+            prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+        if finished:
+            del self._requests[request.request_id]
+            for seq in request.sequences:
+                del self._completions[seq]
+        return out
+
+    # ---- introspection ------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        kv = self.kv_cache
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_total_blocks=kv.num_blocks,
+            num_free_blocks=kv.num_free_blocks,
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache.reset_prefix_cache()
+

@@ -1,0 +1,251 @@
+"""The model runner: sizes and owns the KV cache, turns a scheduled step into a ``ForwardBatch``, runs the model,
+and samples (plus prompt logprobs for the prompt positions computed in this step).
+
+The scheduler decides *which* tokens to compute; the runner only lays them out (flat varlen batch, absolute
+positions, block tables, one cache slot per token) and reads back the rows that need logits: each sequence's last
+row when it has caught up with its known tokens (it samples the next one), and the prompt rows of sequences that
+asked for ``prompt_logprobs``, in the chunk where they are produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dsv32.config import EngineConfig, ModelConfig
+from dsv32.engine.request import Sequence
+from dsv32.engine.sampler import (
+    PROMPT_LOGPROBS_CHUNK_ROWS,
+    Sampler,
+    SamplingRequestState,
+    TokenLogprobs,
+    token_logprobs,
+)
+from dsv32.engine.scheduler import ScheduledSeq
+from dsv32.model.batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+# Without a budget on CPU: 1 GiB, or less when max_num_seqs full-length sequences need less.
+DEFAULT_CPU_KV_CACHE_BYTES = GiB
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    """How many blocks the cache has and the longest sequence the engine accepts."""
+
+    num_blocks: int
+    block_size: int
+    bytes_per_token: int
+    max_model_len: int
+
+    @property
+    def max_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def num_bytes(self) -> int:
+        return self.max_tokens * self.bytes_per_token
+
+
+def plan_kv_cache(engine_config: EngineConfig, model_config: ModelConfig, bytes_per_token: int,
+                  budget_bytes: int | None) -> KVCachePlan:
+    """Blocks from the memory budget (``kv_cache_memory`` wins over ``budget_bytes``; ``None`` = the CPU default)
+    and ``max_model_len`` (the user's, checked, or the shorter of the model's context and what the cache holds)."""
+    block_size = engine_config.block_size
+    requested = engine_config.max_model_len
+    max_position = model_config.max_position_embeddings
+    if requested is not None and requested > max_position:
+        raise ValueError(f"User-specified max_model_len ({requested}) is greater than the derived max_model_len "
+                         f"(max_position_embeddings={max_position} in the model's config.json).")
+    if engine_config.kv_cache_memory is not None:
+        budget = engine_config.kv_cache_memory
+    elif budget_bytes is not None:
+        budget = budget_bytes
+    else:
+        blocks_per_seq = math.ceil((requested or max_position) / block_size)
+        needed = engine_config.max_num_seqs * blocks_per_seq * block_size * bytes_per_token
+        budget = min(DEFAULT_CPU_KV_CACHE_BYTES, needed)
+    block_bytes = bytes_per_token * block_size
+    num_blocks = max(0, budget) // block_bytes
+    if num_blocks < 1:
+        raise ValueError(f"No memory left for the KV cache: one block of {block_size} tokens needs {block_bytes} "
+                         f"bytes, the budget is {budget} bytes. Increase kv_cache_memory or gpu_memory_utilization.")
+    capacity = num_blocks * block_size
+    if requested is not None and requested > capacity:
+        raise ValueError(
+            f"To serve at least one request with the model's max seq len ({requested}), "
+            f"({requested * bytes_per_token / GiB:.2f} GiB KV cache is needed, which is larger than the available KV "
+            f"cache memory ({budget / GiB:.2f} GiB). Based on the available memory, the estimated maximum model "
+            f"length is {capacity}. Try increasing `gpu_memory_utilization` (or `kv_cache_memory`) or decreasing "
+            f"`max_model_len` when initializing the engine.")
+    return KVCachePlan(num_blocks, block_size, bytes_per_token, requested or min(max_position, capacity))
+
+
+@dataclass
+class SampledToken:
+    seq: Sequence
+    token_id: int
+    logprobs: TokenLogprobs | None
+
+
+@dataclass
+class StepResult:
+    sampled: list[SampledToken]
+    # Logprobs of the next prompt tokens still unreported whose predecessors were computed this step, in order.
+    prompt_logprobs: list[tuple[Sequence, list[TokenLogprobs]]]
+
+
+@dataclass
+class _PromptLogprobRows:
+    seq: Sequence
+    first_row: int  # flat-batch row of the first position whose next token is a prompt token
+    targets: list[int]  # the prompt tokens those rows predict
+
+
+class ModelRunner:
+    """Owns the model's KV-cache tensors and runs one scheduled step at a time."""
+
+    def __init__(self, model: torch.nn.Module, engine_config: EngineConfig, device: torch.device,
+                 eos_token_id: int) -> None:
+        self.model = model
+        self.engine_config = engine_config
+        self.device = device
+        self.eos_token_id = eos_token_id
+        self.block_size = engine_config.block_size
+        self.sampler = Sampler(seed=engine_config.seed)
+        bytes_per_token = model.kv_cache_bytes_per_token(engine_config.kv_cache_dtype)
+        budget = self._cuda_kv_budget() if device.type == "cuda" and engine_config.kv_cache_memory is None else None
+        self.plan = plan_kv_cache(engine_config, model.config, bytes_per_token, budget)
+        self.kv_cache = model.allocate_kv_cache(self.plan.num_blocks, self.block_size, engine_config.kv_cache_dtype)
+        logger.info("KV cache (%s): %d blocks of %d tokens, %d max tokens in cache (%.2f GiB, %d bytes/token); "
+                    "max_model_len %d; maximum concurrency for %d tokens per request: %.2fx",
+                    engine_config.kv_cache_dtype, self.plan.num_blocks, self.block_size, self.plan.max_tokens,
+                    self.plan.num_bytes / GiB, bytes_per_token, self.plan.max_model_len, self.plan.max_model_len,
+                    self.plan.max_tokens / self.plan.max_model_len)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.plan.max_model_len
+
+    @property
+    def num_blocks(self) -> int:
+        return self.plan.num_blocks
+
+    # ---- one step -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> StepResult:
+        batch, sample_rows, sample_seqs, prompt_rows = self._prepare(scheduled)
+        hidden = self.model(batch, self.kv_cache)
+        sampled: list[SampledToken] = []
+        if sample_seqs:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            states = [SamplingRequestState(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.generator)
+                      for s in sample_seqs]
+            out = self.sampler(logits, states, self.eos_token_id)
+            for seq, token_id, logprobs in zip(sample_seqs, out.token_ids.tolist(), out.logprobs, strict=True):
+                sampled.append(SampledToken(seq, token_id, logprobs))
+        prompt_logprobs = [(rows.seq, self._prompt_logprobs(hidden, rows)) for rows in prompt_rows]
+        return StepResult(sampled, prompt_logprobs)
+
+    def _prepare(self, scheduled: list[ScheduledSeq]
+                 ) -> tuple[ForwardBatch, list[int], list[Sequence], list[_PromptLogprobRows]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        prompt_rows: list[_PromptLogprobRows] = []
+        for item in scheduled:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            row0 = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = seq.block_ids
+            slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            query_start_loc.append(len(input_ids))
+            seq_lens.append(end)
+            if end == seq.num_tokens:  # caught up: its last row predicts the next token
+                sample_rows.append(len(input_ids) - 1)
+                sample_seqs.append(seq)
+            # The row at position p predicts prompt token p + 1. Tokens already reported (before a preemption made
+            # this sequence recompute its prompt) are skipped.
+            if seq.needs_prompt_logprobs:
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                last = min(end, seq.num_prompt_tokens - 1)
+                if first < last:
+                    targets = seq.prompt_token_ids[first + 1:last + 1]
+                    prompt_rows.append(_PromptLogprobRows(seq, row0 + first - start, targets))
+        max_blocks = max(len(item.seq.block_ids) for item in scheduled)
+        tables = [item.seq.block_ids + [0] * (max_blocks - len(item.seq.block_ids)) for item in scheduled]
+        batch = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
+        )
+        return batch, sample_rows, sample_seqs, prompt_rows
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows: _PromptLogprobRows) -> list[TokenLogprobs]:
+        num_top = rows.seq.sampling_params.prompt_logprobs or 0
+        targets = torch.tensor(rows.targets, dtype=torch.long, device=self.device)
+        result: list[TokenLogprobs] = []
+        # Full-vocabulary float32 logits of a whole chunk would be large: take them a slice at a time.
+        for lo in range(0, len(rows.targets), PROMPT_LOGPROBS_CHUNK_ROWS):
+            hi = min(lo + PROMPT_LOGPROBS_CHUNK_ROWS, len(rows.targets))
+            logits = self.model.compute_logits(hidden[rows.first_row + lo:rows.first_row + hi])
+            result.extend(token_logprobs(logits, targets[lo:hi], [num_top] * (hi - lo)))
+        return result
+
+    # ---- memory -------------------------------------------------------------------------------------
+    def _cuda_kv_budget(self) -> int:
+        """Bytes left for the KV cache on the GPU: ``gpu_memory_utilization`` of the device, minus the weights, the
+        peak activations of a full-budget step (measured with a throwaway cache) and memory used by others."""
+        cfg = self.engine_config
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = cfg.max_num_batched_tokens
+        num_blocks = math.ceil(num_tokens / self.block_size)
+        kv = self.model.allocate_kv_cache(num_blocks, self.block_size, cfg.kv_cache_dtype)
+        dev = self.device
+        batch = ForwardBatch(
+            input_ids=torch.zeros(num_tokens, dtype=torch.long, device=dev),
+            positions=torch.arange(num_tokens, device=dev),
+            query_start_loc=[0, num_tokens],
+            seq_lens=[num_tokens],
+            block_tables=torch.arange(num_blocks, device=dev).view(1, -1),
+            slot_mapping=torch.arange(num_tokens, device=dev),
+        )
+        with torch.inference_mode():
+            hidden = self.model(batch, kv)
+            rows = min(num_tokens, max(cfg.max_num_seqs, PROMPT_LOGPROBS_CHUNK_ROWS))
+            torch.log_softmax(self.model.compute_logits(hidden[:rows]), dim=-1)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        del kv, hidden, batch
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        used_by_others = total - free - torch.cuda.memory_reserved(dev)
+        budget = int(total * cfg.gpu_memory_utilization) - peak - used_by_others
+        logger.info("GPU memory: total %.2f GiB, peak use of a %d-token step %.2f GiB, used by other processes "
+                    "%.2f GiB -> %.2f GiB for the KV cache", total / GiB, num_tokens, peak / GiB,
+                    used_by_others / GiB, budget / GiB)
+        return budget
