@@ -484,7 +484,8 @@ async def benchmark(args: argparse.Namespace) -> list[LevelRun]:
             api_url=root + args.endpoint,
             model=model,
             chat=args.endpoint.rstrip("/").endswith("chat/completions"),
-            ignore_eos=args.ignore_eos,
+            # Like recent vLLM, random prompts always run to their output length: EOS would make lengths random.
+            ignore_eos=args.ignore_eos or args.dataset_name == "random",
             extra_body={**_sampling_fields(args), **(args.extra_body or {})},
         )
         print("Starting initial single prompt test run...")
@@ -639,7 +640,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     traffic.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals (1 = Poisson)")
     traffic.add_argument("--max-concurrency", type=int, default=None)
     traffic.add_argument("--num-warmups", type=int, default=0)
-    traffic.add_argument("--ignore-eos", action="store_true")
+    traffic.add_argument(
+        "--ignore-eos", action="store_true", help="generate past EOS (always on for --dataset-name random, as in vLLM)"
+    )
     traffic.add_argument("--temperature", type=float, default=0.0, help="default 0.0 (greedy), as vLLM's bench")
     traffic.add_argument("--top-p", type=float, default=None)
     traffic.add_argument("--top-k", type=int, default=None)

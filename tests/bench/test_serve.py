@@ -67,9 +67,23 @@ def test_chat_endpoint_sends_text_parts(healthy: tuple[str, FakeServerConfig]) -
     assert result["backend"] == "openai-chat"
     body = config.requests[-1]
     assert body["max_completion_tokens"] == 4
+    assert body["ignore_eos"] is True  # implied by the random dataset, as in vLLM
     assert body["messages"][0]["content"][0]["type"] == "text"
     # The role chunk counts as the first token's chunk, as in vLLM: 1 role + 4 content chunks -> 4 gaps.
     assert all(len(itl) == 4 for itl in result["itls"])
+
+
+def test_sharegpt_dataset(healthy: tuple[str, FakeServerConfig], tmp_path: Path) -> None:
+    url, config = healthy
+    turns = [{"from": "human", "value": "Describe a quiet harbor at dawn."}, {"from": "gpt", "value": " calm" * 20}]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps([{"id": str(i), "conversations": turns} for i in range(3)]))
+    config.requests.clear()
+    [result] = run_bench(url, "--dataset-name", "sharegpt", "--dataset-path", str(path), "--num-prompts", "3")
+    assert (result["completed"], result["failed"]) == (3, 0)
+    body = config.requests[-1]
+    assert body["prompt"] == "Describe a quiet harbor at dawn." and "ignore_eos" not in body
+    assert body["max_tokens"] == 20  # the reference reply's token count
 
 
 def test_output_tokens_fall_back_to_the_tokenizer() -> None:
