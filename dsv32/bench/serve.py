@@ -495,9 +495,13 @@ async def benchmark(args: argparse.Namespace) -> list[LevelRun]:
         print("Initial test run completed.")
         if args.num_warmups:
             print(f"Warming up with {args.num_warmups} requests...")
-            await asyncio.gather(
-                *(send_request(client, settings, samples[0], time.perf_counter()) for _ in range(args.num_warmups))
-            )
+            warmup_slots = asyncio.Semaphore(max((lv or 0) for lv in levels) or args.num_warmups)
+
+            async def warmup() -> None:
+                async with warmup_slots:
+                    await send_request(client, settings, samples[0], time.perf_counter())
+
+            await asyncio.gather(*(warmup() for _ in range(args.num_warmups)))
         runs = []
         for level in levels:
             print("Starting main benchmark run...")
@@ -555,6 +559,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--gpu-hourly-cost prices a --concurrency-sweep; give the levels too")
     if args.num_gpus < 1:
         raise ValueError("--num-gpus must be at least 1")
+    if args.extra_body is not None and not isinstance(args.extra_body, dict):
+        raise ValueError("--extra-body must be a JSON object")
+    if args.num_warmups < 0:
+        raise ValueError("--num-warmups must be >= 0")
     if not args.endpoint.startswith("/"):
         raise ValueError(f"--endpoint must start with '/', got {args.endpoint!r}")
 

@@ -46,7 +46,7 @@ def healthy() -> Iterator[tuple[str, FakeServerConfig]]:
 def test_run_completes_and_counts_tokens(healthy: tuple[str, FakeServerConfig]) -> None:
     url, config = healthy
     config.requests.clear()
-    [result] = run_bench(url, "--max-concurrency", "3", "--ignore-eos")
+    [result] = run_bench(url, "--max-concurrency", "3", "--ignore-eos", "--num-warmups", "2")
     assert (result["completed"], result["failed"]) == (6, 0)
     assert result["model_id"] == MODEL  # taken from /v1/models
     assert result["total_output_tokens"] == 6 * 4  # from usage.completion_tokens
@@ -148,6 +148,7 @@ def test_unreachable_server_is_one_line_error(capsys: pytest.CaptureFixture[str]
         (["--goodput", "speed:3"], "--goodput"),
         (["--plot", "x.png"], "--plot"),
         (["--concurrency-sweep", "1,a"], "--concurrency-sweep"),
+        (["--extra-body", "[1, 2]"], "--extra-body"),
         (["--dataset-name", "sharegpt", "--dataset-path", "/nonexistent/sharegpt.json"], "No such file"),
     ],
 )
