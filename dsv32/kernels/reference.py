@@ -1,0 +1,211 @@
+"""Plain-PyTorch references of every hot op: the CPU backend, and the ground truth the Triton kernels are tested on.
+
+Two levels live here:
+
+* **model-level ops** (``indexer_topk``, ``mla_decode``, ``mla_prefill``, ``fused_moe``, ``rms_norm``): exactly the
+  computation the model did inline before it routed through ``dsv32.kernels`` (same ops, same order, so CPU outputs
+  are bit-identical); the Triton backend implements the same signatures.
+* **kernel-level ops** (``indexer_scores``, ``sparse_mla_attention``): the plain semantics of one Triton kernel, on
+  the raw paged cache rows, used by the kernel tests.
+
+Cache rows are raw ``KVCache`` storage (``auto``: compute dtype; ``fp8``: bytes, see ``dsv32.model.cache``); the
+context of a query is given by cache *slots*, and top-k selections by context *positions* padded with ``-1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv32.model.cache import CacheLayout
+from dsv32.model.fp8 import FP8_DTYPE, act_dequant, act_quant, dequantize_block_fp8, hadamard
+
+# ---- paged cache rows -------------------------------------------------------------------------------------------
+
+
+def read_latent_rows(rows: torch.Tensor, layout: CacheLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode latent cache rows ``[L, width]`` into ``(c [L, kv_lora_rank], k_pe [L, rope_dim])`` (compute dtype)."""
+    r = layout.kv_lora_rank
+    if layout.fmt == "auto":
+        return rows[:, :r], rows[:, r:]
+    n_tiles = r // layout.tile
+    q = rows[:, :r].contiguous().view(FP8_DTYPE)
+    s = rows[:, r:r + 4 * n_tiles].contiguous().view(torch.float32)
+    k_pe = rows[:, r + 4 * n_tiles:].contiguous().view(torch.bfloat16)
+    return act_dequant(q, s, layout.dtype), k_pe.to(layout.dtype)
+
+
+def read_index_rows(rows: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
+    """Decode indexer-key cache rows into fp32 keys ``[L, index_head_dim]`` (fp8: rotated and FP8-rounded)."""
+    if layout.fmt == "auto":
+        return rows.float()
+    d = layout.index_head_dim
+    q = rows[:, :d].contiguous().view(FP8_DTYPE)
+    s = rows[:, d:].contiguous().view(torch.float32)
+    return act_dequant(q, s, torch.float32)
+
+
+def prepare_index_q(q: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
+    """Indexer queries in the keys' numeric domain: fp32, and for ``fp8`` Hadamard-rotated and FP8-rounded."""
+    if layout.fmt == "auto":
+        return q.float()
+    qq, s = act_quant(hadamard(q), layout.index_head_dim)
+    return act_dequant(qq, s, torch.float32)
+
+
+def positions_to_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """Top-k context positions ``[..., k]`` (``-1`` = none) -> boolean mask ``[..., length]``."""
+    target = torch.where(positions < 0, length, positions)
+    mask = torch.zeros(*positions.shape[:-1], length + 1, dtype=torch.bool, device=positions.device)
+    return mask.scatter_(-1, target, True)[..., :length]
+
+
+def positions_to_slots(positions: torch.Tensor, slot_table: torch.Tensor) -> torch.Tensor:
+    """Context positions ``[B, n, k]`` (``-1`` = none) of sequences with slot tables ``[B, L]`` -> cache slots,
+    ``-1`` kept."""
+    batch, n, k = positions.shape
+    gathered = slot_table.gather(1, positions.clamp(min=0).reshape(batch, n * k)).view(batch, n, k)
+    return torch.where(positions < 0, -1, gathered)
+
+
+# ---- lightning indexer --------------------------------------------------------------------------------------------
+
+
+def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``q`` [B, n, H, D] and ``keys`` [B, L, D] (same numeric domain), ``weights`` [B, n, H] -> [B, n, L] fp32:
+    ``sum_h w_h * ReLU(q_h . k * D^-0.5)``."""
+    dots = torch.einsum("bnhd,bld->bnhl", q.float(), keys.float()) * q.shape[-1] ** -0.5
+    return torch.einsum("bnh,bnhl->bnl", weights.float(), dots.relu())
+
+
+def select_topk(scores: torch.Tensor, allowed: torch.Tensor, topk: int) -> torch.Tensor:
+    """Positions of the ``topk`` best allowed scores per row ``[..., min(topk, L)]``; ``-1`` where fewer are
+    allowed."""
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    chosen = scores.topk(min(topk, scores.shape[-1]), dim=-1).indices
+    return torch.where(allowed.gather(-1, chosen), chosen, -1)
+
+
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, layout: CacheLayout,
+                 slot_table: torch.Tensor, kv_lens: torch.Tensor, topk: int) -> torch.Tensor:
+    """Index scores of queries ``q`` [B, n, H, D] (post-RoPE, unrotated) with head weights [B, n, H] against the
+    keys at ``slot_table`` [B, L]; query ``(b, i)`` sees positions ``< kv_lens[b, i]``. Returns the top-k context
+    positions ``[B, n, min(topk, L)]`` (``-1`` padded)."""
+    batch, length = slot_table.shape
+    keys = read_index_rows(index_cache[slot_table.flatten()], layout).view(batch, length, -1)
+    scores = indexer_scores(prepare_index_q(q, layout), weights, keys)
+    allowed = torch.arange(length, device=q.device) < kv_lens[..., None]
+    return select_topk(scores, allowed, topk)
+
+
+# ---- MLA attention ----------------------------------------------------------------------------------------------
+
+
+def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, layout: CacheLayout, kv_slots: torch.Tensor,
+                         kv_lens: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed (MQA) attention, the Triton kernel's semantics. ``q`` [N, H, r + d_r] = ``[W_UK^T q_nope ; q_pe]``;
+    query ``i`` attends the cache slots ``kv_slots[i, :kv_lens[i]]`` (``-1`` entries skipped) with 576-wide keys
+    ``[c ; k_pe]`` and 512-wide values ``c``. Returns ``(o [N, H, r] in q's dtype, lse [N, H] fp32)``; a query with
+    no key gets ``o = 0``, ``lse = -inf``."""
+    n, length = kv_slots.shape
+    c, k_pe = read_latent_rows(latent_cache[kv_slots.clamp(min=0).flatten()], layout)
+    keys = torch.cat((c, k_pe), dim=-1).float().view(n, length, -1)
+    values = c.float().view(n, length, -1)
+    scores = torch.einsum("nhe,nle->nhl", q.float(), keys) * softmax_scale
+    valid = (kv_slots >= 0) & (torch.arange(length, device=q.device) < kv_lens[:, None])
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    lse = scores.logsumexp(-1)
+    probs = torch.exp(scores - lse[..., None].clamp(min=torch.finfo(torch.float32).min)).nan_to_num(0.0)
+    return torch.einsum("nhl,nlr->nhr", probs, values).to(q.dtype), lse
+
+
+def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, latent_cache: torch.Tensor,
+               layout: CacheLayout, slot_table: torch.Tensor, kv_lens: torch.Tensor,
+               topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
+    """Weight-absorbed attention of one query per sequence. ``q_nope`` [B, H, d_n], ``q_pe`` [B, H, d_r],
+    ``w_kvb`` [H * (d_n + d_v), r]; contexts ``slot_table`` [B, L] of lengths ``kv_lens`` [B], optionally restricted
+    to ``topk_positions`` [B, k]. Returns ``[B, H, d_v]``."""
+    batch, length = slot_table.shape
+    n_heads, nope_dim = q_nope.shape[1], q_nope.shape[2]
+    allowed = torch.arange(length, device=slot_table.device)[None, :] < kv_lens[:, None]
+    if topk_positions is not None:
+        allowed = allowed & positions_to_mask(topk_positions, length)
+    c, k_pe = read_latent_rows(latent_cache[slot_table.flatten()], layout)
+    latent, k_pe = c.view(batch, length, -1), k_pe.view(batch, length, -1)
+    w = w_kvb.view(n_heads, -1, w_kvb.shape[-1])
+    w_uk, w_uv = w[:, :nope_dim], w[:, nope_dim:]
+    q_abs = torch.einsum("bhd,hdr->bhr", q_nope, w_uk.to(q_nope.dtype))
+    scores = (torch.einsum("bhr,blr->bhl", q_abs, latent)
+              + torch.einsum("bhp,blp->bhl", q_pe, k_pe)) * softmax_scale
+    probs = scores.float().masked_fill(~allowed[:, None, :], float("-inf")).softmax(-1).to(latent.dtype)
+    o_latent = torch.einsum("bhl,blr->bhr", probs, latent)
+    return torch.einsum("bhr,hvr->bhv", o_latent, w_uv.to(o_latent.dtype))
+
+
+def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, latent_cache: torch.Tensor,
+                layout: CacheLayout, slots: torch.Tensor, positions: torch.Tensor,
+                topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
+    """Non-absorbed ("MHA mode") causal attention of ``n`` queries of one sequence (``q_nope`` [n, H, d_n], ``q_pe``
+    [n, H, d_r], absolute ``positions`` [n]) over its context ``slots`` [L], optionally restricted to
+    ``topk_positions`` [n, k]. Returns ``[n, H, d_v]``."""
+    n_heads, nope_dim = q_nope.shape[1], q_nope.shape[2]
+    latent, k_pe = read_latent_rows(latent_cache[slots], layout)
+    kv = F.linear(latent.to(w_kvb.dtype), w_kvb).view(latent.shape[0], n_heads, -1)
+    k_nope, v = kv[..., :nope_dim], kv[..., nope_dim:]
+    scores = (torch.einsum("nhd,lhd->hnl", q_nope, k_nope)
+              + torch.einsum("nhr,lr->hnl", q_pe, k_pe)) * softmax_scale
+    allowed = torch.arange(latent.shape[0], device=slots.device)[None, :] <= positions[:, None]
+    if topk_positions is not None:
+        allowed = allowed & positions_to_mask(topk_positions, latent.shape[0])
+    probs = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+    return torch.einsum("hnl,lhv->nhv", probs, v)
+
+
+# ---- MoE --------------------------------------------------------------------------------------------------------
+
+
+def dequantize_experts(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Stacked e4m3 expert weights ``[E, N, K]`` with 128x128 block multipliers ``[E, N/128, K/128]`` -> ``dtype``."""
+    return torch.stack([dequantize_block_fp8(w, s, dtype=dtype) for w, s in zip(weight, scale, strict=True)])
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Routed experts: ``out[t] = sum_j w[t, j] * W2_e (silu(W1_e x_t) * W3_e x_t)``, ``e = topk_ids[t, j]``, fp32
+    ``[T, H]``. ``w13`` [E, 2I, H] (gate rows then up rows), ``w2`` [E, H, I]; e4m3 weights come with their 128x128
+    block multipliers and are dequantised to ``x``'s dtype. Tokens are grouped by expert, one GEMM pair each."""
+    if w13_scale is not None:
+        w13 = dequantize_experts(w13, w13_scale, x.dtype)
+    if w2_scale is not None:
+        w2 = dequantize_experts(w2, w2_scale, x.dtype)
+    top_k = topk_ids.shape[1]
+    flat_ids = topk_ids.flatten()
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    token_of = order // top_k
+    weight_of = topk_weights.flatten()[order]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = token_of[start:start + count]
+        gate, up = F.linear(x[rows], w13[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[expert])
+        out.index_add_(0, rows, y.float() * weight_of[start:start + count, None])
+        start += count
+    return out
+
+
+# ---- RMSNorm ----------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual`` (rounded to ``x``'s dtype; ``h = x`` without a residual) and ``RMSNorm(h)``, computed as
+    ``dsv32.model.norm.RMSNorm`` does. Returns ``(normed, h)``."""
+    h = x if residual is None else x + residual
+    hf = h.float()
+    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y.to(h.dtype) * weight).to(h.dtype), h
