@@ -41,6 +41,8 @@ class _PromptRun:
         self.request: EngineRequest | None = None
         self.sent_chars: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
+        # Per completion: the logprobs text offset of the next token (offsets run on across chunks).
+        self.next_offset: dict[int, int] = {}
         self.last: RequestOutput | None = None
 
 
@@ -101,7 +103,7 @@ def _echo_prefix(state: ServerState, request: CompletionRequest, run: _PromptRun
     if not request.echo:
         return ""
     if logprobs is not None and out.prompt_logprobs is not None:
-        state.logprobs.completion(run.token_ids, out.prompt_logprobs, request.logprobs or 0, 0, into=logprobs)
+        state.logprobs.completion(run.token_ids, out.prompt_logprobs, request.logprobs or 0, logprobs, text_offset=0)
     return run.text
 
 
@@ -129,8 +131,7 @@ async def _full_response(state: ServerState, request: CompletionRequest, runs: l
             logprobs = CompletionLogprobs() if request.logprobs is not None else None
             prefix = _echo_prefix(state, request, run, run.last, logprobs)
             if logprobs is not None and completion.logprobs is not None:
-                state.logprobs.completion(token_ids, completion.logprobs, request.logprobs or 0,
-                                          len(prefix), into=logprobs)
+                state.logprobs.completion(token_ids, completion.logprobs, request.logprobs or 0, logprobs)
             prompt_logprobs = (state.logprobs.prompt_logprobs(run.last.prompt_logprobs)
                                if request.prompt_logprobs is not None and run.last.prompt_logprobs else None)
             choices.append(CompletionChoice(index=prompt_index * request.n + completion.index, text=prefix + text,
@@ -163,10 +164,11 @@ async def _stream(state: ServerState, request: CompletionRequest, runs: list[_Pr
                 sent_tokens = run.sent_tokens.get(completion.index, 0)
                 logprobs = CompletionLogprobs() if request.logprobs is not None else None
                 prefix = _echo_prefix(state, request, run, out, logprobs) if first else ""
-                echo_chars = len(run.text) if request.echo else 0
                 if logprobs is not None and completion.logprobs is not None:
-                    state.logprobs.completion(token_ids[sent_tokens:], completion.logprobs[sent_tokens:len(token_ids)],
-                                              request.logprobs or 0, echo_chars + sent_chars, into=logprobs)
+                    run.next_offset[completion.index] = state.logprobs.completion(
+                        token_ids[sent_tokens:], completion.logprobs[sent_tokens:len(token_ids)],
+                        request.logprobs or 0, logprobs, text_offset=None if prefix else run.next_offset.get(
+                            completion.index, 0))
                 run.sent_chars[completion.index] = len(text)
                 run.sent_tokens[completion.index] = len(token_ids)
                 delta_text = text[sent_chars:]

@@ -43,8 +43,8 @@ class EngineRequest:
         self._first: RequestOutput | None = None
         self._finished = False
         self._watcher: asyncio.Task[None] | None = None
-        self.client_disconnected = False
         self._timing: RequestMetrics | None = None
+        self._generated = 0  # tokens generated so far over all n completions
 
     async def start(self) -> RequestOutput:
         """Submit the request and wait for its first output; raises ``APIError`` (400/503) if the engine refuses."""
@@ -59,12 +59,10 @@ class EngineRequest:
         try:
             self._first = await anext(self._stream)
         except EngineOverloadedError as exc:
-            await self.close()
-            self._metrics.count_rejected("overloaded")
+            await self._reject("overloaded")
             raise APIError(f"The server is overloaded: {exc}. Retry later.", 503) from None
         except ValueError as exc:
-            await self.close()
-            self._metrics.count_rejected("invalid")
+            await self._reject("invalid")
             raise APIError(str(exc), 400) from None
         except StopAsyncIteration:
             await self.close()
@@ -90,14 +88,25 @@ class EngineRequest:
         finally:
             await self.close()
 
+    async def _reject(self, reason: str) -> None:
+        """The engine refused the request: nothing to abort, and it does not count as a finished request."""
+        self._finished = True
+        self._metrics.count_rejected(reason)
+        await self.close()
+
     def _observe(self, out: RequestOutput) -> None:
         assert self._timing is not None
-        self._timing.on_tokens(sum(len(c.token_ids) for c in out.outputs))
+        self._generated = sum(len(c.token_ids) for c in out.outputs)
+        self._timing.on_tokens(self._generated)
         if out.finished and not self._finished:
-            self._finished = True
             reason = "abort" if any(c.finish_reason == "abort" for c in out.outputs) else (
                 out.outputs[0].finish_reason or "stop")
-            self._timing.on_finish(reason, len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))
+            self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        self._finished = True
+        if self._timing is not None:
+            self._timing.on_finish(reason, len(self._prompt_token_ids), self._generated)
 
     async def _watch_disconnect(self) -> None:
         """Waits for the client to hang up, then aborts the engine request so its KV blocks are freed now."""
@@ -106,7 +115,6 @@ class EngineRequest:
             message = await self._raw_request.receive()
             if message["type"] == "http.disconnect":
                 break
-        self.client_disconnected = True
         logger.info("client of request %s disconnected; aborting it", self.request_id)
         await self.abort()
 
@@ -133,6 +141,9 @@ class EngineRequest:
         try:
             await self.abort()
         finally:
+            # Closed before the engine's final output was read (client gone, shutdown): count it as aborted.
+            if not self._finished:
+                self._finish("abort")
             if stream is not None and hasattr(stream, "aclose"):
                 await stream.aclose()
 

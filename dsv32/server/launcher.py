@@ -9,8 +9,12 @@ app's lifespan finally shuts the engine down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -32,6 +36,20 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self._state = state
         self._drain_seconds = drain_seconds
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM start the graceful shutdown (a second SIGINT forces it). Unlike uvicorn's own version this
+        does not re-raise the signal once shut down, so a clean shutdown exits with status 0."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         aborter = asyncio.create_task(self._abort_after_drain())

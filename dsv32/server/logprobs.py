@@ -71,11 +71,14 @@ class LogprobFormatter:
         return entries
 
     def completion(self, token_ids: Sequence[int], positions: Sequence[PositionLogprobs | None], top_n: int,
-                   text_offset: int, into: CompletionLogprobs | None = None) -> CompletionLogprobs:
-        """Appends one entry per token to ``into`` (a fresh object if None); a ``None`` position (the first prompt
-        token, which nothing precedes) gets null logprobs. Offsets count characters from ``text_offset``."""
-        result = into or CompletionLogprobs()
-        offset = text_offset
+                   into: CompletionLogprobs, text_offset: int | None = None) -> int:
+        """Appends one entry per token to ``into``; a ``None`` position (the first prompt token, which nothing
+        precedes) gets null logprobs. ``text_offset`` (the character offset of the first token; default: right after
+        the last entry already in ``into``) grows by each token's text, as in vLLM. Returns the offset after the
+        last token."""
+        result = into
+        offset = text_offset if text_offset is not None else (
+            result.text_offset[-1] + len(result.tokens[-1]) if result.tokens else 0)
         for token_id, position in zip(token_ids, positions, strict=False):
             chosen = position.get(token_id) if position is not None else None
             text = self.text(token_id, chosen)
@@ -91,7 +94,7 @@ class LogprobFormatter:
             # vLLM always lists the chosen token among the alternatives.
             top.setdefault(text, _finite(chosen.logprob) if chosen else _LOGPROB_FLOOR)
             result.top_logprobs.append(top)
-        return result
+        return offset
 
     def prompt_logprobs(self, positions: Sequence[PositionLogprobs | None]) -> list[dict[str, dict[str, Any]] | None]:
         """vLLM's ``prompt_logprobs`` extension shape: token id -> ``{logprob, rank, decoded_token}`` per position."""

@@ -28,8 +28,8 @@ FIXED = {"ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def server(server_factory) -> ServerProcess:
-    return server_factory("--api-key", API_KEY, "--max-num-seqs", str(MAX_NUM_SEQS), "--served-model-name",
-                          "dsv32-tiny", "tiny")
+    return server_factory("tiny", "--api-key", API_KEY, "--max-num-seqs", str(MAX_NUM_SEQS), "--served-model-name",
+                          "dsv32-tiny")
 
 
 @pytest.fixture(scope="module")
