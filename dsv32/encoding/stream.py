@@ -227,6 +227,7 @@ class StreamingParser:
         self._call_name = ""
         self._call_open = False  # header emitted, closing fragment not yet
         self._call_has_parameters = False
+        self._in_stray_text = False  # inside text that is not a tag, within a committed call: runs up to the next "<"
         # the parameter being parsed
         self._value_closers: tuple[str, ...] = ()
         self._value_is_string = False
@@ -423,6 +424,8 @@ class StreamingParser:
         self._state = _State.BETWEEN_INVOKES
 
     def _step_invoke_body(self, at_end: bool) -> bool:
+        if self._in_stray_text:
+            return self._emit_stray_text(start=0)
         self._skip_whitespace(keep=not self._call_open)
         if not self._buffer:
             if not at_end:
@@ -450,10 +453,15 @@ class StreamingParser:
             return True
         if not self._call_open:
             return self._fail_tool_region()
-        # Stray text inside a committed call: hand it to content up to the next possible tag.
-        next_tag = self._buffer.find("<", 1)
-        self._emit_text(self._consume(next_tag if next_tag > 0 else len(self._buffer)), reasoning=False)
-        return True
+        return self._emit_stray_text(start=1)
+
+    def _emit_stray_text(self, start: int) -> bool:
+        """Text inside a committed call that is not a tag goes to content, whitespace included, up to the next "<"
+        (searched from ``start``); the run continues into the next delta when no "<" has arrived yet."""
+        next_tag = self._buffer.find("<", start)
+        self._in_stray_text = next_tag < 0
+        self._emit_text(self._consume(len(self._buffer) if next_tag < 0 else next_tag), reasoning=False)
+        return not self._in_stray_text
 
     def _parameter_is_string(self, key: str, string_attribute: str | None) -> bool:
         if string_attribute in ("true", "false"):
