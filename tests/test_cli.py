@@ -86,8 +86,15 @@ def test_chat_subcommand_flags() -> None:
 
 
 @pytest.mark.parametrize("argv", [[], ["serve"], ["chat"], ["bench", "serve"], ["eval", "gsm8k"]])
-def test_help_is_available_for_every_subcommand(argv: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", "dsv32.cli", *argv, "--help"], capture_output=True, text=True,
-                            timeout=60)
+def test_help_is_available_for_every_subcommand(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: dsv32")
+
+
+def test_console_script_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "dsv32.cli", "serve", "--help"], capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: dsv32")
+    assert "--max-num-batched-tokens" in result.stdout and "--tool-call-parser" in result.stdout

@@ -52,6 +52,9 @@ from dsv32.server.state import ServerState
 # Appended to the prompt to force a tool call (tool_choice "required" or named): the model continues inside an
 # invoke tag. DeepSeek-V3.2 has no constrained decoding here, so the call's start is written for it.
 _FORCED_CALL_PREFIX = f"{TOOL_CALLS_START}\n<{DSML_TOKEN}invoke name=\""
+# parallel_tool_calls=false: generation stops at the end of the first call (SGLang's rule); the parser closes the
+# call the stop string cut off.
+_INVOKE_END = f"</{DSML_TOKEN}invoke>"
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,11 @@ def _finish_reason(completion: CompletionOutput, parser: ChoiceParser) -> str | 
     return completion.finish_reason
 
 
+def _stop_reason(completion: CompletionOutput) -> int | str | None:
+    """The client's own stop string or token; the server's parallel_tool_calls stop is not one."""
+    return None if completion.stop_reason == _INVOKE_END else completion.stop_reason
+
+
 def _delta_message(deltas: Sequence[Delta], include_reasoning: bool) -> DeltaMessage:
     """Folds one step's parser deltas into one chunk delta (a step may end reasoning and start content)."""
     reasoning = "".join(d.reasoning_content for d in deltas if d.reasoning_content is not None)
@@ -207,9 +215,11 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     rendered = render_chat_prompt(request)
     prompt_ids = state.tokenizer.encode(rendered.prompt)
     max_tokens = resolve_max_tokens(request.requested_max_tokens(), len(prompt_ids), state.max_model_len)
+    single_call = not request.parallel_tool_calls and bool(rendered.encoding.tools)
     params = build_sampling_params(
         request, max_tokens=max_tokens, vocab_size=state.vocab_size, max_num_seqs=state.max_num_seqs,
-        logprobs=(request.top_logprobs or 0) if request.logprobs else None)
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+        extra_stop=[_INVOKE_END] if single_call else [])
     request_id = state.request_id("chatcmpl", raw_request.headers.get("x-request-id"),
                                   request.request_id or request.rid)
     state.log_request(request_id, request, len(prompt_ids))
@@ -256,7 +266,7 @@ async def _full_response(state: ServerState, request: ChatCompletionRequest, ren
                                                                 request.top_logprobs or 0))
         choices.append(ChatCompletionChoice(index=completion.index, message=message, logprobs=logprobs,
                                             finish_reason=_finish_reason(completion, parser),
-                                            stop_reason=completion.stop_reason))
+                                            stop_reason=_stop_reason(completion)))
     return ChatCompletionResponse(id=engine_request.request_id, created=created, model=state.config.model_name,
                                   choices=choices, usage=_usage(final))
 
@@ -308,7 +318,7 @@ async def _stream(state: ServerState, request: ChatCompletionRequest, rendered: 
                     logprobs = ChatLogprobs(content=choice.pending_logprobs) if choice.pending_logprobs else None
                     yield chunk(completion.index, DeltaMessage(), finish_reason=_finish_reason(completion,
                                                                                                   choice.parser),
-                                stop_reason=completion.stop_reason, logprobs=logprobs)
+                                stop_reason=_stop_reason(completion), logprobs=logprobs)
     if include_usage and last is not None:
         yield sse_event(ChatCompletionStreamResponse(id=engine_request.request_id, created=created,
                                                      model=state.config.model_name, choices=[], usage=_usage(last)))

@@ -75,9 +75,9 @@ class ChatMessage(OpenAIBaseModel):
         return value
 
     def text(self) -> str | None:
-        """The content as one string: text parts are concatenated, as vLLM does for text-only models."""
+        """The content as one string: text parts joined with newlines, as vLLM (and dsv32.encoding) join them."""
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "\n".join(part.text for part in self.content)
         return self.content
 
 

@@ -45,8 +45,9 @@ def _logit_bias(request: SamplingFields, vocab_size: int) -> dict[int, float] | 
 
 def build_sampling_params(request: SamplingFields, *, max_tokens: int, vocab_size: int, max_num_seqs: int,
                           logprobs: int | None = None, prompt_logprobs: int | None = None,
-                          skip_special_tokens: bool | None = None) -> SamplingParams:
-    """The engine's parameters for ``request``; ``None`` fields take vLLM's defaults."""
+                          extra_stop: list[str] | None = None) -> SamplingParams:
+    """The engine's parameters for ``request``; ``None`` fields take vLLM's defaults. ``extra_stop`` adds stop
+    strings the server needs on top of the client's."""
     if request.n > max_num_seqs:
         raise APIError(f"n={request.n} is larger than this server's max_num_seqs={max_num_seqs}; each completion "
                        "is a sequence of its own.", 400, param="n")
@@ -67,10 +68,10 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int, vocab_siz
             min_tokens=request.min_tokens,
             max_tokens=max_tokens,
             ignore_eos=request.ignore_eos,
-            stop=request.stop_list(),
+            stop=request.stop_list() + list(extra_stop or []),
             stop_token_ids=stop_token_ids,
             include_stop_str_in_output=request.include_stop_str_in_output,
-            skip_special_tokens=request.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
+            skip_special_tokens=request.skip_special_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )

@@ -88,7 +88,7 @@ def test_bad_tool_schemas_are_refused(function: dict, match: str) -> None:
 def test_text_content_parts_are_joined() -> None:
     request = chat(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text",
                                                                                          "text": "b"}]}])
-    assert request.messages[0].text() == "ab"
+    assert request.messages[0].text() == "a\nb"
 
 
 @pytest.mark.parametrize(("prompt", "expected"), [
