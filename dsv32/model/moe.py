@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv32.config import ModelConfig
+from dsv32.kernels import get_backend
 from dsv32.model.linear import Linear
 
 
@@ -81,24 +82,9 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Reference grouped computation: tokens sorted by expert, one GEMM pair per expert that got tokens."""
-        top_k = ids.shape[1]
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
-        token_of = order // top_k
-        weight_of = weights.flatten()[order]
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = token_of[start:start + count]
-            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
-            out.index_add_(0, rows, y.float() * weight_of[start:start + count, None])
-            start += count
-        return out
+        """Routed-expert output ``[T, hidden]`` fp32: grouped GEMMs over the tokens each expert got
+        (``dsv32.kernels``: fused Triton kernels on CUDA, a per-expert loop in torch elsewhere)."""
+        return get_backend(x.device).fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
 
 
 class MoE(nn.Module):
