@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dsv32.config import ModelConfig
+from dsv32.kernels import get_backend
 from dsv32.model.batch import AttentionMetadata
 from dsv32.model.cache import KVCache
 from dsv32.model.linear import Linear
@@ -30,10 +31,11 @@ from dsv32.model.rope import apply_rope_half_split
 
 @dataclass
 class IndexSelection:
-    """Which keys each query may attend: ``None`` means every causal key (context <= index_topk)."""
+    """The context positions each query may attend (``-1`` padded); ``None`` means every causal key (context <=
+    index_topk)."""
 
-    prefill: dict[int, torch.Tensor | None] = field(default_factory=dict)  # seq -> [n, L] bool
-    decode: torch.Tensor | None = None  # [B_d, L_max] bool
+    prefill: dict[int, torch.Tensor | None] = field(default_factory=dict)  # seq -> [n, k]
+    decode: torch.Tensor | None = None  # [B_d, k]
 
 
 class Indexer(nn.Module):
@@ -65,28 +67,16 @@ class Indexer(nn.Module):
             return selection
         q = self._rope(self.wq_b(qr).view(-1, self.n_heads, self.head_dim), cos, sin)
         weights = self.weights_proj(x.float()) * self.n_heads**-0.5  # [T, H_I]
+        backend = get_backend(x.device)
+        keys = cache.index_k[layer]
         for b in long_prefill:
             span = meta.spans[b]
-            keys = cache.read_index_k(layer, span.slots)  # [L, D]
-            scores = self._scores(cache.prepare_index_q(q[span.start:span.end])[None],
-                                  weights[span.start:span.end][None], keys[None])[0]  # [n, L]
-            causal = torch.arange(span.context_len, device=x.device)[None, :] <= span.positions[:, None]
-            selection.prefill[b] = self._top(scores, causal)
+            rows = slice(span.start, span.end)
+            selection.prefill[b] = backend.indexer_topk(q[rows][None], weights[rows][None], keys, cache.layout,
+                                                        span.slots[None], (span.positions + 1)[None], self.topk)[0]
         if long_decode:
-            keys = cache.read_index_k(layer, meta.decode_slots.flatten()).view(*meta.decode_slots.shape, -1)
             rows = meta.decode_rows
-            scores = self._scores(cache.prepare_index_q(q[rows])[:, None], weights[rows][:, None], keys)[:, 0]
-            selection.decode = self._top(scores, meta.decode_valid)
+            context_lens = meta.decode_valid.sum(-1)
+            selection.decode = backend.indexer_topk(q[rows][:, None], weights[rows][:, None], keys, cache.layout,
+                                                    meta.decode_slots, context_lens[:, None], self.topk)[:, 0]
         return selection
-
-    def _scores(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """``q`` [B, n, H, D], ``w`` [B, n, H], ``k`` [B, L, D] -> index scores [B, n, L] (fp32)."""
-        dots = torch.einsum("bnhd,bld->bnhl", q.float(), k.float()) * self.head_dim**-0.5
-        return torch.einsum("bnh,bnhl->bnl", w.float(), dots.relu())
-
-    def _top(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Boolean mask of the ``topk`` best allowed keys per row (all allowed keys when fewer)."""
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        k = min(self.topk, scores.shape[-1])
-        chosen = scores.topk(k, dim=-1).indices
-        return torch.zeros_like(allowed).scatter_(-1, chosen, True) & allowed

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dsv32.config import ModelConfig
+from dsv32.kernels.reference import positions_to_mask
 from dsv32.model.batch import AttentionMetadata
 from dsv32.model.cache import KVCache
 from dsv32.model.indexer import Indexer
@@ -67,13 +68,15 @@ class MLA(nn.Module):
         for b in meta.prefill_seqs:
             span = meta.spans[b]
             selected = selection.prefill[b] if selection is not None else None
+            if selected is not None:
+                selected = positions_to_mask(selected, span.context_len)
             rows = slice(span.start, span.end)
             out[rows] = self._attend_expanded(q_nope[rows], q_pe[rows], span.positions, span.slots, selected,
                                               cache, layer)
         if meta.decode_seqs:
             allowed = meta.decode_valid
             if selection is not None and selection.decode is not None:
-                allowed = allowed & selection.decode
+                allowed = allowed & positions_to_mask(selection.decode, allowed.shape[1])
             rows = meta.decode_rows
             out[rows] = self._attend_absorbed(q_nope[rows], q_pe[rows], meta.decode_slots, allowed, cache, layer)
         return self.o_proj(out.flatten(1))
