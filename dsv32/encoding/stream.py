@@ -232,6 +232,15 @@ class StreamingParser:
         self._value_closers: tuple[str, ...] = ()
         self._value_is_string = False
         self._value_raw = ""
+        self._steps = {
+            _State.TEXT: self._step_text,
+            _State.BLOCK_OPEN: self._step_block_open,
+            _State.BETWEEN_INVOKES: self._step_between_invokes,
+            _State.INVOKE_HEADER: self._step_invoke_header,
+            _State.INVOKE_BODY: self._step_invoke_body,
+            _State.PARAMETER_VALUE: self._step_parameter_value,
+            _State.JSON_BODY: self._step_json_body,
+        }
 
     # ------------------------------------------------------------------ public API
     def feed(self, text: str) -> list[Delta]:
@@ -306,16 +315,8 @@ class StreamingParser:
 
     # ------------------------------------------------------------------ state machine
     def _advance(self, at_end: bool) -> None:
-        handlers = {
-            _State.TEXT: self._step_text,
-            _State.BLOCK_OPEN: self._step_block_open,
-            _State.BETWEEN_INVOKES: self._step_between_invokes,
-            _State.INVOKE_HEADER: self._step_invoke_header,
-            _State.INVOKE_BODY: self._step_invoke_body,
-            _State.PARAMETER_VALUE: self._step_parameter_value,
-            _State.JSON_BODY: self._step_json_body,
-        }
-        while handlers[self._state](at_end):
+        """Run state steps until one needs more text (each step returns whether it made progress)."""
+        while self._steps[self._state](at_end):
             pass
 
     def _consume(self, length: int) -> str:
