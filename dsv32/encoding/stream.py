@@ -400,7 +400,7 @@ class StreamingParser:
             return self._fail_tool_region()
         length, attributes = parsed
         name = attributes.get("name")
-        if name is None or (self._schemas is not None and name not in self._schemas):
+        if not name or (self._schemas is not None and name not in self._schemas):
             return self._fail_tool_region()
         self._pending += self._consume(length)
         self._call_name = name

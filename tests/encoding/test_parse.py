@@ -347,6 +347,13 @@ def test_unknown_tool_name_is_content_when_tools_are_known() -> None:
     assert calls_of(parse_message_from_completion_text(text, "chat")) == [("delete_everything", {})]
 
 
+def test_invoke_without_a_name_is_content() -> None:
+    for header in ['<｜DSML｜invoke name="">', '<｜DSML｜invoke id="f">', "<｜DSML｜invoke>"]:
+        text = START + header + f"\n</｜DSML｜invoke>\n{END}"
+        parsed = parse_message_from_completion_text(text, "chat")
+        assert parsed["tool_calls"] == [] and parsed["content"] == text
+
+
 def test_no_tools_allowed_keeps_dsml_as_content() -> None:
     text = START + invoke("f") + f"\n{END}"
     assert parse_message_from_completion_text(text, "chat", tools=[]) == {
