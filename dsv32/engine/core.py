@@ -74,6 +74,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv_cache, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
         self._requests: dict[str, Request] = {}
         self._completions: dict[Sequence, _CompletionState] = {}
+        self._failures: dict[str, Exception] = {}
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
 
@@ -144,25 +145,52 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
-    @property
-    def num_requests(self) -> int:
-        return len(self._requests)
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
 
     # ---- one step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; return the outputs of the requests it changed (streaming requests) or finished."""
+        """Run one engine step; return the outputs of the requests it changed (streaming requests) or finished.
+
+        A failure never takes the engine down: if the model step fails, the requests in it are aborted; if one
+        request's output processing fails, that request is. Either way ``take_failures`` tells whom and why.
+        """
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             return []
-        result = self.runner.execute(sched_out.scheduled)
+        try:
+            result = self.runner.execute(sched_out.scheduled)
+        except Exception as exc:
+            logger.exception("model step over %d sequences failed; aborting their requests", len(sched_out.scheduled))
+            for request_id in dict.fromkeys(item.seq.request_id for item in sched_out.scheduled):
+                self._fail(request_id, exc)
+            return []
         self.scheduler.on_step_done(sched_out)
         touched: dict[str, Request] = {}
         for seq, chunk in result.prompt_logprobs:
             seq.prompt_logprobs.extend(self._position_logprobs(lp) for lp in chunk)
         for sampled in result.sampled:
-            self._append_token(sampled)
-            touched[sampled.seq.request_id] = self._requests[sampled.seq.request_id]
+            request_id = sampled.seq.request_id
+            if request_id not in self._requests:  # failed earlier in this loop
+                continue
+            try:
+                self._append_token(sampled)
+            except Exception as exc:
+                logger.exception("processing the output of request %s failed; aborting it", request_id)
+                self._fail(request_id, exc)
+                touched.pop(request_id, None)
+                continue
+            touched[request_id] = self._requests[request_id]
         return [out for request in touched.values() if (out := self._report(request)) is not None]
+
+    def take_failures(self) -> dict[str, Exception]:
+        """Requests aborted because of an error since the last call, with the error."""
+        failures, self._failures = self._failures, {}
+        return failures
+
+    def _fail(self, request_id: str, exc: Exception) -> None:
+        self.abort_request(request_id)
+        self._failures[request_id] = exc
 
     def _append_token(self, sampled: SampledToken) -> None:
         seq, token_id = sampled.seq, sampled.token_id

@@ -101,6 +101,10 @@ class LLM:
                 for out in self.engine.step():
                     finished[out.request_id] = out
                     bar.update(1)
+                failures = self.engine.take_failures()
+                if failures:
+                    request_id, exc = next(iter(failures.items()))
+                    raise RuntimeError(f"request {request_id} failed: {exc}") from exc
         except BaseException:
             # Interrupted (or the model failed): free what is left, so the engine stays usable.
             for request_id in ids:

@@ -1,0 +1,172 @@
+"""AsyncLLM (what the server drives): cumulative streaming, stop-string hold-back, abort, overload, errors."""
+
+import asyncio
+import threading
+
+import pytest
+
+from dsv32 import SamplingParams
+from dsv32.engine.async_engine import AsyncLLM, EngineDeadError, EngineOverloadedError
+
+from .conftest import token_prompts
+
+
+@pytest.fixture
+def engine(v32):
+    """An AsyncLLM over the shared tiny V3.2 core (its thread only touches the core while the test runs)."""
+    async_llm = AsyncLLM(v32.engine)
+    yield async_llm
+    asyncio.run(async_llm.shutdown())
+
+
+async def collect(engine, prompt_ids, params, request_id):
+    return [out async for out in engine.generate(prompt_ids, params, request_id)]
+
+
+async def wait_until_idle(engine):
+    for _ in range(500):
+        stats = engine.stats()
+        if stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the engine did not free the aborted request")
+
+
+def test_streams_cumulative_outputs_equal_to_offline(engine, v32):
+    prompt = token_prompts([30], seed=20)[0]["prompt_token_ids"]
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=0)
+    outs = asyncio.run(collect(engine, prompt, params, "stream-1"))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [1, 2, 3, 4, 5]
+    assert [o.finished for o in outs] == [False] * 4 + [True]
+    for earlier, later in zip(outs, outs[1:], strict=False):
+        assert later.outputs[0].token_ids[:len(earlier.outputs[0].token_ids)] == earlier.outputs[0].token_ids
+        assert later.outputs[0].text.startswith(earlier.outputs[0].text)
+    final = outs[-1].outputs[0]
+    assert final.finish_reason == "length" and len(final.logprobs) == 5
+    offline = v32.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
+    assert final.token_ids == offline.token_ids and final.text == offline.text
+
+
+def test_streamed_text_never_shows_part_of_a_stop_string(engine, v32):
+    prompt = token_prompts([12], seed=21)[0]["prompt_token_ids"]
+    free = v32.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=10,
+                                                                      ignore_eos=True), use_tqdm=False)[0]
+    text = free.outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    expected = text[:text.find(stop)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop=[stop])
+    outs = asyncio.run(collect(engine, prompt, params, "stop-1"))
+    assert outs[-1].outputs[0].text == expected and outs[-1].outputs[0].finish_reason == "stop"
+    for out in outs:
+        assert expected.startswith(out.outputs[0].text)  # a held-back tail never leaks, even partially
+
+
+def test_n_completions_stream_together(engine):
+    prompt = token_prompts([20], seed=22)[0]["prompt_token_ids"]
+    params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=3, ignore_eos=True)
+    final = asyncio.run(collect(engine, prompt, params, "n-2"))[-1]
+    assert final.finished and [c.index for c in final.outputs] == [0, 1]
+    assert all(len(c.token_ids) == 3 and c.finish_reason == "length" for c in final.outputs)
+
+
+def test_abort_ends_the_stream_and_frees_blocks(engine):
+    prompt = token_prompts([20], seed=23)[0]["prompt_token_ids"]
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+    async def run():
+        outs = []
+        async for out in engine.generate(prompt, params, "abort-1"):
+            outs.append(out)
+            if len(outs) == 2:
+                await engine.abort("abort-1")
+        await wait_until_idle(engine)
+        return outs
+
+    outs = asyncio.run(run())
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+    assert len(outs[-1].outputs[0].token_ids) < 400
+
+
+def test_leaving_the_stream_early_aborts_the_request(engine):
+    prompt = token_prompts([20], seed=24)[0]["prompt_token_ids"]
+
+    async def run():
+        stream = engine.generate(prompt, SamplingParams(max_tokens=400, ignore_eos=True), "leave-1")
+        await anext(stream)
+        await stream.aclose()  # what a disconnected client's cancelled handler does
+        await wait_until_idle(engine)
+
+    asyncio.run(run())
+
+
+def test_rejects_too_long_prompts_and_duplicate_ids(engine):
+    async def run():
+        with pytest.raises(ValueError, match="maximum context length is 512 tokens"):
+            await anext(engine.generate([5] * 600, SamplingParams(), "long"))
+        with pytest.raises(ValueError, match=r"you requested 520 tokens \(20 in the messages, 500 in the completion"):
+            await anext(engine.generate([5] * 20, SamplingParams(max_tokens=500), "long-2"))
+        first = engine.generate([5] * 20, SamplingParams(max_tokens=3), "dup")
+        await anext(first)
+        with pytest.raises(ValueError, match="already running"):
+            await anext(engine.generate([5] * 20, SamplingParams(max_tokens=3), "dup"))
+        async for _ in first:
+            pass
+
+    asyncio.run(run())
+
+
+def test_full_waiting_queue_raises_overloaded(engine, monkeypatch):
+    monkeypatch.setattr(engine, "engine_config", engine.engine_config.__class__(max_waiting_requests=1))
+    release = threading.Event()
+
+    async def run():
+        blocked = asyncio.ensure_future(engine._call(release.wait))  # holds the engine thread between steps
+        first = engine.generate([5] * 10, SamplingParams(max_tokens=2), "queued")
+        pending_first = asyncio.ensure_future(anext(first))
+        await asyncio.sleep(0)
+        with pytest.raises(EngineOverloadedError):
+            await anext(engine.generate([5] * 10, SamplingParams(max_tokens=2), "rejected"))
+        release.set()
+        await blocked
+        await pending_first
+        async for _ in first:
+            pass
+
+    asyncio.run(run())
+
+
+def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(engine, monkeypatch):
+    runner = engine._core.runner
+    real_execute = runner.execute
+    calls = {"n": 0}
+
+    def flaky(scheduled):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device error")
+        return real_execute(scheduled)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+
+    async def run():
+        with pytest.raises(RuntimeError, match="simulated device error"):
+            await collect(engine, [5] * 10, SamplingParams(max_tokens=2), "fails")
+        outs = await collect(engine, [5] * 10, SamplingParams(max_tokens=2, ignore_eos=True), "works")
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 2
+
+    asyncio.run(run())
+
+
+def test_shutdown_aborts_running_requests(v32):
+    engine = AsyncLLM(v32.engine)
+
+    async def run():
+        stream = engine.generate([5] * 10, SamplingParams(max_tokens=400, ignore_eos=True), "cut")
+        await anext(stream)
+        await engine.shutdown()
+        rest = [out async for out in stream]
+        assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
+        with pytest.raises(EngineDeadError):
+            await anext(engine.generate([5] * 10, SamplingParams(max_tokens=2), "late"))
+
+    asyncio.run(run())
