@@ -58,7 +58,7 @@ def build_app(engine: Any, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        return Response(status_code=503 if state.engine_dead else 200)
 
     @app.get("/version")
     async def version() -> dict[str, str]:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 
+from dsv32.engine.async_engine import EngineDeadError, EngineOverloadedError
 from dsv32.engine.outputs import RequestOutput
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.server.errors import APIError
@@ -48,8 +49,6 @@ class EngineRequest:
 
     async def start(self) -> RequestOutput:
         """Submit the request and wait for its first output; raises ``APIError`` (400/503) if the engine refuses."""
-        from dsv32.engine.async_engine import EngineOverloadedError
-
         self._timing = self._metrics.track(self._params.n, self._params.max_tokens or 0)
         self._state.active_requests.add(self)
         self._stream = aiter(self._engine.generate(self._prompt_token_ids, self._params, self.request_id,
@@ -61,6 +60,10 @@ class EngineRequest:
         except EngineOverloadedError as exc:
             await self._reject("overloaded")
             raise APIError(f"The server is overloaded: {exc}. Retry later.", 503) from None
+        except EngineDeadError as exc:
+            self._state.engine_dead = True
+            await self._reject("engine_dead")
+            raise APIError(f"The engine is not running: {exc}", 503) from None
         except ValueError as exc:
             await self._reject("invalid")
             raise APIError(str(exc), 400) from None

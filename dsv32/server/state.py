@@ -25,6 +25,8 @@ class ServerState:
     logprobs: LogprobFormatter = field(init=False)
     # Requests between start and close (dsv32.server.generation.EngineRequest), for aborting them at shutdown.
     active_requests: set[Any] = field(default_factory=set)
+    # Set once the engine refused a request because it is gone: /health then answers 503.
+    engine_dead: bool = False
 
     def __post_init__(self) -> None:
         self.logprobs = LogprobFormatter(self.tokenizer)
