@@ -80,11 +80,16 @@ class Experts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype), requires_grad=False)
+        # Experts kept in e4m3 carry their 128x128 block multipliers here ([E, 2I/128, H/128] and [E, H/128, I/128]);
+        # None while the weights are in the compute dtype.
+        self.register_buffer("gate_up_proj_scale_inv", None, persistent=False)
+        self.register_buffer("down_proj_scale_inv", None, persistent=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Routed-expert output ``[T, hidden]`` fp32: grouped GEMMs over the tokens each expert got
         (``dsv32.kernels``: fused Triton kernels on CUDA, a per-expert loop in torch elsewhere)."""
-        return get_backend(x.device).fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
+        return get_backend(x.device).fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids,
+                                               self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
 
 
 class MoE(nn.Module):

@@ -11,8 +11,6 @@ from dsv32.model.fp8 import quantize_block_fp8
 
 from .conftest import needs_triton
 
-pytestmark = needs_triton
-
 
 def _quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [quantize_block_fp8(e) for e in w]
@@ -25,6 +23,7 @@ def _routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.Generator
     return weights, ids
 
 
+@needs_triton
 def test_align_pairs_groups_every_pair_once_by_expert() -> None:
     from dsv32.kernels.triton_moe import align_pairs
 
@@ -47,6 +46,7 @@ def test_align_pairs_groups_every_pair_once_by_expert() -> None:
     assert used == int(((counts + 3) // 4).sum())
 
 
+@needs_triton
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize(("num_tokens", "tiles"), [
     (3, {}),  # decode-sized, the default tiles
@@ -72,6 +72,7 @@ def test_fused_moe_matches_reference(fp8: bool, num_tokens: int, tiles: dict, de
     assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
 
 
+@needs_triton
 def test_fused_moe_fp32_is_tight(device: torch.device) -> None:
     from dsv32.kernels import triton_moe
 
@@ -83,3 +84,26 @@ def test_fused_moe_fp32_is_tight(device: torch.device) -> None:
     expected = reference.fused_moe(x, w13, w2, weights, ids)
     got = triton_moe.fused_moe(x.to(device), w13.to(device), w2.to(device), weights.to(device), ids.to(device))
     assert torch.allclose(got.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_model_experts_run_fp8_weights_with_their_block_scales() -> None:
+    """``Experts`` keeps e4m3 weights + scales and gives what the dequantised bf16 experts give (torch backend)."""
+    from torch import nn
+
+    from dsv32.config import tiny_config
+    from dsv32.model.moe import Experts
+
+    gen = torch.Generator().manual_seed(3)
+    config = tiny_config()
+    experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, torch.bfloat16)
+    (w13, s13) = _quantize_experts(torch.randn(experts.gate_up_proj.shape, generator=gen) * 0.05)
+    (w2, s2) = _quantize_experts(torch.randn(experts.down_proj.shape, generator=gen) * 0.05)
+    x = torch.randn(6, config.hidden_size, generator=gen).to(torch.bfloat16)
+    weights, ids = _routing(6, config.n_routed_experts, config.num_experts_per_tok, gen)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(reference.dequantize_experts(w13, s13, torch.bfloat16))
+        experts.down_proj.copy_(reference.dequantize_experts(w2, s2, torch.bfloat16))
+    expected = experts(x, weights, ids)
+    experts.gate_up_proj, experts.down_proj = nn.Parameter(w13, False), nn.Parameter(w2, False)
+    experts.gate_up_proj_scale_inv, experts.down_proj_scale_inv = s13, s2
+    assert torch.equal(experts(x, weights, ids), expected)
