@@ -227,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: noise in the chat client, the benchmark and the eval.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)
 

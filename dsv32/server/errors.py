@@ -85,6 +85,9 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
             detail = err.get("ctx", {}).get("error") or err.get("msg", "could not parse")
             messages.append(f"Invalid JSON body: {detail}")
             continue
+        if not loc and err.get("type") in ("model_attributes_type", "dict_type"):
+            messages.append("The request body must be a JSON object (sent with Content-Type: application/json).")
+            continue
         msg = str(err.get("msg", "invalid value"))
         # pydantic prefixes errors raised by our own validators; the prefix only adds noise for API users.
         msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")

@@ -50,6 +50,12 @@ def test_invalid_json_is_a_400_not_fastapis_422() -> None:
     assert "Invalid JSON" in error["message"]
 
 
+def test_body_that_is_not_a_json_object_is_explained() -> None:
+    for response in (make_client().post("/echo", json=[1, 2]), make_client().post("/echo", content=b"n=1")):
+        error = assert_envelope(response, 400, "BadRequestError")
+        assert "must be a JSON object" in error["message"]
+
+
 def test_invalid_field_names_the_field() -> None:
     error = assert_envelope(make_client().post("/echo", json={"n": "many"}), 400, "BadRequestError")
     assert error["param"] == "n" and error["message"].startswith("n: ")

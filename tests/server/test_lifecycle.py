@@ -20,7 +20,8 @@ BODY = {"prompt": "Count with me:", "max_tokens": 400, "ignore_eos": True}
 @pytest.fixture(scope="module")
 def server(server_factory) -> ServerProcess:
     # One running request and one waiting; anything beyond is refused.
-    return server_factory("--max-num-seqs", "1", "--max-waiting-requests", "1", "--shutdown-timeout", "1")
+    return server_factory("--max-num-seqs", "1", "--max-waiting-requests", "1", "--shutdown-timeout", "1",
+                          "--log-requests")
 
 
 def test_full_waiting_queue_answers_503(server: ServerProcess) -> None:
@@ -44,6 +45,7 @@ def test_full_waiting_queue_answers_503(server: ServerProcess) -> None:
             assert response.json()["choices"][0]["finish_reason"] == "length"
     rejected = server.metrics()["dsv32:requests_rejected_total{reason=overloaded}"]
     assert rejected == statuses.count(503)
+    assert BODY["prompt"] in server.log()  # --log-requests logs the prompt text
 
 
 def test_sigterm_ends_in_flight_streams_cleanly_and_exits_zero(server: ServerProcess) -> None:

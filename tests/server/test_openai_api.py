@@ -367,3 +367,9 @@ def test_metrics_after_traffic(server: ServerProcess) -> None:
     assert values["vllm:time_to_first_token_seconds_count"] >= 1
     assert values["vllm:generation_tokens_total"] >= 1 and values["vllm:prompt_tokens_total"] >= 1
     assert values["vllm:num_requests_running"] == 0
+
+
+def test_prompts_stay_out_of_the_logs(server: ServerProcess) -> None:
+    log = server.log()
+    assert "prompt tokens" in log  # requests are logged ...
+    assert USER[0]["content"] not in log and "The capital of France" not in log  # ... but not their text
