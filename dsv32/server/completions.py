@@ -34,16 +34,18 @@ from dsv32.server.state import ServerState
 class _PromptRun:
     """One prompt of the batch: its ids, its engine request, and what has been streamed of each completion."""
 
-    def __init__(self, text: str, token_ids: list[int], score_only: bool) -> None:
+    def __init__(self, text: str, token_ids: list[int], score_only: bool, request: EngineRequest) -> None:
         self.text = text
         self.token_ids = token_ids
         self.score_only = score_only
-        self.request: EngineRequest | None = None
+        self.request = request
+        self.last: RequestOutput | None = None
+        # Per completion index: characters and tokens already streamed, the logprobs text offset of the next token,
+        # and whether its finish chunk went out.
         self.sent_chars: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
-        # Per completion: the logprobs text offset of the next token (offsets run on across chunks).
         self.next_offset: dict[int, int] = {}
-        self.last: RequestOutput | None = None
+        self.finished: set[int] = set()
 
 
 def _tokenize_prompts(state: ServerState, request: CompletionRequest) -> list[tuple[str, list[int]]]:
@@ -85,11 +87,10 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
             request, max_tokens=max_tokens, vocab_size=state.vocab_size, max_num_seqs=state.max_num_seqs,
             logprobs=request.logprobs,
             prompt_logprobs=request.prompt_logprobs if request.prompt_logprobs is not None else want_prompt_logprobs)
-        run = _PromptRun(text, token_ids, score_only)
         sub_id = request_id if len(request.prompts()) == 1 else f"{request_id}-{index}"
         state.log_request(sub_id, request, len(token_ids))
-        run.request = EngineRequest(state, sub_id, token_ids, params, raw_request, prompt=text)
-        runs.append(run)
+        engine_request = EngineRequest(state, sub_id, token_ids, params, raw_request, prompt=text)
+        runs.append(_PromptRun(text, token_ids, score_only, engine_request))
     await start_all(_requests(runs))
     created = int(time.time())
     if request.stream:
@@ -108,7 +109,7 @@ def _echo_prefix(state: ServerState, request: CompletionRequest, run: _PromptRun
 
 
 def _requests(runs: list[_PromptRun]) -> list[EngineRequest]:
-    return [run.request for run in runs if run.request is not None]
+    return [run.request for run in runs]
 
 
 def _usage(runs: list[_PromptRun]) -> UsageInfo:
@@ -158,6 +159,8 @@ async def _stream(state: ServerState, request: CompletionRequest, runs: list[_Pr
             run = runs[position]
             run.last = out
             for completion in out.outputs:
+                if completion.index in run.finished:
+                    continue  # n > 1: this one ended in an earlier step while its siblings go on
                 first = completion.index not in run.sent_chars
                 text, token_ids = _visible(run, completion)
                 sent_chars = run.sent_chars.get(completion.index, 0)
@@ -173,6 +176,8 @@ async def _stream(state: ServerState, request: CompletionRequest, runs: list[_Pr
                 run.sent_tokens[completion.index] = len(token_ids)
                 delta_text = text[sent_chars:]
                 finish_reason = _finish_reason(run, completion)
+                if finish_reason:
+                    run.finished.add(completion.index)
                 if not (prefix or delta_text or finish_reason or (logprobs and logprobs.tokens)):
                     continue
                 yield chunk(CompletionChoice(index=position * request.n + completion.index, text=prefix + delta_text,

@@ -36,11 +36,13 @@ USER = [{"role": "user", "content": "Weather in Paris?"}]
 
 @dataclass
 class ScriptedEngine:
-    """Replays ``script`` (one text piece per engine step, one token each) for every request."""
+    """Replays a script (one text piece per engine step, one token each) for every request; completion ``i`` of
+    an ``n > 1`` request plays ``extra_scripts[i - 1]`` when given, so siblings can finish at different steps."""
 
     tokenizer: Tokenizer
     script: list[str] = field(default_factory=list)
     stop_reason: str | None = None
+    extra_scripts: list[list[str]] = field(default_factory=list)
     calls: list[tuple[list[int], SamplingParams, str | None]] = field(default_factory=list)
     model_config = tiny_config()
     engine_config = EngineConfig()
@@ -49,14 +51,18 @@ class ScriptedEngine:
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
                        prompt: str | None = None) -> AsyncIterator[RequestOutput]:
         self.calls.append((prompt_token_ids, sampling_params, prompt))
-        text = ""
-        for step, piece in enumerate(self.script):
-            text += piece
-            last = step == len(self.script) - 1
-            completion = CompletionOutput(index=0, text=text, token_ids=list(range(100, 101 + step)),
-                                          finish_reason="stop" if last else None,
-                                          stop_reason=self.stop_reason if last else None)
-            yield RequestOutput(request_id, prompt, prompt_token_ids, [completion], finished=last)
+        scripts = [self.script, *self.extra_scripts][:sampling_params.n]
+        for step in range(max(len(script) for script in scripts)):
+            completions = []
+            for index, script in enumerate(scripts):
+                played = script[:step + 1]
+                done = len(played) == len(script)
+                completions.append(CompletionOutput(index=index, text="".join(played),
+                                                    token_ids=list(range(100, 100 + len(played))),
+                                                    finish_reason="stop" if done else None,
+                                                    stop_reason=self.stop_reason if done else None))
+            finished = all(c.finish_reason for c in completions)
+            yield RequestOutput(request_id, prompt, prompt_token_ids, completions, finished=finished)
 
     async def abort(self, request_id: str) -> None:
         return None
@@ -163,3 +169,14 @@ def test_chat_max_tokens_defaults_to_the_rest_of_the_context(tokenizer: Tokenize
     client_for(engine).post("/v1/chat/completions", json={"messages": USER})
     prompt_ids, params, _ = engine.calls[0]
     assert params.max_tokens == engine.max_model_len - len(prompt_ids)
+
+
+def test_streamed_siblings_finish_once_each(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer, ["a"], extra_scripts=[["b", "c", "d"]])
+    body = {"prompt": "x", "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    payloads = sse_payloads(client_for(engine).post("/v1/completions", json=body))
+    choices = [p["choices"][0] for p in payloads if p["choices"]]
+    assert "".join(c["text"] for c in choices if c["index"] == 0) == "a"
+    assert "".join(c["text"] for c in choices if c["index"] == 1) == "bcd"
+    assert sorted(c["index"] for c in choices if c["finish_reason"]) == [0, 1]
+    assert payloads[-1]["usage"]["completion_tokens"] == 4
