@@ -80,12 +80,13 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     """``(sorted_pairs [num_blocks * block_m], block_expert [num_blocks])``: pair ids (``t * k + j``) grouped by
     expert, each expert's run padded to ``block_m`` with the sentinel ``T * k``; blocks past the last used one get
     expert ``-1``. ``num_blocks = cdiv(T k, block_m) + min(E, T k)`` bounds what any routing needs."""
-    flat = topk_ids.flatten()
+    flat = topk_ids.flatten().long()
     num_pairs = flat.numel()
     device = flat.device
     num_blocks = triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: CUDA bincount reads the max id back to the host, which breaks graph capture
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
     rank = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[flat[order]]
