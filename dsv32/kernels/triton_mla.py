@@ -102,8 +102,9 @@ def default_num_splits(num_queries: int, head_blocks: int, max_keys: int, block_
 
 def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, layout: CacheLayout, kv_slots: torch.Tensor,
                          kv_lens: torch.Tensor, softmax_scale: float, num_splits: int | None = None,
-                         block_h: int = 64, block_n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``dsv32.kernels.reference.sparse_mla_attention``: ``(o [N, H, r], lse [N, H])``."""
+                         block_h: int = 64, block_n: int = 32, num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``dsv32.kernels.reference.sparse_mla_attention``: ``(o [N, H, r], lse [N, H])``. The tile
+    defaults (64 heads x 32 keys, 8 warps: a [64, 512] fp32 accumulator in registers) are untuned starting points."""
     check_device(q, latent_cache)
     n, n_heads, width = q.shape
     rank, rope = layout.kv_lora_rank, layout.rope_dim
@@ -129,7 +130,7 @@ def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, layout: Ca
             kv_slots.stride(0), kv_slots.stride(1), o.stride(0), o.stride(1), o.stride(2),
             lse.stride(0), lse.stride(1), lse.stride(2),
             RANK=rank, ROPE=rope, TILE=layout.tile, BLOCK_H=block_h, BLOCK_N=block_n, FP8=layout.fmt == "fp8",
-            DOT=dot_type(q.dtype), PRECISION=dot_precision(q.dtype))
+            DOT=dot_type(q.dtype), PRECISION=dot_precision(q.dtype), num_warps=num_warps)
     if num_splits == 1:
         return o[:, :, 0], lse[:, :, 0]
     return _merge_splits(o, lse, q.dtype)
