@@ -98,3 +98,8 @@ def test_console_script_runs() -> None:
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--max-num-batched-tokens" in result.stdout and "--tool-call-parser" in result.stdout
+
+
+def test_missing_checkpoint_is_a_clear_error(caplog: pytest.LogCaptureFixture, tmp_path) -> None:
+    assert main(["serve", str(tmp_path / "no-such-model")]) == 1
+    assert "cannot load" in caplog.text and "config.json" in caplog.text

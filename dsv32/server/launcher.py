@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from dsv32.config import TINY_PRESET, EngineConfig
+from dsv32.config import TINY_PRESET, ConfigError, EngineConfig
 from dsv32.server.app import build_app
 from dsv32.server.settings import ServerConfig
 from dsv32.server.state import ServerState
@@ -32,10 +32,16 @@ _ABORT_FLUSH_SECONDS = 5.0
 class GracefulServer(uvicorn.Server):
     """uvicorn, plus: abort the engine requests still running once the drain period is over."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState, drain_seconds: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_seconds: float, ready_message: str) -> None:
         super().__init__(config)
         self._state = state
         self._drain_seconds = drain_seconds
+        self._ready_message = ready_message
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:  # said only once the port is bound (uvicorn exits on a bind error)
+            logger.info(self._ready_message)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -81,14 +87,17 @@ async def _serve(engine_config: EngineConfig, server_config: ServerConfig, host:
     if engine_config.model == TINY_PRESET:
         logger.warning("Serving the built-in `tiny` model with random (dummy) weights: its answers are noise. "
                        "Pass a DeepSeek-V3.2 checkpoint folder (`dsv32 serve /path/to/model`) for real output.")
-    engine = AsyncLLM.from_engine_config(engine_config)
+    try:
+        engine = AsyncLLM.from_engine_config(engine_config)
+    except (ConfigError, OSError, ValueError) as exc:
+        logger.error("cannot load %s: %s", engine_config.model, exc)
+        return 1
     app = build_app(engine, server_config)
     config = uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout + _ABORT_FLUSH_SECONDS, access_log=False)
-    server = GracefulServer(config, app.state.server, drain_seconds=shutdown_timeout)
-    logger.info("serving %s as %s on http://%s:%d (max_model_len=%d, max_num_seqs=%d)", engine_config.model,
-                ", ".join(server_config.served_model_names), host, port, engine.max_model_len,
-                engine_config.max_num_seqs)
+    ready = (f"serving {engine_config.model} as {', '.join(server_config.served_model_names)} on "
+             f"http://{host}:{port} (max_model_len={engine.max_model_len}, max_num_seqs={engine_config.max_num_seqs})")
+    server = GracefulServer(config, app.state.server, drain_seconds=shutdown_timeout, ready_message=ready)
     await server.serve()
     logger.info("server stopped")
     return 0 if server.started else 1
