@@ -10,8 +10,6 @@ from dsv32.model.norm import RMSNorm
 
 from .conftest import needs_triton
 
-pytestmark = needs_triton
-
 
 def test_reference_matches_model_rmsnorm_module() -> None:
     gen = torch.Generator().manual_seed(0)
@@ -25,6 +23,7 @@ def test_reference_matches_model_rmsnorm_module() -> None:
     assert torch.equal(y, norm(x + r))
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_add_rms_norm_matches_reference(dtype: torch.dtype, with_residual: bool, device: torch.device) -> None:
