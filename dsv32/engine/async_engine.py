@@ -119,6 +119,9 @@ class AsyncLLM:
         try:
             while True:
                 item = await stream.queue.get()
+                # Outputs are cumulative: a consumer that fell behind only needs the newest one.
+                while not isinstance(item, BaseException) and not item.finished and not stream.queue.empty():
+                    item = stream.queue.get_nowait()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item

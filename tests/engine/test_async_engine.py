@@ -36,8 +36,10 @@ def test_streams_cumulative_outputs_equal_to_offline(engine, v32):
     prompt = token_prompts([30], seed=20)[0]["prompt_token_ids"]
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=0)
     outs = asyncio.run(collect(engine, prompt, params, "stream-1"))
-    assert [len(o.outputs[0].token_ids) for o in outs] == [1, 2, 3, 4, 5]
-    assert [o.finished for o in outs] == [False] * 4 + [True]
+    # One output per step, unless the consumer fell behind (then only the newest cumulative one is kept).
+    lengths = [len(o.outputs[0].token_ids) for o in outs]
+    assert lengths == sorted(set(lengths)) and lengths[-1] == 5
+    assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
     for earlier, later in zip(outs, outs[1:], strict=False):
         assert later.outputs[0].token_ids[:len(earlier.outputs[0].token_ids)] == earlier.outputs[0].token_ids
         assert later.outputs[0].text.startswith(earlier.outputs[0].text)
