@@ -17,4 +17,9 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight)
+        x = x.to(self.weight.dtype)
+        if x.device.type == "cpu" and x.dim() == 2:
+            # On CPU, ``W @ x^T`` streams the (large) weight once in its stored row-major order; for the few-row
+            # products of decoding it runs 1.5-2x faster than ``x @ W^T`` (e.g. the 129280-row LM head).
+            return torch.mm(self.weight, x.t()).t()
+        return F.linear(x, self.weight)

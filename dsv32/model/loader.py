@@ -44,11 +44,32 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def cpu_has_native_half_matmul() -> bool:
+    """Whether this CPU multiplies bf16/fp16 in hardware (AVX512-BF16/FP16 or AMX); without it PyTorch converts
+    every operand to fp32 on the fly, which is slower than computing in fp32 outright."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16"))
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the model runs in: the requested one, except half precision on a CPU that lacks half-precision
+    matmul units, which runs in fp32 (weights upcast once at load; results are at least as accurate)."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_half_matmul():
+        logger.info("this CPU has no native %s matmul (AVX512-BF16/AMX): computing in float32", dtype)
+        return torch.float32
+    return dtype
+
+
 def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
                dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", seed: int = 0,
                with_mtp: bool = False, progress: bool = True) -> DeepseekForCausalLM:
     """Instantiate ``DeepseekForCausalLM`` on ``device`` and load (or, for ``dummy``, generate) its weights."""
-    torch_dtype = resolve_dtype(dtype, config)
+    device = torch.device(device)
+    torch_dtype = compute_dtype(resolve_dtype(dtype, config), device)
     with torch.device(device):
         model = DeepseekForCausalLM(config, torch_dtype, with_mtp=with_mtp)
     if load_format == "dummy" or path is None:
