@@ -17,40 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv32.model.cache import CacheLayout
-from dsv32.model.fp8 import FP8_DTYPE, act_dequant, act_quant, dequantize_block_fp8, hadamard
+from dsv32.model.cache import CacheLayout, prepare_index_q, read_index_rows, read_latent_rows
+from dsv32.model.fp8 import dequantize_block_fp8
 
 # ---- paged cache rows -------------------------------------------------------------------------------------------
-
-
-def read_latent_rows(rows: torch.Tensor, layout: CacheLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode latent cache rows ``[L, width]`` into ``(c [L, kv_lora_rank], k_pe [L, rope_dim])`` (compute dtype)."""
-    r = layout.kv_lora_rank
-    if layout.fmt == "auto":
-        return rows[:, :r], rows[:, r:]
-    n_tiles = r // layout.tile
-    q = rows[:, :r].contiguous().view(FP8_DTYPE)
-    s = rows[:, r:r + 4 * n_tiles].contiguous().view(torch.float32)
-    k_pe = rows[:, r + 4 * n_tiles:].contiguous().view(torch.bfloat16)
-    return act_dequant(q, s, layout.dtype), k_pe.to(layout.dtype)
-
-
-def read_index_rows(rows: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
-    """Decode indexer-key cache rows into fp32 keys ``[L, index_head_dim]`` (fp8: rotated and FP8-rounded)."""
-    if layout.fmt == "auto":
-        return rows.float()
-    d = layout.index_head_dim
-    q = rows[:, :d].contiguous().view(FP8_DTYPE)
-    s = rows[:, d:].contiguous().view(torch.float32)
-    return act_dequant(q, s, torch.float32)
-
-
-def prepare_index_q(q: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
-    """Indexer queries in the keys' numeric domain: fp32, and for ``fp8`` Hadamard-rotated and FP8-rounded."""
-    if layout.fmt == "auto":
-        return q.float()
-    qq, s = act_quant(hadamard(q), layout.index_head_dim)
-    return act_dequant(qq, s, torch.float32)
 
 
 def positions_to_mask(positions: torch.Tensor, length: int) -> torch.Tensor:

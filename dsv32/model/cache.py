@@ -92,16 +92,7 @@ class KVCache:
 
     def read_latent(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(c [L, kv_lora_rank], k_pe [L, rope_dim])`` in the compute dtype."""
-        lay = self.layout
-        rows = self.latent[layer][slots]
-        r = lay.kv_lora_rank
-        if lay.fmt == "auto":
-            return rows[:, :r], rows[:, r:]
-        n_tiles = r // lay.tile
-        q = rows[:, :r].contiguous().view(FP8_DTYPE)
-        s = rows[:, r:r + 4 * n_tiles].contiguous().view(torch.float32)
-        k_pe = rows[:, r + 4 * n_tiles:].contiguous().view(torch.bfloat16)
-        return act_dequant(q, s, lay.dtype), k_pe.to(lay.dtype)
+        return read_latent_rows(self.latent[layer][slots], self.layout)
 
     # ---- indexer keys -------------------------------------------------------------------------------------
     def write_index_k(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
@@ -114,18 +105,35 @@ class KVCache:
 
     def read_index_k(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """Indexer keys ``[L, index_head_dim]`` (fp32; in fp8 format: rotated and FP8-rounded)."""
-        lay = self.layout
-        rows = self.index_k[layer][slots]
-        if lay.fmt == "auto":
-            return rows.float()
-        d = lay.index_head_dim
-        q = rows[:, :d].contiguous().view(FP8_DTYPE)
-        s = rows[:, d:].contiguous().view(torch.float32)
-        return act_dequant(q, s, torch.float32)
+        return read_index_rows(self.index_k[layer][slots], self.layout)
 
-    def prepare_index_q(self, q: torch.Tensor) -> torch.Tensor:
-        """Put indexer queries ``[..., index_head_dim]`` in the keys' numeric domain (rotate + FP8-round for fp8)."""
-        if self.layout.fmt == "auto":
-            return q.float()
-        qq, s = act_quant(hadamard(q), self.layout.index_head_dim)
-        return act_dequant(qq, s, torch.float32)
+
+def read_latent_rows(rows: torch.Tensor, layout: CacheLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode latent cache rows ``[L, width]`` into ``(c [L, kv_lora_rank], k_pe [L, rope_dim])`` (compute dtype)."""
+    r = layout.kv_lora_rank
+    if layout.fmt == "auto":
+        return rows[:, :r], rows[:, r:]
+    n_tiles = r // layout.tile
+    q = rows[:, :r].contiguous().view(FP8_DTYPE)
+    s = rows[:, r:r + 4 * n_tiles].contiguous().view(torch.float32)
+    k_pe = rows[:, r + 4 * n_tiles:].contiguous().view(torch.bfloat16)
+    return act_dequant(q, s, layout.dtype), k_pe.to(layout.dtype)
+
+
+def read_index_rows(rows: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
+    """Decode indexer-key cache rows into fp32 keys ``[L, index_head_dim]`` (fp8: rotated and FP8-rounded)."""
+    if layout.fmt == "auto":
+        return rows.float()
+    d = layout.index_head_dim
+    q = rows[:, :d].contiguous().view(FP8_DTYPE)
+    s = rows[:, d:].contiguous().view(torch.float32)
+    return act_dequant(q, s, torch.float32)
+
+
+def prepare_index_q(q: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
+    """Indexer queries ``[..., index_head_dim]`` in the keys' numeric domain: fp32, and for ``fp8``
+    Hadamard-rotated and FP8-rounded like the cached keys."""
+    if layout.fmt == "auto":
+        return q.float()
+    qq, s = act_quant(hadamard(q), layout.index_head_dim)
+    return act_dequant(qq, s, torch.float32)

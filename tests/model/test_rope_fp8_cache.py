@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dsv32.config import ModelConfig
-from dsv32.model.cache import CacheLayout, KVCache
+from dsv32.model.cache import CacheLayout, KVCache, prepare_index_q
 from dsv32.model.fp8 import act_dequant, act_quant, dequantize_block_fp8, hadamard, quantize_block_fp8
 from dsv32.model.rope import apply_rope_half_split, apply_rope_interleaved, rope_cos_sin, rope_inv_freq
 
@@ -82,5 +82,5 @@ def test_fp8_cache_roundtrip() -> None:
     assert torch.allclose(c2.float(), c.float(), rtol=0.07, atol=0.02)
     # index keys come back Hadamard-rotated: scores against a rotated query are preserved
     q = torch.randn(2, 128, generator=gen).bfloat16()
-    scores = cache.prepare_index_q(q) @ cache.read_index_k(0, slots).T
+    scores = prepare_index_q(q, layout) @ cache.read_index_k(0, slots).T
     assert torch.allclose(scores, q.float() @ k.float().T, rtol=0.1, atol=1.0)
