@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -17,6 +18,8 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from dsv32.config import EngineConfig, ModelConfig
 from dsv32.engine.core import EngineCore, EngineStats
@@ -70,6 +73,19 @@ class _Call:
 _SHUTDOWN = object()
 
 
+def _leave_a_core_to_the_event_loop() -> None:
+    """On CPU the model's OpenMP team and the server's event loop (HTTP, SSE, detokenizing) share the cores. A team
+    that loses one of its cores to the event loop stalls at every barrier, so unless ``OMP_NUM_THREADS`` says
+    otherwise the model gets all cores but one (measured on 2 cores, tiny model: 1 thread gives 31 ms TPOT at
+    concurrency 1 and 130 output tok/s at 8, against 37 ms and 110 tok/s with 2)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores - 1)
+    torch.set_num_threads(threads)
+    logger.info("CPU serving: %d model thread(s), one core left to the event loop", threads)
+
+
 class AsyncLLM:
     """Continuous batching behind an asyncio interface (Contract B)."""
 
@@ -91,7 +107,10 @@ class AsyncLLM:
     @classmethod
     def from_engine_config(cls, engine_config: EngineConfig) -> AsyncLLM:
         """Load the model and tokenizer, size the KV cache, and start the engine thread."""
-        return cls(EngineCore(engine_config))
+        core = EngineCore(engine_config)
+        if core.device.type == "cpu":
+            _leave_a_core_to_the_event_loop()
+        return cls(core)
 
     # ---- requests -----------------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
