@@ -369,12 +369,17 @@ def api_root(base_url: str) -> str:
 async def wait_for_server(client: httpx.AsyncClient, root: str, timeout_s: float) -> list[str]:
     """Poll `GET /v1/models` until the server answers; return the model ids it serves ([] if it has no such route)."""
     deadline = time.monotonic() + timeout_s
+    announced = False
     while True:
         try:
             response = await client.get(f"{root}/v1/models")
         except httpx.TransportError as error:
             if time.monotonic() >= deadline:
                 raise ValueError(f"cannot reach {root}: {error or type(error).__name__}") from None
+            if not announced:  # a server still starting is normal; a wrong URL should not look like a hang
+                print(f"waiting up to {timeout_s:.0f} s for {root} to answer (--ready-check-timeout-sec)",
+                      file=sys.stderr)
+                announced = True
             await asyncio.sleep(READY_POLL_INTERVAL_S)
             continue
         if response.status_code != 200:
