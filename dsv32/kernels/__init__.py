@@ -6,7 +6,8 @@ in ``dsv32.kernels.reference``, whose functions *are* the torch backend):
 * ``indexer_topk``: lightning-indexer scores over the paged (auto / FP8) key cache + top-k positions;
 * ``mla_decode`` / ``mla_prefill``: (sparse) MLA over the paged latent cache (Triton: absorbed 576/512 form);
 * ``fused_moe``: routed experts as grouped GEMMs, bf16 or FP8 128x128 block-scaled weights;
-* ``rms_norm``: fused residual add + RMSNorm.
+* ``rms_norm``: fused residual add + RMSNorm;
+* ``fp8_linear``: ``x @ W^T`` for an e4m3 weight with block multipliers (Triton: block-scaled FP8 GEMM).
 
 The choice is made once per device type, from ``DSV32_KERNEL_BACKEND``: ``auto`` (default: Triton on CUDA when
 ``triton`` imports, torch otherwise), ``torch``, or ``triton`` (an error if it cannot run: no ``triton``, or a CPU
@@ -42,18 +43,19 @@ class KernelBackend:
     mla_prefill: Callable[..., torch.Tensor]
     fused_moe: Callable[..., torch.Tensor]
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    fp8_linear: Callable[..., torch.Tensor]
 
 
 TORCH_BACKEND = KernelBackend("torch", reference.indexer_topk, reference.mla_decode, reference.mla_prefill,
-                              reference.fused_moe, reference.rms_norm)
+                              reference.fused_moe, reference.rms_norm, reference.fp8_linear)
 
 
 def triton_backend() -> KernelBackend:
     """The Triton kernels (imports ``triton``; fails if it is missing)."""
-    from dsv32.kernels import triton_indexer, triton_mla, triton_moe, triton_norm
+    from dsv32.kernels import triton_fp8_linear, triton_indexer, triton_mla, triton_moe, triton_norm
 
     return KernelBackend("triton", triton_indexer.indexer_topk, triton_mla.mla_decode, triton_mla.mla_prefill,
-                         triton_moe.fused_moe, triton_norm.rms_norm)
+                         triton_moe.fused_moe, triton_norm.rms_norm, triton_fp8_linear.fp8_linear)
 
 
 def triton_runs_on(device_type: str) -> bool:

@@ -131,6 +131,25 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, l
     return torch.einsum("hnl,lhv->nhv", probs, v)
 
 
+# ---- linear layers ----------------------------------------------------------------------------------------------
+
+
+def matmul_wt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``y = x @ W^T`` (``W`` [N, K] in ``x``'s dtype). On CPU, ``W @ x^T`` streams the (large) weight once in its
+    stored row-major order; for the few-row products of decoding it runs 1.5-2x faster than ``x @ W^T`` (e.g. the
+    129280-row LM head)."""
+    if x.device.type == "cpu" and x.dim() == 2:
+        return torch.mm(weight, x.t()).t()
+    return F.linear(x, weight)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``y = x @ W^T`` in ``x``'s dtype for an e4m3 ``W`` [N, K] with one fp32 multiplier per ``block``:
+    ``W[n, k] = W_fp8[n, k] * scale_inv[n // block[0], k // block[1]]`` (partial edge blocks allowed), dequantised to
+    ``x``'s dtype first: exactly what dequantising on load and a dense ``matmul_wt`` compute."""
+    return matmul_wt(x, dequantize_block_fp8(weight, scale_inv, block, x.dtype))
+
+
 # ---- MoE --------------------------------------------------------------------------------------------------------
 
 

@@ -1,10 +1,18 @@
-"""``Linear``: a bias-free projection whose weight is loaded, never initialised (DeepSeek has no linear biases)."""
+"""``Linear``: a bias-free projection whose weight is loaded, never initialised (DeepSeek has no linear biases).
+
+The weight is either in the compute dtype or, loaded with ``keep_fp8``, as the checkpoint stores it: e4m3 with one
+fp32 multiplier per block, ``W[n, k] = W_fp8[n, k] * weight_scale_inv[n // b_n, k // b_k]`` (``(b_n, b_k)`` is the
+checkpoint's ``weight_block_size``, 128x128 for DeepSeek; partial edge blocks allowed).
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from dsv32.kernels import get_backend
+from dsv32.kernels.reference import matmul_wt
+from dsv32.model.fp8 import FP8_DTYPE, dequantize_block_fp8
 
 
 class Linear(nn.Module):
@@ -15,11 +23,28 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.dtype = self.weight.dtype  # the compute dtype, also when the weight is kept in e4m3
+        self.block: tuple[int, int] | None = None
+        self.register_buffer("weight_scale_inv", None, persistent=False)
+
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        """Store the weight as e4m3 with ``block`` multipliers (both left to be filled, e.g. by the loader): the
+        weight becomes ``[N, K]`` e4m3 and ``weight_scale_inv`` ``[ceil(N / b_n), ceil(K / b_k)]`` fp32."""
+        device = self.weight.device
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=FP8_DTYPE, device=device),
+                                   requires_grad=False)
+        self.weight_scale_inv = torch.zeros(-(-self.out_features // block[0]), -(-self.in_features // block[1]),
+                                            dtype=torch.float32, device=device)
+        self.block = block
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``W`` in the compute dtype (the weight itself unless it is kept in e4m3; then a fresh dequantised copy)."""
+        if self.weight_scale_inv is None:
+            return self.weight
+        return dequantize_block_fp8(self.weight, self.weight_scale_inv, self.block, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.weight.dtype)
-        if x.device.type == "cpu" and x.dim() == 2:
-            # On CPU, ``W @ x^T`` streams the (large) weight once in its stored row-major order; for the few-row
-            # products of decoding it runs 1.5-2x faster than ``x @ W^T`` (e.g. the 129280-row LM head).
-            return torch.mm(self.weight, x.t()).t()
-        return F.linear(x, self.weight)
+        x = x.to(self.dtype)
+        if self.weight_scale_inv is not None:
+            return get_backend(x.device).fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
+        return matmul_wt(x, self.weight)

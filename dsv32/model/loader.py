@@ -3,8 +3,11 @@
 Checkpoint names are HF's. Three renames happen here: per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight``
 go into the stacked ``experts.gate_up_proj`` / ``experts.down_proj``; the MTP layers ``model.layers.{N+j}.*`` go to
 ``mtp.{j}.*`` (their copies of the embedding and LM head are dropped: they share the main model's); FP8 weights are
-dequantised with their ``weight_scale_inv`` 128x128 block multipliers to the compute dtype. Tensors are read from the
-memory-mapped files one at a time.
+dequantised with their ``weight_scale_inv`` 128x128 block multipliers to the compute dtype, or, with ``keep_fp8``,
+kept in e4m3 with those fp32 multipliers next to them (``Linear.weight_scale_inv``,
+``Experts.{gate_up,down}_proj_scale_inv``): ``W[n, k] = W_fp8[n, k] * scale_inv[n // 128, k // 128]`` is then
+formed inside the GEMMs (``dsv32.kernels`` ``fp8_linear`` / ``fused_moe``), for a quarter (fp32) or half (bf16) of
+those weights' bytes. Tensors are read from the memory-mapped files one at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from tqdm import tqdm
 
 from dsv32.config import ModelConfig
 from dsv32.model.deepseek import DeepseekForCausalLM
-from dsv32.model.fp8 import dequantize_block_fp8
+from dsv32.model.fp8 import FP8_DTYPE, dequantize_block_fp8
+from dsv32.model.linear import Linear
+from dsv32.model.moe import FP8_BLOCK, Experts
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +71,22 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
                dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", seed: int = 0,
-               with_mtp: bool = False, progress: bool = True) -> DeepseekForCausalLM:
-    """Instantiate ``DeepseekForCausalLM`` on ``device`` and load (or, for ``dummy``, generate) its weights."""
+               with_mtp: bool = False, progress: bool = True, keep_fp8: bool | None = None) -> DeepseekForCausalLM:
+    """Instantiate ``DeepseekForCausalLM`` on ``device`` and load (or, for ``dummy``, generate) its weights.
+
+    ``keep_fp8``: keep the checkpoint's e4m3 weights as they are, with their block multipliers (default: on CUDA;
+    on CPU the dequantised weights are as fast and the outputs are the same). Tensors the checkpoint stores in
+    another dtype (norms, router, embeddings, LM head, ...) are loaded into the compute dtype either way."""
     device = torch.device(device)
+    if keep_fp8 is None:
+        keep_fp8 = device.type == "cuda"
     torch_dtype = compute_dtype(resolve_dtype(dtype, config), device)
     with torch.device(device):
         model = DeepseekForCausalLM(config, torch_dtype, with_mtp=with_mtp)
     if load_format == "dummy" or path is None:
         init_dummy_weights(model, seed)
     elif load_format in ("auto", "safetensors"):
-        load_safetensors(model, path, progress=progress)
+        load_safetensors(model, path, progress=progress, keep_fp8=keep_fp8)
     else:
         raise ValueError(f"load_format {load_format!r}: expected auto, safetensors or dummy")
     return model.eval()
@@ -124,10 +135,12 @@ class _Target:
     def __init__(self, param: torch.Tensor, name: str, expert: int | None = None, part: str | None = None) -> None:
         self.param, self.name, self.expert, self.part = param, name, expert, part
 
-    def view(self) -> torch.Tensor:
+    def view(self, stacked: torch.Tensor | None = None) -> torch.Tensor:
+        """This tensor's part of the parameter, or of ``stacked`` (stacked like it: the experts' block scales)."""
+        whole = self.param if stacked is None else stacked
         if self.expert is None:
-            return self.param
-        p = self.param[self.expert]
+            return whole
+        p = whole[self.expert]
         if self.part == "down_proj":
             return p
         half = p.shape[0] // 2
@@ -154,12 +167,15 @@ def _map_name(name: str, config: ModelConfig, with_mtp: bool) -> str | None:
     return name
 
 
-def load_safetensors(model: DeepseekForCausalLM, path: str, progress: bool = True) -> None:
+def load_safetensors(model: DeepseekForCausalLM, path: str, progress: bool = True, keep_fp8: bool = False) -> None:
     config = model.config
     with_mtp = len(model.mtp) > 0
-    params = dict(model.named_parameters())
     files = checkpoint_files(path)
     scales = {n for n in files if n.endswith(SCALE_SUFFIX)}
+    block = config.quantization.weight_block_size if config.quantization else (128, 128)
+    if keep_fp8:
+        _store_fp8(model, scales, with_mtp, block)
+    params = dict(model.named_parameters())
     filled: set[tuple[str, int | None, str | None]] = set()
     by_file: dict[str, list[str]] = {}
     for name, file in files.items():
@@ -177,25 +193,81 @@ def load_safetensors(model: DeepseekForCausalLM, path: str, progress: bool = Tru
                 if tensor is None:
                     raise CheckpointError(f"tensor {name!r} listed in the index is missing from {file}")
                 scale_name = name + SCALE_SUFFIX
-                if tensor.dtype == torch.float8_e4m3fn:
+                kept = target.param.dtype == FP8_DTYPE
+                scale = None
+                if tensor.dtype == FP8_DTYPE:
                     if scale_name not in files:
                         raise CheckpointError(f"FP8 tensor {name!r} has no {scale_name!r}")
                     with safe_open(files[scale_name], framework="pt") as sf:
                         scale = sf.get_tensor(scale_name)
-                    block = config.quantization.weight_block_size if config.quantization else (128, 128)
-                    try:
-                        tensor = dequantize_block_fp8(tensor, scale, block, target.param.dtype)
-                    except ValueError as e:
-                        raise CheckpointError(f"{scale_name}: {e}") from None
+                    if not kept:
+                        try:
+                            tensor = dequantize_block_fp8(tensor, scale, block, target.param.dtype)
+                        except ValueError as e:
+                            raise CheckpointError(f"{scale_name}: {e}") from None
+                elif kept:
+                    raise CheckpointError(f"tensor {name!r} is {tensor.dtype}, but {target.name!r} is kept in e4m3 "
+                                          "(the checkpoint has FP8 scales for it): load with keep_fp8=False")
                 dest = target.view()
                 if tuple(tensor.shape) != tuple(dest.shape):
                     raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
                                           f"{tuple(dest.shape)} from config.json")
                 with torch.no_grad():
                     dest.copy_(tensor.to(dest.dtype))
+                    if kept:
+                        _scale_view(model, target).copy_(_checked_scale(scale, scale_name, dest.shape, block))
                 filled.add((target.name, target.expert, target.part))
     bar.close()
     _check_complete(model, params, filled)
+
+
+def _store_fp8(model: DeepseekForCausalLM, scales: set[str], with_mtp: bool, block: tuple[int, int]) -> None:
+    """Switch every weight that has a ``weight_scale_inv`` in the checkpoint to e4m3 storage with block scales, before
+    anything is loaded (so the parameters are replaced once and loading fills them). Names that map to nothing of
+    ours are left for the loading pass to report."""
+    for scale_name in sorted(scales):
+        mapped = _map_name(scale_name[:-len(SCALE_SUFFIX)], model.config, with_mtp)
+        if mapped is None:
+            continue
+        m = _EXPERT.match(mapped)
+        owner_name, _, leaf = mapped.rpartition(".")
+        try:
+            owner = model.get_submodule(m.group(1) if m else owner_name)
+        except AttributeError:
+            continue
+        if m and isinstance(owner, Experts):
+            stacked = "down_proj" if m.group(3) == "down_proj" else "gate_up_proj"
+            if getattr(owner, stacked).dtype == FP8_DTYPE:
+                continue
+            if tuple(block) != (FP8_BLOCK, FP8_BLOCK):
+                raise CheckpointError(f"{scale_name}: FP8 experts need {FP8_BLOCK}x{FP8_BLOCK} blocks to stay in FP8, "
+                                      f"the checkpoint has {block[0]}x{block[1]}: load with keep_fp8=False")
+            try:
+                owner.to_fp8(stacked)
+            except ValueError as e:
+                raise CheckpointError(f"{scale_name}: {e}; load with keep_fp8=False") from None
+        elif isinstance(owner, Linear) and leaf == "weight":
+            owner.to_fp8(block)
+
+
+def _checked_scale(scale: torch.Tensor, scale_name: str, shape: torch.Size, block: tuple[int, int]) -> torch.Tensor:
+    """``scale`` as fp32, after checking it has one entry per ``block`` of a weight of ``shape``."""
+    rows, cols = shape
+    expected = (-(-rows // block[0]), -(-cols // block[1]))
+    if tuple(scale.shape) != expected:
+        raise CheckpointError(f"{scale_name}: weight_scale_inv has shape {tuple(scale.shape)}, expected {expected} "
+                              f"for a {rows}x{cols} weight with {block[0]}x{block[1]} blocks")
+    return scale.float()
+
+
+def _scale_view(model: DeepseekForCausalLM, target: _Target) -> torch.Tensor:
+    """Where the block scales of ``target`` go: the Linear's ``weight_scale_inv``, or this expert's rows of the
+    stacked ``*_proj_scale_inv`` (gate then up, like the weight)."""
+    owner_name, _, leaf = target.name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if target.expert is None:
+        return owner.weight_scale_inv
+    return target.view(getattr(owner, f"{leaf}_scale_inv"))
 
 
 def _resolve(name: str, config: ModelConfig, with_mtp: bool, params: dict[str, torch.nn.Parameter]) -> _Target | None:

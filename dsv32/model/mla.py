@@ -67,7 +67,7 @@ class MLA(nn.Module):
 
         out = x.new_empty(num_tokens, self.n_heads, self.v_dim)
         backend = get_backend(x.device)
-        latent_cache, w_kvb = cache.latent[layer], self.kv_b_proj.weight
+        latent_cache, w_kvb = cache.latent[layer], self.kv_b_proj.dequantized_weight()
         for b in meta.prefill_seqs:
             span = meta.spans[b]
             rows = slice(span.start, span.end)

@@ -23,6 +23,7 @@ from torch import nn
 
 from dsv32.config import ModelConfig
 from dsv32.kernels import get_backend
+from dsv32.model.fp8 import FP8_DTYPE
 from dsv32.model.linear import Linear
 
 
@@ -72,6 +73,9 @@ class Gate(nn.Module):
                      c.norm_topk_prob, c.routed_scaling_factor)
 
 
+FP8_BLOCK = 128  # the expert kernels' (square) FP8 weight block
+
+
 class Experts(nn.Module):
     """All routed experts, stacked: ``gate_up_proj`` ``[E, 2I, H]`` (gate rows, then up rows), ``down_proj``
     ``[E, H, I]``."""
@@ -84,6 +88,20 @@ class Experts(nn.Module):
         # None while the weights are in the compute dtype.
         self.register_buffer("gate_up_proj_scale_inv", None, persistent=False)
         self.register_buffer("down_proj_scale_inv", None, persistent=False)
+
+    def to_fp8(self, name: str) -> None:
+        """Store ``name`` (``gate_up_proj`` or ``down_proj``) as e4m3 with 128x128 block multipliers, both left to be
+        filled. The stacked ``[gate; up]`` rows only split into whole blocks when ``I`` is a multiple of 128 (else
+        one scale block would straddle gate and up rows, which carry different multipliers): refused otherwise."""
+        param = getattr(self, name)
+        num_experts, rows, cols = param.shape
+        if name == "gate_up_proj" and (rows // 2) % FP8_BLOCK:
+            raise ValueError(f"moe_intermediate_size {rows // 2} is not a multiple of {FP8_BLOCK}: the stacked gate/up "
+                             f"FP8 block scales cannot be represented")
+        setattr(self, name, nn.Parameter(torch.empty(param.shape, dtype=FP8_DTYPE, device=param.device),
+                                         requires_grad=False))
+        setattr(self, f"{name}_scale_inv", torch.zeros(num_experts, -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK),
+                                                       dtype=torch.float32, device=param.device))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Routed-expert output ``[T, hidden]`` fp32: grouped GEMMs over the tokens each expert got

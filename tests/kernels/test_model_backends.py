@@ -9,7 +9,10 @@ import torch
 
 import dsv32.kernels as kernels
 from dsv32.config import tiny_config
+from dsv32.model.fp8 import quantize_block_fp8
+from dsv32.model.linear import Linear
 from dsv32.model.loader import load_model
+from dsv32.model.moe import Experts
 from tests.model.conftest import multi_sequence_batch
 
 from .conftest import HAS_TRITON, needs_triton
@@ -44,17 +47,38 @@ def test_without_triton_auto_falls_back_and_forcing_fails() -> None:
 
 def test_backends_expose_the_same_ops() -> None:
     ops = [f.name for f in dataclasses.fields(kernels.KernelBackend) if f.name != "name"]
-    assert ops == ["indexer_topk", "mla_decode", "mla_prefill", "fused_moe", "rms_norm"]
+    assert ops == ["indexer_topk", "mla_decode", "mla_prefill", "fused_moe", "rms_norm", "fp8_linear"]
     assert all(callable(getattr(kernels.TORCH_BACKEND, op)) for op in ops)
 
 
+def _keep_weights_in_fp8(model: torch.nn.Module) -> None:
+    """What ``load_model(keep_fp8=True)`` makes of an FP8 checkpoint: every projection (but the fp32 indexer head
+    weights and the LM head) and the routed experts in e4m3 with 128x128 block scales."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, Linear) and not name.endswith(("weights_proj", "lm_head")):
+                q, s = quantize_block_fp8(module.weight)
+                module.to_fp8((128, 128))
+                module.weight.copy_(q)
+                module.weight_scale_inv.copy_(s)
+            elif isinstance(module, Experts):
+                for part in ("gate_up_proj", "down_proj"):
+                    pairs = [quantize_block_fp8(w) for w in getattr(module, part)]
+                    module.to_fp8(part)
+                    getattr(module, part).copy_(torch.stack([q for q, _ in pairs]))
+                    getattr(module, f"{part}_scale_inv").copy_(torch.stack([s for _, s in pairs]))
+
+
 @needs_triton
-@pytest.mark.parametrize("fmt", ["auto", "fp8"])
-def test_tiny_model_same_outputs_on_both_backends(fmt: str, device: torch.device,
+@pytest.mark.parametrize(("fmt", "fp8_weights"), [("auto", False), ("fp8", False), ("auto", True)])
+def test_tiny_model_same_outputs_on_both_backends(fmt: str, fp8_weights: bool, device: torch.device,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prefill chunks + decodes of two sequences, with the indexer pruning (top-8 of up to 15 keys) and the MoE."""
+    """Prefill chunks + decodes of two sequences, with the indexer pruning (top-8 of up to 15 keys) and the MoE;
+    the weights in the compute dtype or kept in e4m3 (``fp8_linear``, FP8 ``fused_moe``, dequantised ``kv_b_proj``)."""
     config = dataclasses.replace(tiny_config(), num_hidden_layers=2, index_topk=8)
     model = load_model(config, None, load_format="dummy", dtype="float32", device=device, progress=False)
+    if fp8_weights:
+        _keep_weights_in_fp8(model)
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randint(0, 1000, (15,), generator=gen), torch.randint(0, 1000, (12,), generator=gen)
     steps = [[(a[:11], 0, [0]), (b[:5], 0, [2])],          # two prefills (a: longer than top-k)

@@ -13,13 +13,15 @@ from dsv32.model.batch import ForwardBatch
 VOCAB = 1024
 
 
-def make_hf_checkpoint(out: str, arch: str, seed: int = 0, kv_lora_rank: int = 32, rope_dim: int = 16) -> str:
+def make_hf_checkpoint(out: str, arch: str, seed: int = 0, kv_lora_rank: int = 32, rope_dim: int = 16,
+                       moe_intermediate_size: int = 64) -> str:
     """Mirror ../shared/peers/make_tiny_checkpoint.py with a small vocabulary (parity does not need the tokenizer)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32Config, DeepseekV32ForCausalLM
 
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=moe_intermediate_size,
+        num_hidden_layers=3,
         first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
         num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
         norm_topk_prob=True, q_lora_rank=64, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=32,

@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from dsv32.config import ModelConfig
 from dsv32.model.fp8 import FP8_DTYPE, quantize_block_fp8
-from dsv32.model.loader import CheckpointError, load_model
+from dsv32.model.linear import Linear
+from dsv32.model.loader import SCALE_SUFFIX, CheckpointError, _map_name, load_model
 
-from .conftest import VOCAB, single_sequence_batch
+from .conftest import VOCAB, make_hf_checkpoint, single_sequence_batch
 
 
 def _reference_dequant(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,90 @@ def test_fp8_checkpoint_matches_dequantised_reference(hf_checkpoints: dict[str, 
         cache = model.allocate_kv_cache(4, 16, "auto")
         outs.append(model.compute_logits(model(single_sequence_batch(ids, 0, [0, 1, 2], 16), cache)))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint_whole_blocks(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A V3.2 FP8 checkpoint whose experts keep whole gate/up scale blocks (moe_intermediate_size 128)."""
+    root = tmp_path_factory.mktemp("fp8_i128")
+    src = make_hf_checkpoint(str(root / "hf"), "v32", moe_intermediate_size=128)
+    _write_fp8_checkpoint(src, str(root / "fp8"))
+    return str(root / "fp8")
+
+
+def _logits(model) -> torch.Tensor:
+    ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(0))
+    cache = model.allocate_kv_cache(4, 16, "auto")
+    return model.compute_logits(model(single_sequence_batch(ids, 0, [0, 1, 2], 16), cache))
+
+
+def _storage_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def test_keep_fp8_stores_e4m3_with_scales_and_matches_dequantised_load(fp8_checkpoint_whole_blocks: str) -> None:
+    path = fp8_checkpoint_whole_blocks
+    config = ModelConfig.from_pretrained(path)
+    kept = load_model(config, path, dtype="float32", progress=False, keep_fp8=True)
+    dense = load_model(config, path, dtype="float32", progress=False, keep_fp8=False)
+    assert load_model(config, path, dtype="float32", progress=False).model.layers[1].self_attn.q_b_proj.weight.dtype \
+        == torch.float32  # CPU default: dequantise on load
+
+    attn, experts = kept.model.layers[1].self_attn, kept.model.layers[1].mlp.experts
+    assert attn.q_b_proj.weight.dtype == FP8_DTYPE and attn.q_b_proj.weight_scale_inv.shape == (2, 1)  # 192 x 64
+    assert attn.kv_b_proj.weight.dtype == FP8_DTYPE  # read by MLA directly
+    assert experts.gate_up_proj.dtype == FP8_DTYPE and experts.gate_up_proj_scale_inv.shape == (8, 2, 1)
+    assert experts.down_proj.dtype == FP8_DTYPE and experts.down_proj_scale_inv.shape == (8, 1, 1)
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight",
+                 "model.layers.1.self_attn.indexer.weights_proj.weight", "model.norm.weight"):
+        assert kept.get_parameter(name).dtype == torch.float32, name
+    dense_params = dict(dense.named_parameters())
+    for name, module in kept.named_modules():
+        if isinstance(module, Linear):
+            assert torch.equal(module.dequantized_weight(), dense_params[f"{name}.weight"]), name
+    # the up half of expert 3's scales is the checkpoint's up_proj scale, not the gate's
+    shard = {k: v for f in os.listdir(path) if f.endswith(".safetensors")
+             for k, v in load_file(os.path.join(path, f)).items()}
+    prefix = "model.layers.1.mlp.experts.3"
+    gate_scale = shard[f"{prefix}.gate_proj.weight{SCALE_SUFFIX}"]
+    up_scale = shard[f"{prefix}.up_proj.weight{SCALE_SUFFIX}"]
+    assert torch.equal(experts.gate_up_proj_scale_inv[3], torch.cat((gate_scale, up_scale)))
+    up = shard[f"{prefix}.up_proj.weight"]
+    assert torch.equal(experts.gate_up_proj[3, 128:].view(torch.uint8), up.view(torch.uint8))
+
+    torch.testing.assert_close(_logits(kept), _logits(dense), atol=1e-5, rtol=0)
+    assert kept.kv_cache_bytes_per_token("auto") == dense.kv_cache_bytes_per_token("auto")
+    # each kept e4m3 weight costs 1 byte per value (not 4) plus one fp32 scale per block
+    saved = sum(shard[n[:-len(SCALE_SUFFIX)]].numel() * 3 - shard[n].numel() * 4 for n in shard
+                if n.endswith(SCALE_SUFFIX) and _map_name(n, config, with_mtp=False) is not None)
+    assert saved > 0 and _storage_bytes(dense) - _storage_bytes(kept) == saved
+
+
+def test_keep_fp8_refuses_gate_up_scales_that_straddle_blocks(hf_checkpoints: dict[str, str], tmp_path) -> None:
+    """moe_intermediate_size 64: gate and up rows share one 128-row scale block of the stacked tensor."""
+    _write_fp8_checkpoint(hf_checkpoints["v32"], str(tmp_path / "fp8"))
+    config = ModelConfig.from_pretrained(str(tmp_path / "fp8"))
+    with pytest.raises(CheckpointError, match=r"moe_intermediate_size 64 is not a multiple of 128.*keep_fp8=False"):
+        load_model(config, str(tmp_path / "fp8"), dtype="float32", progress=False, keep_fp8=True)
+
+
+@pytest.mark.parametrize(("name", "bad", "expected"), [
+    ("model.layers.1.self_attn.q_b_proj.weight_scale_inv", (1, 1), r"\(2, 1\) for a 192x64 weight"),
+    ("model.layers.2.mlp.experts.5.up_proj.weight_scale_inv", (1, 2), r"\(1, 1\) for a 128x128 weight"),
+])
+@pytest.mark.parametrize("keep_fp8", [False, True])
+def test_bad_scale_shape_is_named(fp8_checkpoint_whole_blocks: str, tmp_path, name: str, bad: tuple[int, int],
+                                  expected: str, keep_fp8: bool) -> None:
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(fp8_checkpoint_whole_blocks, path)
+    with open(os.path.join(path, "model.safetensors.index.json")) as fh:
+        file = os.path.join(path, json.load(fh)["weight_map"][name])
+    tensors = load_file(file)
+    tensors[name] = torch.ones(bad)
+    save_file(tensors, file)
+    with pytest.raises(CheckpointError, match=rf"{name}: weight_scale_inv has shape \({bad[0]}, {bad[1]}\), "
+                                              rf"expected {expected}"):
+        load_model(ModelConfig.from_pretrained(path), path, dtype="float32", progress=False, keep_fp8=keep_fp8)
 
 
 def test_missing_tensor_is_named(hf_checkpoints: dict[str, str], tmp_path) -> None:
