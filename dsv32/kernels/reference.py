@@ -134,11 +134,15 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, l
 # ---- linear layers ----------------------------------------------------------------------------------------------
 
 
+# Weights at least this large (elements) are multiplied weight-major on CPU (see ``matmul_wt``).
+WEIGHT_MAJOR_MIN_NUMEL = 1 << 21
+
+
 def matmul_wt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``y = x @ W^T`` (``W`` [N, K] in ``x``'s dtype). On CPU, ``W @ x^T`` streams the (large) weight once in its
-    stored row-major order; for the few-row products of decoding it runs 1.5-2x faster than ``x @ W^T`` (e.g. the
-    129280-row LM head)."""
-    if x.device.type == "cpu" and x.dim() == 2:
+    """``y = x @ W^T`` (``W`` [N, K] in ``x``'s dtype). On CPU, for a large ``W`` (the 129280-row LM head),
+    ``W @ x^T`` streams the weight once in its stored row-major order and runs up to 2x faster than ``x @ W^T``;
+    for small weights ``F.linear`` is faster (measured on 2 AVX2 cores: 12-50 us against 15-68 us at 8 rows)."""
+    if x.device.type == "cpu" and x.dim() == 2 and weight.numel() >= WEIGHT_MAJOR_MIN_NUMEL:
         return torch.mm(weight, x.t()).t()
     return F.linear(x, weight)
 
