@@ -215,7 +215,8 @@ class EngineCore:
         delta = "" if hide_token else state.detokenizer.step([token_id])
         if finish_reason is not None:
             delta += state.detokenizer.finish()
-        if delta and state.stop_checker.append(delta) is not None:
+        check_stop_strings = seq.num_output_tokens > params.min_tokens  # as vLLM: none within min_tokens
+        if delta and state.stop_checker.append(delta, check=check_stop_strings) is not None:
             finish_reason, stop_reason = "stop", state.stop_checker.stopped_by
         if finish_reason is not None:
             self.scheduler.finish(seq, finish_reason, stop_reason)

@@ -134,11 +134,14 @@ class StopChecker:
         self.stopped_by: str | None = None
         self._streamed_length = 0
 
-    def append(self, delta: str) -> str | None:
-        """Add newly detokenized text; return the stop string it completed, if any."""
+    def append(self, delta: str, check: bool = True) -> str | None:
+        """Add newly detokenized text; return the stop string it completed, if any. With ``check`` False the text
+        is only recorded (vLLM does not look for stop strings until more than ``min_tokens`` tokens exist)."""
         if self.stopped_by is not None:
             raise RuntimeError(f"The output already stopped at {self.stopped_by!r}; no more text can be added.")
         self.text += delta
+        if not check:
+            return None
         match = find_stop_string(self.text, len(delta), self.stop_strings, self.include_stop_str_in_output)
         if match is None:
             return None

@@ -112,6 +112,24 @@ def test_stop_string_across_token_boundary(v32):
     assert shown.text == expected_text + stop
 
 
+def test_stop_strings_wait_for_min_tokens(v32):
+    """As vLLM: a stop string completed within the first ``min_tokens`` tokens does not end the output."""
+    prompt = token_prompts([12], seed=8)
+    free = v32.generate(prompt, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    tokenizer = v32.get_tokenizer()
+    first = tokenizer.decode(free.token_ids[:1])
+    assert first and free.text.startswith(first)
+    stop = first[:1]  # completed by the very first token
+    early = v32.generate(prompt, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop=[stop]),
+                         use_tqdm=False)[0].outputs[0]
+    assert early.finish_reason == "stop" and len(early.token_ids) == 1
+    later = v32.generate(prompt, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop=[stop],
+                                                min_tokens=4), use_tqdm=False)[0].outputs[0]
+    assert len(later.token_ids) > 4 and later.token_ids[:5] == free.token_ids[:5]
+    assert later.text.startswith(tokenizer.decode(free.token_ids[:4]))
+
+
 def test_stop_token_ids_and_max_tokens(v32):
     prompt = token_prompts([10], seed=9)
     free = v32.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
