@@ -310,6 +310,7 @@ def test_prefix_cache_hits_show_in_usage(client: openai.OpenAI, server: ServerPr
     ({"messages": USER, "temperature": -1}, 400, "temperature"),
     ({"messages": USER, "top_p": 0}, 400, "top_p"),
     ({"messages": USER, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ({"messages": USER, "stop": ["ok", ""]}, 400, "empty string"),
     ({}, 400, "messages"),
 ])
 def test_chat_errors(http: httpx.Client, body: dict, status: int, needle: str) -> None:
