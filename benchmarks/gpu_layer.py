@@ -38,10 +38,11 @@ from torch import nn
 
 from dsv32.config import ModelConfig
 from dsv32.kernels import get_backend
+from dsv32.kernels.cache_format import CacheLayout
+from dsv32.kernels.fp8 import dequantize_block_fp8, quantize_block_fp8
 from dsv32.model.batch import AttentionMetadata, ForwardBatch
-from dsv32.model.cache import CacheLayout, KVCache
+from dsv32.model.cache import KVCache
 from dsv32.model.deepseek import DecoderLayer
-from dsv32.model.fp8 import dequantize_block_fp8, quantize_block_fp8
 from dsv32.model.rope import rope_cos_sin, rope_inv_freq
 
 if TYPE_CHECKING:

@@ -40,7 +40,8 @@ Where vLLM (``--tokenizer-mode deepseek_v32``) and SGLang (``_use_dpsk_v32_encod
   reach the prompt, as it does in both servers when pydantic dumps unset fields).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence as GenericSequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,9 +70,11 @@ class ChatEncoding:
     tools: list[dict[str, Any]] = field(default_factory=list)  # tools the model may call (rendered in the prompt)
     tool_choice: str | dict[str, Any] = "none"  # "none" | "auto" | "required" | {"type": "function", ...}
 
-    def new_parser(self) -> StreamingParser:
-        """A fresh streaming parser for one completion (one per choice when n > 1)."""
-        return StreamingParser(self.parser_thinking_mode, self.tools)
+    def new_parser(self, separate_reasoning: bool = True) -> StreamingParser:
+        """A fresh streaming parser for one completion (one per choice when n > 1). Without reasoning separation
+        (``--reasoning-parser none``, SGLang's ``separate_reasoning=false``) the whole completion, ``</think>``
+        included, is content, as in vLLM without a reasoning parser."""
+        return StreamingParser(self.parser_thinking_mode if separate_reasoning else "chat", self.tools)
 
 
 def _flag(where: str, value: Any) -> bool:
@@ -237,8 +240,8 @@ def _continuation_prefix(final: Mapping[str, Any], prompt: str) -> tuple[str, st
 
 
 def prepare_chat_request(
-    messages: Sequence[Mapping[str, Any]],
-    tools: Sequence[Mapping[str, Any]] | None = None,
+    messages: GenericSequence[Mapping[str, Any]],
+    tools: GenericSequence[Mapping[str, Any]] | None = None,
     tool_choice: str | Mapping[str, Any] | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     reasoning_effort: str | None = None,
@@ -252,7 +255,7 @@ def prepare_chat_request(
     ``thinking`` is DeepSeek's API field (``{"type": "enabled"}``), ``reasoning`` SGLang's (``{"enabled": true}``).
     With ``continue_final_message`` the last message must be an assistant message; the model continues its text.
     """
-    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+    if not isinstance(messages, GenericSequence) or isinstance(messages, str) or not messages:
         raise ValueError("messages must be a non-empty list")
     normalized = [_normalize_message(index, message) for index, message in enumerate(messages)]
     final = normalized.pop() if continue_final_message else None

@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass
 
 from dsv32.config import TINY_PRESET, EngineConfig, ModelConfig
+from dsv32.engine.block_manager import BlockManager
 from dsv32.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from dsv32.engine.kv_cache import KVCacheManager
 from dsv32.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from dsv32.engine.request import Request, Sequence, child_sampling_params
 from dsv32.engine.runner import ModelRunner, SampledToken, resolve_device
@@ -69,9 +69,9 @@ class EngineCore:
                            engine_config.dtype, self.device, seed=engine_config.seed)
         self.runner = ModelRunner(model, engine_config, self.device, self.tokenizer.eos_token_id)
         self.max_model_len = self.runner.max_model_len
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, engine_config.block_size,
+        self.block_manager = BlockManager(self.runner.num_blocks, engine_config.block_size,
                                        engine_config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
         self._requests: dict[str, Request] = {}
         self._completions: dict[Sequence, _CompletionState] = {}
         self._failures: dict[str, Exception] = {}
@@ -260,20 +260,20 @@ class EngineCore:
 
     # ---- introspection ------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        kv = self.kv_cache
+        blocks = self.block_manager
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
-            num_total_blocks=kv.num_blocks,
-            num_free_blocks=kv.num_free_blocks,
-            kv_cache_usage=kv.usage,
-            prefix_cache_queries=kv.prefix_cache_queries,
-            prefix_cache_hits=kv.prefix_cache_hits,
+            num_total_blocks=blocks.num_blocks,
+            num_free_blocks=blocks.num_free_blocks,
+            kv_cache_usage=blocks.usage,
+            prefix_cache_queries=blocks.prefix_cache_queries,
+            prefix_cache_hits=blocks.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
         )
 
     def reset_prefix_cache(self) -> bool:
-        return self.kv_cache.reset_prefix_cache()
+        return self.block_manager.reset_prefix_cache()
 

@@ -9,7 +9,8 @@ Every step works on whole sub-batches of rows at once; rows that ask for nothing
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence as GenericSequence
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,8 @@ class SamplingRequestState:
     """
 
     params: SamplingParams
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]
+    prompt_token_ids: GenericSequence[int]
+    output_token_ids: GenericSequence[int]
     generator: torch.Generator | None = None
 
 
@@ -92,7 +93,7 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]) -> list[TokenLogprobs]:
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: GenericSequence[int]) -> list[TokenLogprobs]:
     """Raw logprob and rank of ``token_ids[i]`` under ``logits[i]``, plus the ``num_top[i]`` most likely tokens."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, token_ids.view(-1, 1))
@@ -113,32 +114,11 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: Seque
     ]
 
 
-def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: Sequence[int], num_top: int) -> list[TokenLogprobs | None]:
-    """``prompt_logprobs``: for each prompt token, its logprob given the tokens before it (None for the first).
-
-    ``logits[i]`` is the model's output at prompt position ``i`` (it predicts token ``i + 1``); rows past the
-    second-to-last position (e.g. the one that predicts the first generated token) are ignored. For a prompt
-    prefilled in chunks, call ``token_logprobs`` per chunk with the next prompt tokens as targets instead.
-    """
-    if not prompt_token_ids:
-        raise ValueError("prompt_logprobs needs a non-empty prompt.")
-    needed = len(prompt_token_ids) - 1
-    if logits.dim() != 2 or logits.shape[0] < needed:
-        raise ValueError(f"prompt_logprobs needs logits of shape [>= {needed}, vocab] for a prompt of "
-                         f"{len(prompt_token_ids)} tokens, got {tuple(logits.shape)}.")
-    targets = torch.tensor(list(prompt_token_ids[1:]), dtype=torch.long, device=logits.device)
-    result: list[TokenLogprobs | None] = [None]
-    for start in range(0, needed, PROMPT_LOGPROBS_CHUNK_ROWS):
-        end = min(start + PROMPT_LOGPROBS_CHUNK_ROWS, needed)
-        result.extend(token_logprobs(logits[start:end], targets[start:end], [num_top] * (end - start)))
-    return result
-
-
 def _rows_tensor(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def _padded(sequences: list[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
+def _padded(sequences: list[GenericSequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     """Token id lists as one ``[len(sequences), longest]`` tensor, padded with ``pad``."""
     out = torch.full((len(sequences), max((len(s) for s in sequences), default=0)), pad, dtype=torch.long)
     for row, sequence in enumerate(sequences):
@@ -146,7 +126,7 @@ def _padded(sequences: list[Sequence[int]], pad: int, device: torch.device) -> t
     return out.to(device)
 
 
-def _token_counts(sequences: list[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+def _token_counts(sequences: list[GenericSequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """How often each vocabulary id occurs in each sequence: ``[len(sequences), vocab_size]`` float32."""
     ids = _padded(sequences, vocab_size, device)  # the padding id lands in an extra column that is dropped
     counts = torch.zeros(len(sequences), vocab_size + 1, dtype=torch.float32, device=device)
@@ -169,7 +149,8 @@ class Sampler:
         else:
             self._shared_generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRequestState], eos_token_id: int) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: GenericSequence[SamplingRequestState],
+                 eos_token_id: int) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"Sampler expects logits of shape [{len(rows)}, vocab] (one row per request), "
                              f"got {tuple(logits.shape)}.")
@@ -195,7 +176,7 @@ class Sampler:
                 logprobs[i] = row_logprobs
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
-    def processed_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRequestState],
+    def processed_logits(self, logits: torch.Tensor, rows: GenericSequence[SamplingRequestState],
                          eos_token_id: int) -> torch.Tensor:
         """The float32 logits after min_tokens, logit_bias and penalties: what greedy rows take the argmax of, and
         what sampled rows' temperature, min_p, top-k and top-p then work on."""
@@ -205,7 +186,7 @@ class Sampler:
         return self._apply_penalties(logits, rows)
 
     @staticmethod
-    def _ban_stop_tokens_before_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRequestState],
+    def _ban_stop_tokens_before_min_tokens(logits: torch.Tensor, rows: GenericSequence[SamplingRequestState],
                                            eos_token_id: int) -> torch.Tensor:
         # As vLLM: EOS is banned even with ignore_eos (which only stops EOS from ending the request).
         batch_rows: list[int] = []
@@ -221,7 +202,7 @@ class Sampler:
         return logits.index_put(index, torch.tensor(float("-inf"), device=logits.device))
 
     @staticmethod
-    def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRequestState]) -> torch.Tensor:
+    def _apply_logit_bias(logits: torch.Tensor, rows: GenericSequence[SamplingRequestState]) -> torch.Tensor:
         batch_rows: list[int] = []
         token_ids: list[int] = []
         biases: list[float] = []
@@ -236,7 +217,7 @@ class Sampler:
         return logits.index_put(index, torch.tensor(biases, dtype=logits.dtype, device=logits.device), accumulate=True)
 
     @staticmethod
-    def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRequestState]) -> torch.Tensor:
+    def _apply_penalties(logits: torch.Tensor, rows: GenericSequence[SamplingRequestState]) -> torch.Tensor:
         """Repetition penalty over prompt + output tokens (HF/vLLM: positive logits divided, negative multiplied);
         OpenAI frequency (per occurrence) and presence (once) penalties over output tokens, subtracted."""
         penalized = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0

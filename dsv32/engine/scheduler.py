@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from dsv32.engine.kv_cache import KVCacheManager
+from dsv32.engine.block_manager import BlockManager
 from dsv32.engine.request import Sequence, SequenceStatus
 
 
@@ -42,10 +42,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Continuous batching over a ``KVCacheManager``: a FIFO waiting queue and a running list."""
+    """Continuous batching over a ``BlockManager``: a FIFO waiting queue and a running list."""
 
-    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        self.kv_cache = kv_cache
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -79,7 +79,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = finish_reason
         seq.stop_reason = stop_reason
-        self.kv_cache.free(seq)
+        self.block_manager.free(seq)
 
     # ---- one step -----------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -92,7 +92,7 @@ class Scheduler:
         while i < len(order) and budget > 0:
             seq = order[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.kv_cache.allocate(seq, num_new):
+            while not self.block_manager.allocate(seq, num_new):
                 victim = order.pop()
                 self._preempt(victim)
                 out.num_preempted += 1
@@ -116,14 +116,14 @@ class Scheduler:
                 continue
             cached: list[int] = []
             # Prompt logprobs need the logits of every prompt position, so such a sequence computes all of it.
-            if self.kv_cache.enable_prefix_caching and not seq.needs_prompt_logprobs:
-                cached = self.kv_cache.find_cached_prefix(seq)
-            num_cached_tokens = len(cached) * self.kv_cache.block_size
+            if self.block_manager.enable_prefix_caching and not seq.needs_prompt_logprobs:
+                cached = self.block_manager.find_cached_prefix(seq)
+            num_cached_tokens = len(cached) * self.block_manager.block_size
             num_new = min(seq.num_tokens - num_cached_tokens, budget)
-            if not self.kv_cache.allocate(seq, num_new, cached):
+            if not self.block_manager.allocate(seq, num_new, cached):
                 break  # FIFO: nobody overtakes the head of the queue
-            if self.kv_cache.enable_prefix_caching:
-                self.kv_cache.record_prefix_query(seq.num_tokens, num_cached_tokens)
+            if self.block_manager.enable_prefix_caching:
+                self.block_manager.record_prefix_query(seq.num_tokens, num_cached_tokens)
             if seq.num_preemptions == 0:  # what the user sees: the first admission's cache hit
                 seq.num_cached_tokens = num_cached_tokens
             seq.num_computed_tokens = num_cached_tokens
@@ -140,14 +140,14 @@ class Scheduler:
         leader = seq.prefill_leader
         return (
             leader is not None
-            and self.kv_cache.enable_prefix_caching
+            and self.block_manager.enable_prefix_caching
             and not leader.is_finished
             and leader.num_computed_tokens < leader.num_prompt_tokens
         )
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.kv_cache.free(seq)
+        self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -158,4 +158,4 @@ class Scheduler:
         """The model wrote the scheduled tokens' KV: advance each sequence and offer its full blocks to the cache."""
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
-            self.kv_cache.register_computed_blocks(item.seq)
+            self.block_manager.register_computed_blocks(item.seq)

@@ -20,12 +20,12 @@ import functools
 import importlib.util
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from dsv32.kernels import reference
+from dsv32.kernels.cache_format import CacheLayout
 
 logger = logging.getLogger(__name__)
 
@@ -33,29 +33,53 @@ BACKEND_ENV = "DSV32_KERNEL_BACKEND"
 BACKEND_CHOICES = ("auto", "torch", "triton")
 
 
-@dataclass(frozen=True)
-class KernelBackend:
-    """The hot ops of one backend (see the module docstring and ``dsv32.kernels.reference`` for the contracts)."""
+class KernelBackend(Protocol):
+    """The hot ops of one backend; ``dsv32.kernels.reference`` documents each contract."""
 
     name: str
-    indexer_topk: Callable[..., torch.Tensor]
-    mla_decode: Callable[..., torch.Tensor]
-    mla_prefill: Callable[..., torch.Tensor]
-    fused_moe: Callable[..., torch.Tensor]
-    rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    fp8_linear: Callable[..., torch.Tensor]
+
+    def indexer_topk(self, q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, layout: CacheLayout,
+                     slot_table: torch.Tensor, kv_lens: torch.Tensor, topk: int) -> torch.Tensor: ...
+
+    def mla_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, latent_cache: torch.Tensor,
+                   layout: CacheLayout, slot_table: torch.Tensor, kv_lens: torch.Tensor,
+                   topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor: ...
+
+    def mla_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, latent_cache: torch.Tensor,
+                    layout: CacheLayout, slots: torch.Tensor, positions: torch.Tensor,
+                    topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor: ...
+
+    def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+                   block: tuple[int, int]) -> torch.Tensor: ...
 
 
-TORCH_BACKEND = KernelBackend("torch", reference.indexer_topk, reference.mla_decode, reference.mla_prefill,
-                              reference.fused_moe, reference.rms_norm, reference.fp8_linear)
+class TorchBackend:
+    """The plain-PyTorch ops of ``dsv32.kernels.reference``."""
+
+    name = "torch"
+    indexer_topk = staticmethod(reference.indexer_topk)
+    mla_decode = staticmethod(reference.mla_decode)
+    mla_prefill = staticmethod(reference.mla_prefill)
+    fused_moe = staticmethod(reference.fused_moe)
+    rms_norm = staticmethod(reference.rms_norm)
+    fp8_linear = staticmethod(reference.fp8_linear)
+
+
+TORCH_BACKEND: KernelBackend = TorchBackend()
 
 
 def triton_backend() -> KernelBackend:
     """The Triton kernels (imports ``triton``; fails if it is missing)."""
-    from dsv32.kernels import triton_fp8_linear, triton_indexer, triton_mla, triton_moe, triton_norm
+    from dsv32.kernels.triton_ops import TritonBackend
 
-    return KernelBackend("triton", triton_indexer.indexer_topk, triton_mla.mla_decode, triton_mla.mla_prefill,
-                         triton_moe.fused_moe, triton_norm.rms_norm, triton_fp8_linear.fp8_linear)
+    return TritonBackend()
 
 
 def triton_runs_on(device_type: str) -> bool:

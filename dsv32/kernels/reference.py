@@ -8,8 +8,8 @@ Two levels live here:
 * **kernel-level ops** (``indexer_scores``, ``sparse_mla_attention``): the plain semantics of one Triton kernel, on
   the raw paged cache rows, used by the kernel tests.
 
-Cache rows are raw ``KVCache`` storage (``auto``: compute dtype; ``fp8``: bytes, see ``dsv32.model.cache``); the
-context of a query is given by cache *slots*, and top-k selections by context *positions* padded with ``-1``.
+Cache rows are raw paged-cache storage (``auto``: compute dtype; ``fp8``: bytes, see ``dsv32.kernels.cache_format``);
+the context of a query is given by cache *slots*, and top-k selections by context *positions* padded with ``-1``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv32.model.cache import CacheLayout, prepare_index_q, read_index_rows, read_latent_rows
-from dsv32.model.fp8 import dequantize_block_fp8
+from dsv32.kernels.cache_format import CacheLayout, prepare_index_q, read_index_rows, read_latent_rows
+from dsv32.kernels.fp8 import dequantize_block_fp8
 
 # ---- paged cache rows -------------------------------------------------------------------------------------------
 

@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv32.kernels.cache_format import CacheLayout
+from dsv32.kernels.fp8 import act_quant, hadamard
 from dsv32.kernels.triton_common import check_device, dot_precision, dot_type, next_power_of_2
-from dsv32.model.cache import CacheLayout
-from dsv32.model.fp8 import act_quant, hadamard
 
 
 @triton.jit

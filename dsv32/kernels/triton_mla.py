@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv32.kernels.cache_format import CacheLayout
 from dsv32.kernels.reference import positions_to_slots
 from dsv32.kernels.triton_common import check_device, dot_precision, dot_type, next_power_of_2
-from dsv32.model.cache import CacheLayout
 
 
 @triton.jit

@@ -1,72 +1,25 @@
 """Paged KV-cache storage of one model: per layer, the MLA latent + rope key and the indexer key of every token.
 
 All sequences share one pool of ``num_blocks * block_size`` slots per layer; the engine decides which slots a
-sequence owns (its block table) and the model reads/writes them by slot index. Two storage formats:
-
-``auto`` (compute dtype)
-    latent row = ``[c (kv_lora_rank) ; k_pe (rope dim)]`` (576 values for the real model); indexer row = ``k``.
-``fp8``
-    latent row = FlashMLA's "FP8 with scale" layout, as bytes: ``kv_lora_rank`` e4m3 values (one tile per 128),
-    one fp32 scale per tile, then ``k_pe`` in bf16 -> 512 + 16 + 128 = **656 bytes** for the real model.
-    indexer row = Hadamard-rotated ``k`` in e4m3 plus one fp32 scale -> 128 + 4 = **132 bytes**, as DeepSeek's
-    indexer caches it (the query is rotated and quantised the same way when scoring).
+sequence owns (its block table) and the model reads/writes them by slot index. The row formats (``auto`` / ``fp8``)
+are ``dsv32.kernels.cache_format``'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from dsv32.model.fp8 import FP8_DTYPE, act_dequant, act_quant, hadamard
-
-KV_CACHE_FORMATS = ("auto", "fp8")
-
-
-def normalize_kv_cache_dtype(kv_cache_dtype: str) -> str:
-    fmt = {"auto": "auto", "fp8": "fp8", "fp8_e4m3": "fp8"}.get(kv_cache_dtype)
-    if fmt is None:
-        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: expected auto, fp8 or fp8_e4m3")
-    return fmt
-
-
-@dataclass(frozen=True)
-class CacheLayout:
-    """Widths of one cached token in one layer, for a given format."""
-
-    kv_lora_rank: int
-    rope_dim: int
-    index_head_dim: int  # 0 = no indexer
-    fmt: str
-    dtype: torch.dtype
-
-    @property
-    def tile(self) -> int:
-        return 128 if self.kv_lora_rank % 128 == 0 else self.kv_lora_rank
-
-    @property
-    def latent_width(self) -> int:
-        if self.fmt == "auto":
-            return self.kv_lora_rank + self.rope_dim
-        return self.kv_lora_rank + 4 * (self.kv_lora_rank // self.tile) + 2 * self.rope_dim
-
-    @property
-    def index_width(self) -> int:
-        if not self.index_head_dim:
-            return 0
-        return self.index_head_dim if self.fmt == "auto" else self.index_head_dim + 4
-
-    @property
-    def storage_dtype(self) -> torch.dtype:
-        return self.dtype if self.fmt == "auto" else torch.uint8
-
-    def bytes_per_token(self) -> int:
-        size = torch.empty((), dtype=self.storage_dtype).element_size()
-        return (self.latent_width + self.index_width) * size
+from dsv32.kernels.cache_format import (
+    CacheLayout,
+    encode_index_rows,
+    encode_latent_rows,
+    read_index_rows,
+    read_latent_rows,
+)
 
 
 class KVCache:
-    """The slot pool of every layer (``num_layers`` x ``num_slots`` rows), plus encode/decode of the formats."""
+    """The slot pool of every layer (``num_layers`` x ``num_slots`` rows), in its layout's row format."""
 
     def __init__(self, layout: CacheLayout, num_layers: int, num_blocks: int, block_size: int,
                  device: torch.device) -> None:
@@ -81,14 +34,7 @@ class KVCache:
 
     # ---- MLA latent ---------------------------------------------------------------------------------------
     def write_latent(self, layer: int, slots: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor) -> None:
-        lay = self.layout
-        if lay.fmt == "auto":
-            self.latent[layer][slots] = torch.cat((c, k_pe), dim=-1).to(lay.dtype)
-            return
-        q, s = act_quant(c, lay.tile)
-        row = torch.cat((q.view(torch.uint8), s.float().contiguous().view(torch.uint8),
-                         k_pe.to(torch.bfloat16).contiguous().view(torch.uint8)), dim=-1)
-        self.latent[layer][slots] = row
+        self.latent[layer][slots] = encode_latent_rows(c, k_pe, self.layout)
 
     def read_latent(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(c [L, kv_lora_rank], k_pe [L, rope_dim])`` in the compute dtype."""
@@ -96,44 +42,8 @@ class KVCache:
 
     # ---- indexer keys -------------------------------------------------------------------------------------
     def write_index_k(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
-        lay = self.layout
-        if lay.fmt == "auto":
-            self.index_k[layer][slots] = k.to(lay.dtype)
-            return
-        q, s = act_quant(hadamard(k), lay.index_head_dim)
-        self.index_k[layer][slots] = torch.cat((q.view(torch.uint8), s.float().contiguous().view(torch.uint8)), -1)
+        self.index_k[layer][slots] = encode_index_rows(k, self.layout)
 
     def read_index_k(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """Indexer keys ``[L, index_head_dim]`` (fp32; in fp8 format: rotated and FP8-rounded)."""
         return read_index_rows(self.index_k[layer][slots], self.layout)
-
-
-def read_latent_rows(rows: torch.Tensor, layout: CacheLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode latent cache rows ``[L, width]`` into ``(c [L, kv_lora_rank], k_pe [L, rope_dim])`` (compute dtype)."""
-    r = layout.kv_lora_rank
-    if layout.fmt == "auto":
-        return rows[:, :r], rows[:, r:]
-    n_tiles = r // layout.tile
-    q = rows[:, :r].contiguous().view(FP8_DTYPE)
-    s = rows[:, r:r + 4 * n_tiles].contiguous().view(torch.float32)
-    k_pe = rows[:, r + 4 * n_tiles:].contiguous().view(torch.bfloat16)
-    return act_dequant(q, s, layout.dtype), k_pe.to(layout.dtype)
-
-
-def read_index_rows(rows: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
-    """Decode indexer-key cache rows into fp32 keys ``[L, index_head_dim]`` (fp8: rotated and FP8-rounded)."""
-    if layout.fmt == "auto":
-        return rows.float()
-    d = layout.index_head_dim
-    q = rows[:, :d].contiguous().view(FP8_DTYPE)
-    s = rows[:, d:].contiguous().view(torch.float32)
-    return act_dequant(q, s, torch.float32)
-
-
-def prepare_index_q(q: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
-    """Indexer queries ``[..., index_head_dim]`` in the keys' numeric domain: fp32, and for ``fp8``
-    Hadamard-rotated and FP8-rounded like the cached keys."""
-    if layout.fmt == "auto":
-        return q.float()
-    qq, s = act_quant(hadamard(q), layout.index_head_dim)
-    return act_dequant(qq, s, torch.float32)

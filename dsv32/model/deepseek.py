@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv32.config import ModelConfig
+from dsv32.kernels.cache_format import CacheLayout, normalize_kv_cache_dtype
 from dsv32.model.batch import AttentionMetadata, ForwardBatch
-from dsv32.model.cache import CacheLayout, KVCache, normalize_kv_cache_dtype
+from dsv32.model.cache import KVCache
 from dsv32.model.linear import Linear
 from dsv32.model.mla import MLA
 from dsv32.model.moe import MLP, MoE

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from dsv32.kernels import get_backend
+from dsv32.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8
 from dsv32.kernels.reference import matmul_wt
-from dsv32.model.fp8 import FP8_DTYPE, dequantize_block_fp8
 
 
 class Linear(nn.Module):

@@ -22,8 +22,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dsv32.config import ModelConfig
+from dsv32.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8
 from dsv32.model.deepseek import DeepseekForCausalLM
-from dsv32.model.fp8 import FP8_DTYPE, dequantize_block_fp8
 from dsv32.model.linear import Linear
 from dsv32.model.moe import FP8_BLOCK, Experts
 

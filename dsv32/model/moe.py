@@ -23,7 +23,7 @@ from torch import nn
 
 from dsv32.config import ModelConfig
 from dsv32.kernels import get_backend
-from dsv32.model.fp8 import FP8_DTYPE
+from dsv32.kernels.fp8 import FP8_DTYPE
 from dsv32.model.linear import Linear
 
 

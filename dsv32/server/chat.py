@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
+from collections.abc import Sequence as GenericSequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,10 +68,7 @@ class RenderedChat:
     forced_prefix: str = ""
 
     def new_parser(self, separate_reasoning: bool) -> ChoiceParser:
-        # Without reasoning separation (--reasoning-parser none, SGLang's separate_reasoning=false) the whole
-        # completion, `</think>` included, is content, as in vLLM without a reasoning parser.
-        mode = self.encoding.parser_thinking_mode if separate_reasoning else "chat"
-        return ChoiceParser(StreamingParser(mode, self.encoding.tools), self.forced_prefix)
+        return ChoiceParser(self.encoding.new_parser(separate_reasoning), self.forced_prefix)
 
 
 class ChoiceParser:
@@ -176,7 +174,7 @@ def _stop_reason(completion: CompletionOutput) -> int | str | None:
     return None if completion.stop_reason == _INVOKE_END else completion.stop_reason
 
 
-def _delta_message(deltas: Sequence[Delta], include_reasoning: bool) -> DeltaMessage:
+def _delta_message(deltas: GenericSequence[Delta], include_reasoning: bool) -> DeltaMessage:
     """Folds one step's parser deltas into one chunk delta (a step may end reasoning and start content)."""
     reasoning = "".join(d.reasoning_content for d in deltas if d.reasoning_content is not None)
     content = "".join(d.content for d in deltas if d.content is not None)

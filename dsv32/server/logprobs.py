@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Sequence as GenericSequence
 from functools import lru_cache
 from typing import Any
 
@@ -59,7 +59,8 @@ class LogprobFormatter:
         ranked = sorted(position.items(), key=lambda item: (-item[1].logprob, item[0]))
         return ranked[:limit]
 
-    def chat(self, token_ids: Sequence[int], positions: Sequence[PositionLogprobs], top_n: int) -> list[TokenLogprob]:
+    def chat(self, token_ids: GenericSequence[int], positions: GenericSequence[PositionLogprobs],
+             top_n: int) -> list[TokenLogprob]:
         entries: list[TokenLogprob] = []
         for token_id, position in zip(token_ids, positions, strict=False):
             chosen = position.get(token_id)
@@ -70,8 +71,8 @@ class LogprobFormatter:
                                         bytes=self.token_bytes(token_id, text), top_logprobs=top))
         return entries
 
-    def completion(self, token_ids: Sequence[int], positions: Sequence[PositionLogprobs | None], top_n: int,
-                   into: CompletionLogprobs, text_offset: int | None = None) -> int:
+    def completion(self, token_ids: GenericSequence[int], positions: GenericSequence[PositionLogprobs | None],
+                   top_n: int, into: CompletionLogprobs, text_offset: int | None = None) -> int:
         """Appends one entry per token to ``into``; a ``None`` position (the first prompt token, which nothing
         precedes) gets null logprobs. ``text_offset`` (the character offset of the first token; default: right after
         the last entry already in ``into``) grows by each token's text, as in vLLM. Returns the offset after the
@@ -96,7 +97,8 @@ class LogprobFormatter:
             result.top_logprobs.append(top)
         return offset
 
-    def prompt_logprobs(self, positions: Sequence[PositionLogprobs | None]) -> list[dict[str, dict[str, Any]] | None]:
+    def prompt_logprobs(self, positions: GenericSequence[PositionLogprobs | None]
+                        ) -> list[dict[str, dict[str, Any]] | None]:
         """vLLM's ``prompt_logprobs`` extension shape: token id -> ``{logprob, rank, decoded_token}`` per position."""
         return [None if position is None else {
             str(tid): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": self.text(tid, lp)}

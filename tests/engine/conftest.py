@@ -45,7 +45,7 @@ def no_leaked_blocks():
     for name, llm in _ENGINES.items():
         core = llm.engine
         assert not core.has_unfinished_requests(), f"{name}: requests left behind"
-        assert core.kv_cache.num_free_blocks == core.kv_cache.num_blocks, f"{name}: leaked KV blocks"
+        assert core.block_manager.num_free_blocks == core.block_manager.num_blocks, f"{name}: leaked KV blocks"
         assert core.scheduler.num_running == core.scheduler.num_waiting == 0
 
 

@@ -40,7 +40,7 @@ def test_forced_preemption_completes_every_request_correctly(v32):
     # 6 blocks of 64 tokens; four sequences that each grow past 64 tokens need 8: some must be preempted.
     tight = make_engine("v32-tight", kv_cache_memory=6 * 64 * v32.engine.runner.plan.bytes_per_token,
                         max_model_len=256)
-    assert tight.engine.kv_cache.num_blocks == 6
+    assert tight.engine.block_manager.num_blocks == 6
     prompts = token_prompts([60, 58, 61, 59], seed=4)
     params = [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=0,
                              prompt_logprobs=0 if i == 0 else None) for i in range(4)]

@@ -12,7 +12,6 @@ from dsv32.engine.sampler import (
     SamplingRequestState,
     TokenLogprobs,
     make_generator,
-    prompt_logprobs,
     token_logprobs,
     validate_token_ids,
 )
@@ -200,30 +199,6 @@ def test_token_logprobs_with_different_top_counts() -> None:
     logits = torch.randn(2, 10, generator=torch.Generator().manual_seed(4))
     results = token_logprobs(logits, torch.tensor([0, 9]), [2, 0])
     assert [len(r.top_token_ids) for r in results] == [2, 0]
-
-
-@pytest.mark.parametrize("chunk_rows", [256, 3])
-def test_prompt_logprobs(monkeypatch: pytest.MonkeyPatch, chunk_rows: int) -> None:
-    monkeypatch.setattr(sampler_module, "PROMPT_LOGPROBS_CHUNK_ROWS", chunk_rows)
-    prompt = [4, 0, 7, 7, 2, 9, 1, 3]
-    logits = torch.randn(len(prompt), 12, generator=torch.Generator().manual_seed(3))  # the last row is not used
-    raw = torch.log_softmax(logits, dim=-1)
-    result = prompt_logprobs(logits, prompt, num_top=2)
-    assert len(result) == len(prompt) and result[0] is None
-    for position in range(1, len(prompt)):
-        entry, previous = result[position], raw[position - 1]
-        assert entry.token_id == prompt[position]
-        assert entry.logprob == pytest.approx(previous[prompt[position]].item(), abs=1e-6)
-        assert entry.rank == int((previous >= previous[prompt[position]]).sum())
-        assert entry.top_token_ids == previous.topk(2).indices.tolist()
-
-
-def test_prompt_logprobs_of_a_one_token_prompt_and_too_few_rows() -> None:
-    assert prompt_logprobs(torch.zeros(1, 5), [3], num_top=1) == [None]
-    with pytest.raises(ValueError, match="non-empty prompt"):
-        prompt_logprobs(torch.zeros(1, 5), [], num_top=1)
-    with pytest.raises(ValueError, match=r"\[>= 3, vocab\]"):
-        prompt_logprobs(torch.zeros(2, 5), [1, 2, 3, 4], num_top=1)
 
 
 def test_bad_inputs_are_clear_errors() -> None:

@@ -2,7 +2,7 @@
 
 import random
 
-from dsv32.engine.kv_cache import KVCacheManager
+from dsv32.engine.block_manager import BlockManager
 from dsv32.engine.request import Sequence
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import Scheduler, SchedulerOutput
@@ -38,8 +38,8 @@ def run_to_completion(sched: Scheduler, max_steps: int = 10_000) -> list[Schedul
 
 
 def test_decodes_first_then_chunked_prefill_within_budget():
-    kv = KVCacheManager(64, BS)
-    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=10)
+    manager = BlockManager(64, BS)
+    sched = Scheduler(manager, max_num_seqs=8, max_num_batched_tokens=10)
     a = make_seq(3, 5)
     sched.add(a)
     first = fake_step(sched)
@@ -55,12 +55,12 @@ def test_decodes_first_then_chunked_prefill_within_budget():
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1), (b, 7)]
     assert b.num_output_tokens == 1
     run_to_completion(sched)
-    assert kv.num_free_blocks == 64
+    assert manager.num_free_blocks == 64
 
 
 def test_fifo_admission_and_max_num_seqs():
-    kv = KVCacheManager(64, BS)
-    sched = Scheduler(kv, max_num_seqs=2, max_num_batched_tokens=100)
+    manager = BlockManager(64, BS)
+    sched = Scheduler(manager, max_num_seqs=2, max_num_batched_tokens=100)
     seqs = [make_seq(3, 3, first_token=10 * i) for i in range(4)]
     for s in seqs:
         sched.add(s)
@@ -68,13 +68,13 @@ def test_fifo_admission_and_max_num_seqs():
     assert [s.seq for s in out.scheduled] == seqs[:2]
     run_to_completion(sched)
     assert all(s.is_finished and s.num_output_tokens == 3 for s in seqs)
-    assert kv.num_free_blocks == 64
+    assert manager.num_free_blocks == 64
 
 
 def test_preemption_by_recompute_completes_everything():
     # 6 blocks of 4 tokens; each sequence grows to 16 tokens (4 blocks), so two cannot both finish without preemption.
-    kv = KVCacheManager(6, BS)
-    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    manager = BlockManager(6, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=64)
     seqs = [make_seq(6, 10, first_token=100 * i) for i in range(3)]
     for s in seqs:
         sched.add(s)
@@ -84,25 +84,25 @@ def test_preemption_by_recompute_completes_everything():
         assert s.is_finished and s.num_output_tokens == 10
         # Tokens are a function of length only, so recompute must not have changed the stream.
         assert s.output_token_ids == [1000 + n for n in range(6, 16)]
-    assert kv.num_free_blocks == 6
+    assert manager.num_free_blocks == 6
 
 
 def test_preempted_sequence_reuses_its_cached_prefix():
-    kv = KVCacheManager(6, BS)
-    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    manager = BlockManager(6, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=64)
     seqs = [make_seq(9, 10, first_token=100 * i) for i in range(3)]
     for s in seqs:
         sched.add(s)
     run_to_completion(sched)
     assert sched.num_preemptions > 0
-    assert kv.prefix_cache_hits > 0
+    assert manager.prefix_cache_hits > 0
     assert all(s.num_cached_tokens == 0 for s in seqs)  # the user-visible hit is the first admission's
-    assert kv.num_free_blocks == 6
+    assert manager.num_free_blocks == 6
 
 
 def test_prefix_hit_on_admission_reports_cached_tokens():
-    kv = KVCacheManager(32, BS)
-    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    manager = BlockManager(32, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=64)
     a = make_seq(10, 1)
     sched.add(a)
     run_to_completion(sched)
@@ -110,12 +110,12 @@ def test_prefix_hit_on_admission_reports_cached_tokens():
     sched.add(b)
     out = fake_step(sched)
     assert b.num_cached_tokens == 8 and out.scheduled[0].num_new_tokens == 2
-    assert kv.prefix_cache_queries == 20 and kv.prefix_cache_hits == 8
+    assert manager.prefix_cache_queries == 20 and manager.prefix_cache_hits == 8
 
 
 def test_prompt_logprobs_bypass_the_prefix_cache():
-    kv = KVCacheManager(32, BS)
-    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    manager = BlockManager(32, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=64)
     sched.add(make_seq(10, 1))
     run_to_completion(sched)
     b = make_seq(10, 1)
@@ -126,8 +126,8 @@ def test_prompt_logprobs_bypass_the_prefix_cache():
 
 
 def test_siblings_wait_for_leader_then_hit_cache():
-    kv = KVCacheManager(32, BS)
-    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=6)
+    manager = BlockManager(32, BS)
+    sched = Scheduler(manager, max_num_seqs=8, max_num_batched_tokens=6)
     leader = make_seq(10, 2)
     siblings = [make_seq(10, 2) for _ in range(2)]
     for s in siblings:
@@ -144,19 +144,19 @@ def test_siblings_wait_for_leader_then_hit_cache():
     assert siblings[0] in [s.seq for s in out.scheduled]
     run_to_completion(sched)
     assert all(s.num_cached_tokens == 8 for s in siblings)
-    assert kv.num_free_blocks == 32
+    assert manager.num_free_blocks == 32
 
 
 def test_finish_from_waiting_and_running_frees_blocks():
-    kv = KVCacheManager(16, BS)
-    sched = Scheduler(kv, max_num_seqs=1, max_num_batched_tokens=64)
+    manager = BlockManager(16, BS)
+    sched = Scheduler(manager, max_num_seqs=1, max_num_batched_tokens=64)
     a, b = make_seq(5, 10), make_seq(5, 10, first_token=9)
     sched.add(a)
     sched.add(b)
     fake_step(sched)
     sched.finish(a, "abort")
     sched.finish(b, "abort")
-    assert not sched.has_unfinished and kv.num_free_blocks == 16
+    assert not sched.has_unfinished and manager.num_free_blocks == 16
     assert a.finish_reason == b.finish_reason == "abort"
 
 
@@ -164,8 +164,8 @@ def test_random_workloads_never_leak_or_stall():
     rng = random.Random(0)
     for trial in range(30):
         num_blocks = rng.randint(8, 24)
-        kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=rng.random() < 0.7)
-        sched = Scheduler(kv, max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(1, 40))
+        manager = BlockManager(num_blocks, BS, enable_prefix_caching=rng.random() < 0.7)
+        sched = Scheduler(manager, max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(1, 40))
         capacity = num_blocks * BS
         seqs = []
         for i in range(rng.randint(1, 10)):
@@ -176,4 +176,4 @@ def test_random_workloads_never_leak_or_stall():
             sched.add(s)
         run_to_completion(sched)
         assert all(s.is_finished and s.num_output_tokens == s.max_tokens for s in seqs), trial
-        assert kv.num_free_blocks == num_blocks, trial
+        assert manager.num_free_blocks == num_blocks, trial

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dsv32.model.cache import CacheLayout, KVCache
+from dsv32.kernels.cache_format import CacheLayout
+from dsv32.model.cache import KVCache
 
 
 def make_cache(fmt: str, dtype: torch.dtype, num_slots: int, kv_lora_rank: int = 512, rope_dim: int = 64,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsv32.kernels import reference
-from dsv32.model.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8
+from dsv32.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8
 
 from .conftest import needs_triton
 

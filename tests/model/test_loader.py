@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsv32.config import ModelConfig
-from dsv32.model.fp8 import FP8_DTYPE, quantize_block_fp8
+from dsv32.kernels.fp8 import FP8_DTYPE, quantize_block_fp8
 from dsv32.model.linear import Linear
 from dsv32.model.loader import SCALE_SUFFIX, CheckpointError, _map_name, load_model
 

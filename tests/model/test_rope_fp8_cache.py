@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from dsv32.config import ModelConfig
-from dsv32.model.cache import CacheLayout, KVCache, prepare_index_q
-from dsv32.model.fp8 import act_dequant, act_quant, dequantize_block_fp8, hadamard, quantize_block_fp8
+from dsv32.kernels.cache_format import CacheLayout, prepare_index_q
+from dsv32.kernels.fp8 import act_dequant, act_quant, dequantize_block_fp8, hadamard, quantize_block_fp8
+from dsv32.model.cache import KVCache
 from dsv32.model.rope import apply_rope_half_split, apply_rope_interleaved, rope_cos_sin, rope_inv_freq
 
 

@@ -1,6 +1,6 @@
 """Paged KV-cache block accounting and the prefix cache (block ids only; the tensors belong to the model).
 
-Every layer's caches (MLA latent + rope key, indexer key) share one block table, so one ``KVCacheManager`` hands
+Every layer's caches (MLA latent + rope key, indexer key) share one block table, so one ``BlockManager`` hands
 out block ids for all of them. A block holds ``block_size`` consecutive tokens of one sequence.
 
 Prefix caching (vLLM v1's design): a *full* block whose KV has been computed is registered under the chain hash of
@@ -25,7 +25,7 @@ class _Block:
     block_hash: bytes | None = None
 
 
-class KVCacheManager:
+class BlockManager:
     """Allocates block ids to sequences and finds cached prefixes."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:

@@ -1,0 +1,135 @@
+"""Block accounting and prefix cache: allocation, sharing by reference count, LRU eviction, no leaks."""
+
+from dsv32.engine.block_manager import BlockManager
+from dsv32.engine.request import Sequence, hash_block_tokens
+from dsv32.engine.sampling_params import SamplingParams
+
+BS = 4
+
+
+def make_seq(tokens: list[int]) -> Sequence:
+    return Sequence("r", 0, tokens, SamplingParams(), max_tokens=8)
+
+
+def compute(manager: BlockManager, seq: Sequence, cached: list[int] | None = None) -> None:
+    """Pretend the model computed the whole sequence: allocate, advance, register."""
+    num_cached = len(cached or []) * BS
+    assert manager.allocate(seq, seq.num_tokens - num_cached, cached)
+    seq.num_computed_tokens = seq.num_tokens
+    manager.register_computed_blocks(seq)
+
+
+def test_allocate_and_free_returns_every_block():
+    manager = BlockManager(num_blocks=8, block_size=BS)
+    seq = make_seq(list(range(10)))
+    assert manager.allocate(seq, 10)
+    assert len(seq.block_ids) == 3 and manager.num_free_blocks == 5
+    assert manager.allocate(seq, 0)  # nothing new needed
+    seq.num_computed_tokens = 10
+    assert manager.allocate(seq, 2) and len(seq.block_ids) == 3  # 12 tokens still fit in 3 blocks
+    assert manager.allocate(seq, 3) and len(seq.block_ids) == 4
+    manager.free(seq)
+    assert manager.num_free_blocks == 8 and seq.block_ids == []
+
+
+def test_allocate_fails_without_side_effects():
+    manager = BlockManager(num_blocks=2, block_size=BS)
+    seq = make_seq(list(range(12)))
+    assert not manager.allocate(seq, 12)
+    assert seq.block_ids == [] and manager.num_free_blocks == 2
+
+
+def test_chain_hash_depends_on_prefix():
+    a = hash_block_tokens(None, [1, 2, 3, 4])
+    assert a == hash_block_tokens(None, [1, 2, 3, 4])
+    assert hash_block_tokens(a, [5, 6, 7, 8]) != hash_block_tokens(None, [5, 6, 7, 8])
+
+
+def test_prefix_hit_shares_blocks_and_leaves_last_token_to_compute():
+    manager = BlockManager(num_blocks=16, block_size=BS)
+    first = make_seq(list(range(8)))
+    compute(manager, first)
+    # An exact repeat of an 8-token (2-block) prompt may only reuse 1 block: the last token must be computed.
+    again = make_seq(list(range(8)))
+    assert manager.find_cached_prefix(again) == first.block_ids[:1]
+    longer = make_seq(list(range(8)) + [99, 98, 97])
+    hit = manager.find_cached_prefix(longer)
+    assert hit == first.block_ids[:2]
+    compute(manager, longer, hit)
+    assert longer.block_ids[:2] == first.block_ids[:2]
+    manager.free(first)
+    manager.free(longer)
+    assert manager.num_free_blocks == 16
+    # The cache survives freeing: a different tail still hits the shared head.
+    other = make_seq(list(range(8)) + [5])
+    assert len(manager.find_cached_prefix(other)) == 2
+
+
+def test_divergent_prefix_stops_the_hit():
+    manager = BlockManager(num_blocks=16, block_size=BS)
+    compute(manager, make_seq(list(range(12))))
+    probe = make_seq([0, 1, 2, 3, 9, 9, 9, 9, 8, 9, 10, 11, 12])
+    assert len(manager.find_cached_prefix(probe)) == 1
+
+
+def test_lru_eviction_takes_oldest_free_cached_block_and_unhashed_first():
+    manager = BlockManager(num_blocks=4, block_size=BS)
+    old = make_seq([1] * 4 + [0])
+    compute(manager, old)  # blocks: [cached full, partial]
+    manager.free(old)
+    new = make_seq([2] * 4 + [0])
+    compute(manager, new)
+    manager.free(new)
+    # 4 blocks, all free: 2 hold cached prefixes. Two unhashed partial blocks are reused before either.
+    grab = make_seq([3] * 8)
+    assert manager.allocate(grab, 8)
+    assert len(manager.find_cached_prefix(make_seq([1] * 4 + [7]))) == 1
+    assert len(manager.find_cached_prefix(make_seq([2] * 4 + [7]))) == 1
+    # One more block evicts the least recently freed cached block (``old``'s), not ``new``'s.
+    grab.num_computed_tokens = 8
+    assert manager.allocate(grab, 1)
+    assert manager.find_cached_prefix(make_seq([1] * 4 + [7])) == []
+    assert len(manager.find_cached_prefix(make_seq([2] * 4 + [7]))) == 1
+    manager.free(grab)
+    assert manager.num_free_blocks == 4
+
+
+def test_reviving_a_free_cached_block_counts_against_capacity():
+    manager = BlockManager(num_blocks=2, block_size=BS)
+    first = make_seq([1] * 4 + [0])
+    compute(manager, first)
+    manager.free(first)
+    seq = make_seq([1] * 4 + [0] * 8)  # 3 blocks needed, 1 cached: still 3 > 2
+    hit = manager.find_cached_prefix(seq)
+    assert len(hit) == 1
+    assert not manager.allocate(seq, seq.num_tokens - BS, hit)
+    assert manager.num_free_blocks == 2 and seq.block_ids == []
+
+
+def test_duplicate_blocks_computed_concurrently_keep_one_cache_entry():
+    manager = BlockManager(num_blocks=8, block_size=BS)
+    a, b = make_seq(list(range(5))), make_seq(list(range(5)))
+    assert manager.allocate(a, 5) and manager.allocate(b, 5)
+    a.num_computed_tokens = b.num_computed_tokens = 5
+    manager.register_computed_blocks(a)
+    manager.register_computed_blocks(b)
+    assert manager.find_cached_prefix(make_seq(list(range(6)))) == a.block_ids[:1]
+    manager.free(a)
+    manager.free(b)
+    assert manager.num_free_blocks == 8
+
+
+def test_prefix_caching_disabled_never_hits():
+    manager = BlockManager(num_blocks=8, block_size=BS, enable_prefix_caching=False)
+    compute(manager, make_seq(list(range(9))))
+    assert manager.find_cached_prefix(make_seq(list(range(9)))) == []
+
+
+def test_reset_prefix_cache():
+    manager = BlockManager(num_blocks=8, block_size=BS)
+    seq = make_seq(list(range(9)))
+    compute(manager, seq)
+    assert not manager.reset_prefix_cache()  # blocks in use
+    manager.free(seq)
+    assert manager.reset_prefix_cache()
+    assert manager.find_cached_prefix(make_seq(list(range(9)))) == []
