@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from collections.abc import Sequence as GenericSequence
 
-from dsv32.config import DTYPES, KV_CACHE_DTYPES, TINY_PRESET, ConfigError, EngineConfig
+from dsv32.config import DTYPES, KV_CACHE_DTYPES, TINY_PRESET, ConfigError, EngineConfig, StructuredOutputsConfig
 from dsv32.server.settings import REASONING_PARSERS, TOOL_CALL_PARSERS, ServerConfig
 
 API_KEY_ENV = "DSV32_API_KEY"
@@ -100,6 +100,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--seed", type=int, default=0, help="Seed for weight init (dummy) and sampling (default 0).")
     eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                      help="Where the model runs (default: cuda if available, else cpu).")
+    eng.add_argument("--structured-outputs-config", default="{}", metavar="JSON",
+                     help='Structured outputs (JSON schema, regex, choice, grammar, constrained tool calls), as a JSON '
+                          'object: {"backend": "xgrammar", "max_whitespace": 16} (the defaults; backend "auto" = '
+                          'xgrammar).')
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -120,6 +124,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         device=args.device,
         max_waiting_requests=args.max_waiting_requests,
+        structured_outputs_config=StructuredOutputsConfig.from_json(args.structured_outputs_config),
     )
 
 

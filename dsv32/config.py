@@ -283,6 +283,38 @@ def tiny_config() -> ModelConfig:
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsConfig:
+    """``--structured-outputs-config`` (vLLM's flag, a JSON object): ``backend`` (``auto`` = ``xgrammar``) and
+    ``max_whitespace``, the most whitespace characters a JSON grammar allows between two tokens of JSON (so a model
+    cannot loop on spaces forever)."""
+
+    backend: str = "auto"
+    max_whitespace: int = 16
+
+    def __post_init__(self) -> None:
+        if self.backend not in STRUCTURED_OUTPUT_BACKENDS:
+            raise ConfigError(f"--structured-outputs-config backend {self.backend!r}: expected one of "
+                              f"{', '.join(STRUCTURED_OUTPUT_BACKENDS)}")
+        if not isinstance(self.max_whitespace, int) or self.max_whitespace < 1:
+            raise ConfigError(f"--structured-outputs-config max_whitespace must be a positive integer, got "
+                              f"{self.max_whitespace!r}")
+
+    @classmethod
+    def from_json(cls, text: str) -> StructuredOutputsConfig:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--structured-outputs-config is not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError("--structured-outputs-config must be a JSON object, e.g. '{\"backend\": \"xgrammar\"}'")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"--structured-outputs-config has unknown keys {unknown}; known: backend, max_whitespace")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -305,6 +337,7 @@ class EngineConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     max_waiting_requests: int = 1024
+    structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -71,10 +71,11 @@ class Tokenizer:
         self.eos_token_id = self._required_id(eos_token)
         self.think_start_id = self._required_id(THINK_START_TOKEN)
         self.think_end_id = self._required_id(THINK_END_TOKEN)
+        added_tokens = backend.get_added_tokens_decoder()
+        # The chat format's control tokens (<｜User｜>, <think>, ...), special or not.
+        self.added_token_ids = sorted(added_tokens)
         # The added tokens flagged "special" are what decode(skip_special_tokens=True) drops.
-        self.all_special_ids = sorted(
-            token_id for token_id, added in backend.get_added_tokens_decoder().items() if added.special
-        )
+        self.all_special_ids = sorted(token_id for token_id, added in added_tokens.items() if added.special)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None) -> Tokenizer:

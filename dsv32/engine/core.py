@@ -19,6 +19,7 @@ from dsv32.engine.runner import ModelRunner, SampledToken, resolve_device
 from dsv32.engine.sampler import TokenLogprobs, make_generator, validate_token_ids
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import Scheduler
+from dsv32.engine.structured_output import StructuredOutputManager
 from dsv32.model.loader import load_model
 from dsv32.tokenizer import Tokenizer
 
@@ -26,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 # vLLM's default --max-logprobs.
 MAX_LOGPROBS = 20
+
+# How long an idle step waits for a structured-output grammar to compile before returning.
+COMPILE_WAIT_SECONDS = 0.05
 
 
 @dataclass
@@ -67,11 +71,15 @@ class EngineCore:
         load_format = "dummy" if is_preset else engine_config.load_format
         model = load_model(self.model_config, None if is_preset else engine_config.model, load_format,
                            engine_config.dtype, self.device, seed=engine_config.seed)
-        self.runner = ModelRunner(model, engine_config, self.device, self.tokenizer.eos_token_id)
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
+                                                         engine_config.structured_outputs_config)
+        self.runner = ModelRunner(model, engine_config, self.device, self.tokenizer.eos_token_id,
+                                  self.structured_output)
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, engine_config.block_size,
                                        engine_config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
+                                   engine_config.max_num_batched_tokens, is_ready=self.structured_output.is_ready)
         self._requests: dict[str, Request] = {}
         self._completions: dict[Sequence, _CompletionState] = {}
         self._failures: dict[str, Exception] = {}
@@ -104,6 +112,7 @@ class EngineCore:
         if any(not stop for stop in params.stop):
             raise ValueError("stop strings must be non-empty.")
         validate_token_ids(params, vocab_size)
+        self.structured_output.validate(params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = True, strict_max_tokens: bool = True) -> None:
@@ -128,6 +137,7 @@ class EngineCore:
                 IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child.skip_special_tokens),
                 StopChecker(child.stop, child.include_stop_str_in_output))
             request.sequences.append(seq)
+            self.structured_output.add(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = request
         self._prompt_tokens_total += len(prompt_token_ids)
@@ -155,8 +165,12 @@ class EngineCore:
         A failure never takes the engine down: if the model step fails, the requests in it are aborted; if one
         request's output processing fails, that request is. Either way ``take_failures`` tells whom and why.
         """
+        for seq, exc in self.structured_output.poll():
+            logger.error("compiling the structured-output grammar of request %s failed: %s", seq.request_id, exc)
+            self._fail(seq.request_id, exc)
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
+            self.structured_output.wait_for_compiles(COMPILE_WAIT_SECONDS)
             return []
         try:
             result = self.runner.execute(sched_out.scheduled)
@@ -207,11 +221,13 @@ class EngineCore:
                 finish_reason = "stop"
             elif token_id in params.stop_token_ids:
                 finish_reason, stop_reason = "stop", token_id
+        # As vLLM: the stop token itself is not part of the text unless include_stop_str_in_output.
+        hide_token = finish_reason == "stop" and not params.include_stop_str_in_output
+        if self.structured_output.accept(seq, token_id) and finish_reason is None:
+            finish_reason = "stop"  # the grammar is complete: nothing but the end of the output may follow
         if finish_reason is None and (seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
             finish_reason = "length"
         state = self._completions[seq]
-        # As vLLM: the stop token itself is not part of the text unless include_stop_str_in_output.
-        hide_token = finish_reason == "stop" and not params.include_stop_str_in_output
         delta = "" if hide_token else state.detokenizer.step([token_id])
         if finish_reason is not None:
             delta += state.detokenizer.finish()
@@ -256,6 +272,7 @@ class EngineCore:
             del self._requests[request.request_id]
             for seq in request.sequences:
                 del self._completions[seq]
+                self.structured_output.remove(seq)
         return out
 
     # ---- introspection ------------------------------------------------------------------------------

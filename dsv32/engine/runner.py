@@ -25,6 +25,7 @@ from dsv32.engine.sampler import (
     token_logprobs,
 )
 from dsv32.engine.scheduler import ScheduledSeq
+from dsv32.engine.structured_output import StructuredOutputManager
 from dsv32.model.batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -119,8 +120,10 @@ class ModelRunner:
     """Owns the model's KV-cache tensors and runs one scheduled step at a time."""
 
     def __init__(self, model: torch.nn.Module, engine_config: EngineConfig, device: torch.device,
-                 eos_token_id: int) -> None:
+                 eos_token_id: int, structured_output: StructuredOutputManager | None = None) -> None:
+        """``structured_output`` masks the logits of its constrained rows before sampling."""
         self.model = model
+        self.structured_output = structured_output
         self.engine_config = engine_config
         self.device = device
         self.eos_token_id = eos_token_id
@@ -151,7 +154,11 @@ class ModelRunner:
         hidden = self.model(batch, self.kv_cache)
         sampled: list[SampledToken] = []
         if sample_seqs:
+            # Filled on the CPU while an accelerator still runs the forward pass.
+            grammar_mask = self.structured_output.fill_bitmask(sample_seqs) if self.structured_output else None
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            if grammar_mask is not None:
+                logits = grammar_mask.apply(logits)
             states = [SamplingRequestState(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.generator)
                       for s in sample_seqs]
             out = self.sampler(logits, states, self.eos_token_id)

@@ -1,8 +1,60 @@
-"""``SamplingParams``: what a request asks of the sampler and the stop logic (vLLM's names and defaults)."""
+"""``SamplingParams``: what a request asks of the sampler and the stop logic (vLLM's names and defaults), and
+``StructuredOutputsParams``: the grammar a request's output must follow."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
+
+_STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's ``StructuredOutputsParams``: exactly one constraint, kept as plain data (picklable; compiled by the
+    engine). ``json`` is a JSON Schema (dict or JSON text), ``regex`` a regular expression, ``choice`` the strings
+    the output must be one of, ``grammar`` an EBNF grammar (xgrammar's dialect, GBNF-like, rule ``root``),
+    ``json_object`` any JSON object, ``structural_tag`` xgrammar's structural tag as JSON text.
+
+    When the prompt leaves the model inside its thinking (it ends with ``<think>``), the constraint starts after
+    the ``</think>`` token; the thinking itself stays free.
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [kind for kind in _STRUCTURED_OUTPUT_KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured outputs need exactly one constraint (json, regex, choice, grammar, "
+                             f"json_object or structural_tag), got {', '.join(given) or 'none'}.")
+        if self.choice is not None and not (
+                isinstance(self.choice, list) and self.choice and all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured outputs choice must be a non-empty list of strings.")
+        for kind in ("regex", "grammar", "structural_tag"):
+            value = getattr(self, kind)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"structured outputs {kind} must be a string, got {type(value).__name__}.")
+        if self.json is not None and not isinstance(self.json, str | dict):
+            raise ValueError(f"structured outputs json must be a JSON Schema object, got {type(self.json).__name__}.")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: one of json, regex, choice, grammar, json_object, structural_tag."""
+        return next(kind for kind in _STRUCTURED_OUTPUT_KINDS if getattr(self, kind) not in (None, False))
+
+    @property
+    def key(self) -> str:
+        """A canonical text of the constraint: equal keys compile to the same grammar."""
+        value = getattr(self, self.kind)
+        if isinstance(value, dict | list):
+            value = json.dumps(value, sort_keys=True, ensure_ascii=False)
+        return f"{self.kind}:{value}"
 
 
 @dataclass
@@ -32,6 +84,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

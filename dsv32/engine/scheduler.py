@@ -15,6 +15,7 @@ Policy, per step:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dsv32.engine.block_manager import BlockManager
@@ -44,8 +45,12 @@ class SchedulerOutput:
 class Scheduler:
     """Continuous batching over a ``BlockManager``: a FIFO waiting queue and a running list."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 is_ready: Callable[[Sequence], bool] | None = None) -> None:
+        """``is_ready``: whether a waiting sequence may start (False while its structured-output grammar compiles;
+        others are admitted past it meanwhile)."""
         self.block_manager = block_manager
+        self.is_ready = is_ready
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -111,7 +116,7 @@ class Scheduler:
         held_back: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self._waits_for_leader(seq):
+            if self._waits_for_leader(seq) or (self.is_ready is not None and not self.is_ready(seq)):
                 held_back.append(self.waiting.popleft())
                 continue
             cached: list[int] = []
