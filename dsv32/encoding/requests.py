@@ -22,7 +22,9 @@ Where vLLM (``--tokenizer-mode deepseek_v32``) and SGLang (``_use_dpsk_v32_encod
   constrained decoding. SGLang renders no tools for ``"none"`` and only the named tool for a named choice. We do
   what SGLang does (a model shown tools under ``"none"`` calls them anyway and leaks DSML, sglang#35736), and the
   output parser accepts only the rendered tools (none for ``"none"``: DSML text then stays content). ``"required"``
-  renders all tools; nothing here forces a call.
+  renders all tools. ``ChatEncoding.tool_call_structural_tag`` is the grammar that enforces ``"required"`` / a named
+  function (and ``strict`` tools under ``"auto"``), as both servers do: xgrammar's ``deepseek_v3_2`` structural tag,
+  whose DSML is byte for byte what ``encode`` renders for a call; it starts after the thinking, which stays free.
 * ``drop_thinking``. vLLM passes ``messages[-1].role == "user"``, SGLang the default ``True`` (``False`` in some
   versions). All render the same prompt except that ``True`` crashes DeepSeek's encoder on a developer message before
   the last user turn. We pass ``False``.
@@ -30,9 +32,10 @@ Where vLLM (``--tokenizer-mode deepseek_v32``) and SGLang (``_use_dpsk_v32_encod
   message). Text content parts are joined with ``"\\n"`` (vLLM); other part types are refused (text-only model).
 * ``reasoning`` is accepted as an alias of ``reasoning_content`` on assistant messages (vLLM; SGLang reads only
   ``reasoning_content``); ``reasoning_content`` wins when both are set.
-* ``response_format``. Neither renders it; both constrain decoding instead. The encoder has a slot for it in the
-  system message, so we render the schema there: ``json_schema`` -> its ``schema``, ``json_object`` ->
-  ``{"type": "object"}``, ``text`` -> nothing. Other types are refused.
+* ``response_format``. Neither renders it; both constrain decoding instead (so do we, see ``dsv32.server.sampling``).
+  The encoder has a slot for it in the system message, so we render the schema there too: ``json_schema`` -> its
+  ``schema``, ``json_object`` -> ``{"type": "object"}``, ``text`` and ``structural_tag`` -> nothing. Other types are
+  refused.
 * The conversation must end with a user, developer or tool message: the V3.2 format has no generation prompt, the
   last turn's rendering is what opens the answer (``<｜Assistant｜><think>`` ...). With ``continue_final_message``
   the last message is an unfinished assistant message, rendered as a raw prefix after the prompt (SGLang).
@@ -75,6 +78,29 @@ class ChatEncoding:
         (``--reasoning-parser none``, SGLang's ``separate_reasoning=false``) the whole completion, ``</think>``
         included, is content, as in vLLM without a reasoning parser."""
         return StreamingParser(self.parser_thinking_mode if separate_reasoning else "chat", self.tools)
+
+    @property
+    def forces_tool_call(self) -> bool:
+        """``tool_choice`` "required" or a named function: the answer is tool calls only (no content)."""
+        return self.tool_choice == "required" or isinstance(self.tool_choice, dict)
+
+    def tool_call_structural_tag(self, parallel_tool_calls: bool = True) -> str | None:
+        """The grammar of the tool calls this request must make, as xgrammar structural-tag JSON: DSML calls whose
+        arguments follow each tool's JSON schema, for ``tool_choice`` "required" or a named function, and under
+        "auto" when a tool is ``strict`` (then the answer may be text; non-strict tools' arguments are only
+        well-formed). None when nothing is enforced. ``parallel_tool_calls=False`` allows one call."""
+        forced = self.forces_tool_call
+        if not self.tools or not (forced or any(t["function"].get("strict") for t in self.tools)):
+            return None
+        from xgrammar import get_model_structural_tag  # the grammar library is loaded only when a request needs it
+
+        tools = self.tools if forced else [
+            {**tool, "function": {**tool["function"], "strict": bool(tool["function"].get("strict"))}}
+            for tool in self.tools]
+        # The thinking is free: the engine starts the grammar after </think> (reasoning "disabled" here).
+        tag = get_model_structural_tag("deepseek_v3_2", tools=tools, tool_choice=self.tool_choice,
+                                       reasoning="disabled", parallel_tool_calls=parallel_tool_calls)
+        return tag.model_dump_json()
 
 
 def _flag(where: str, value: Any) -> bool:
@@ -204,7 +230,7 @@ def _response_format_schema(response_format: Mapping[str, Any] | None) -> Any:
     if response_format is None:
         return None
     kind = response_format.get("type") if isinstance(response_format, Mapping) else None
-    if kind == "text":
+    if kind in ("text", "structural_tag"):
         return None
     if kind == "json_object":
         return {"type": "object"}
@@ -214,7 +240,8 @@ def _response_format_schema(response_format: Mapping[str, Any] | None) -> Any:
         if not isinstance(schema, Mapping):
             raise ValueError("response_format.json_schema.schema must be a JSON Schema object")
         return schema
-    raise ValueError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+    raise ValueError(f"response_format.type must be 'text', 'json_object', 'json_schema' or 'structural_tag', got "
+                     f"{kind!r}")
 
 
 def _attach_to_system(messages: list[dict[str, Any]], key: str, value: Any) -> None:

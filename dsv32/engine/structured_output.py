@@ -404,7 +404,3 @@ class StructuredOutputManager:
         state = self._sequences.get(seq)
         if state is not None and state.matcher is not None and num_tokens:
             state.matcher.rollback(num_tokens)
-
-    def shutdown(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)

@@ -6,14 +6,14 @@ Prompt rendering and output parsing belong to ``dsv32.encoding``; this module on
 state (inside reasoning or not) comes from the rendered prompt - does it end in ``<think>`` - never from request
 flags, so the turn after a tool result is parsed right (sglang#17551).
 
-When the parser gives up on a forced tool call (the model did not complete it), it hands the markup back as content;
-the forced part of it is the server's text, not the model's, and is cut from what the client sees.
+``tool_choice`` "required" or a named function (and ``strict`` tools under "auto") constrain the output to DSML
+tool calls with a grammar (``ChatEncoding.tool_call_structural_tag``); ``response_format``, ``structured_outputs``
+and the ``guided_*`` fields constrain it too (``dsv32.server.sampling``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import AsyncGenerator
 from collections.abc import Sequence as GenericSequence
@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from dsv32.encoding import ChatEncoding, Delta, StreamingParser, merge_deltas, prepare_chat_request
-from dsv32.encoding.encode import DSML_TOKEN, THINK_END, TOOL_CALLS_START
+from dsv32.encoding.encode import DSML_TOKEN
 from dsv32.engine.outputs import CompletionOutput, RequestOutput
 from dsv32.server.errors import APIError
 from dsv32.server.generation import EngineRequest
@@ -46,68 +46,13 @@ from dsv32.server.protocol import (
     UsageInfo,
     usage_info,
 )
-from dsv32.server.sampling import build_sampling_params, resolve_max_tokens
+from dsv32.server.sampling import build_sampling_params, resolve_max_tokens, structured_outputs_params
 from dsv32.server.sse import sse_event, sse_response
 from dsv32.server.state import ServerState
 
-# Appended to the prompt to force a tool call (tool_choice "required" or named): the model continues inside an
-# invoke tag. DeepSeek-V3.2 has no constrained decoding here, so the call's start is written for it.
-_FORCED_CALL_PREFIX = f"{TOOL_CALLS_START}\n<{DSML_TOKEN}invoke name=\""
-# parallel_tool_calls=false: generation stops at the end of the first call (SGLang's rule); the parser closes the
-# call the stop string cut off.
+# parallel_tool_calls=false without a grammar: generation stops at the end of the first call (SGLang's rule); the
+# parser closes the call the stop string cut off.
 _INVOKE_END = f"</{DSML_TOKEN}invoke>"
-
-
-@dataclass(frozen=True)
-class RenderedChat:
-    """The prompt sent to the engine and how to read the completion that follows it."""
-
-    encoding: ChatEncoding
-    prompt: str
-    # Markup the server appended to force a tool call: fed to each parser first, never shown to the client.
-    forced_prefix: str = ""
-
-    def new_parser(self, separate_reasoning: bool) -> ChoiceParser:
-        return ChoiceParser(self.encoding.new_parser(separate_reasoning), self.forced_prefix)
-
-
-class ChoiceParser:
-    """The encoding's streaming parser for one choice, primed with the forced tool-call markup (if any) and
-    cutting that markup from content should the parser hand it back."""
-
-    def __init__(self, parser: StreamingParser, forced_prefix: str) -> None:
-        self._parser = parser
-        if forced_prefix:
-            parser.feed(forced_prefix)
-        # Only the markup after `</think>` can come back as content.
-        self._hidden = forced_prefix.removeprefix(THINK_END)
-
-    @property
-    def tools_called(self) -> bool:
-        return self._parser.tools_called
-
-    def feed(self, text: str) -> list[Delta]:
-        return self._hide(self._parser.feed(text))
-
-    def finish(self) -> list[Delta]:
-        return self._hide(self._parser.finish())
-
-    def _hide(self, deltas: list[Delta]) -> list[Delta]:
-        if not self._hidden:
-            return deltas
-        kept: list[Delta] = []
-        for delta in deltas:
-            if delta.tool_call is not None:
-                self._hidden = ""  # the forced markup became a real call
-            elif self._hidden and delta.content is not None:
-                shared = len(os.path.commonprefix([self._hidden, delta.content]))
-                if shared == min(len(self._hidden), len(delta.content)):
-                    self._hidden = self._hidden[shared:]
-                    delta = Delta(content=delta.content[shared:])
-                else:
-                    self._hidden = ""
-            kept.append(delta)
-        return kept
 
 
 def _chat_encoding(request: ChatCompletionRequest | TokenizeRequest, **chat_fields: Any) -> ChatEncoding:
@@ -128,11 +73,10 @@ def render_tokenize_prompt(request: TokenizeRequest) -> str:
     return _chat_encoding(request).prompt
 
 
-def render_chat_prompt(request: ChatCompletionRequest) -> RenderedChat:
-    """Render the conversation with the V3.2 encoding (a bad conversation is a 400), forcing a tool call's start
-    for ``tool_choice`` "required" or named. Forcing skips any thinking: the call has to come first."""
+def render_chat_prompt(request: ChatCompletionRequest) -> ChatEncoding:
+    """Render the conversation with the V3.2 encoding (a bad conversation is a 400)."""
     tool_choice = request.tool_choice
-    encoding = _chat_encoding(
+    return _chat_encoding(
         request,
         tool_choice=tool_choice.model_dump() if isinstance(tool_choice, NamedToolChoice) else tool_choice,
         reasoning_effort=request.reasoning_effort,
@@ -140,21 +84,13 @@ def render_chat_prompt(request: ChatCompletionRequest) -> RenderedChat:
         thinking=request.thinking,
         reasoning=request.reasoning,
     )
-    if encoding.tool_choice == "required" or isinstance(encoding.tool_choice, dict):
-        forced = _FORCED_CALL_PREFIX
-        if isinstance(encoding.tool_choice, dict):
-            forced += f'{encoding.tool_choice["function"]["name"]}">\n'
-        if encoding.parser_thinking_mode == "thinking":
-            forced = THINK_END + forced
-        return RenderedChat(encoding, encoding.prompt + forced, forced)
-    return RenderedChat(encoding, encoding.prompt)
 
 
 @dataclass
 class _ChoiceStream:
     """Per-choice streaming state: the parser, what was read of the engine's text, and pending logprobs."""
 
-    parser: ChoiceParser
+    parser: StreamingParser
     text_sent: int = 0
     tokens_sent: int = 0
     started: bool = False
@@ -162,7 +98,7 @@ class _ChoiceStream:
     pending_logprobs: list[Any] = field(default_factory=list)
 
 
-def _finish_reason(completion: CompletionOutput, parser: ChoiceParser) -> str | None:
+def _finish_reason(completion: CompletionOutput, parser: StreamingParser) -> str | None:
     # A call cut off by max_tokens keeps "length" so the client knows its arguments may be incomplete.
     if completion.finish_reason == "stop" and parser.tools_called:
         return "tool_calls"
@@ -174,10 +110,12 @@ def _stop_reason(completion: CompletionOutput) -> int | str | None:
     return None if completion.stop_reason == _INVOKE_END else completion.stop_reason
 
 
-def _delta_message(deltas: GenericSequence[Delta], include_reasoning: bool) -> DeltaMessage:
-    """Folds one step's parser deltas into one chunk delta (a step may end reasoning and start content)."""
+def _delta_message(deltas: GenericSequence[Delta], include_reasoning: bool, include_content: bool = True
+                   ) -> DeltaMessage:
+    """Folds one step's parser deltas into one chunk delta (a step may end reasoning and start content).
+    ``include_content=False`` drops content: a forced tool call cut off by max_tokens is markup, not an answer."""
     reasoning = "".join(d.reasoning_content for d in deltas if d.reasoning_content is not None)
-    content = "".join(d.content for d in deltas if d.content is not None)
+    content = "".join(d.content for d in deltas if d.content is not None) if include_content else ""
     calls: dict[int, DeltaToolCall] = {}
     for d in deltas:
         call = d.tool_call
@@ -213,11 +151,14 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     rendered = render_chat_prompt(request)
     prompt_ids = state.tokenizer.encode(rendered.prompt)
     max_tokens = resolve_max_tokens(request.requested_max_tokens(), len(prompt_ids), state.max_model_len)
-    single_call = not request.parallel_tool_calls and bool(rendered.encoding.tools)
+    tool_call_tag = rendered.tool_call_structural_tag(request.parallel_tool_calls)
+    # parallel_tool_calls=false: a tool-call grammar allows one call; without one, a stop string ends the first.
+    single_call = not request.parallel_tool_calls and bool(rendered.tools) and tool_call_tag is None
     params = build_sampling_params(
         request, max_tokens=max_tokens, vocab_size=state.vocab_size, max_num_seqs=state.max_num_seqs,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-        extra_stop=[_INVOKE_END] if single_call else [])
+        extra_stop=[_INVOKE_END] if single_call else [],
+        structured_outputs=structured_outputs_params(request, tool_call_tag))
     request_id = state.request_id("chatcmpl", raw_request.headers.get("x-request-id"),
                                   request.request_id or request.rid)
     state.log_request(request_id, request, len(prompt_ids))
@@ -242,7 +183,7 @@ def _tool_calls(merged: dict[str, Any]) -> list[ToolCall]:
             for call in merged["tool_calls"]]
 
 
-async def _full_response(state: ServerState, request: ChatCompletionRequest, rendered: RenderedChat,
+async def _full_response(state: ServerState, request: ChatCompletionRequest, rendered: ChatEncoding,
                          engine_request: EngineRequest, created: int) -> ChatCompletionResponse:
     final: RequestOutput | None = None
     async with contextlib.aclosing(engine_request.outputs()) as outputs:
@@ -255,7 +196,7 @@ async def _full_response(state: ServerState, request: ChatCompletionRequest, ren
         merged = merge_deltas([*parser.feed(completion.text), *parser.finish()])
         reasoning = merged["reasoning_content"] if request.include_reasoning and merged["reasoning_content"] else None
         tool_calls = _tool_calls(merged)
-        content = _echo_text(request) + merged["content"]
+        content = _echo_text(request) + ("" if rendered.forces_tool_call else merged["content"])
         message = ChatResponseMessage(content=content if (content or not (reasoning or tool_calls)) else None,
                                       reasoning=reasoning, reasoning_content=reasoning, tool_calls=tool_calls)
         logprobs = None
@@ -269,7 +210,7 @@ async def _full_response(state: ServerState, request: ChatCompletionRequest, ren
                                   choices=choices, usage=_usage(final))
 
 
-async def _stream(state: ServerState, request: ChatCompletionRequest, rendered: RenderedChat,
+async def _stream(state: ServerState, request: ChatCompletionRequest, rendered: ChatEncoding,
                   engine_request: EngineRequest, created: int) -> AsyncGenerator[str, None]:
     include_usage = request.stream_options is not None and bool(request.stream_options.include_usage)
     continuous = include_usage and bool(request.stream_options and request.stream_options.continuous_usage_stats)
@@ -306,7 +247,7 @@ async def _stream(state: ServerState, request: ChatCompletionRequest, rendered: 
                         new_tokens, completion.logprobs[choice.tokens_sent:len(completion.token_ids)],
                         request.top_logprobs or 0)
                     choice.tokens_sent = len(completion.token_ids)
-                delta = _delta_message(deltas, request.include_reasoning)
+                delta = _delta_message(deltas, request.include_reasoning, not rendered.forces_tool_call)
                 if not delta.is_empty():
                     logprobs = ChatLogprobs(content=choice.pending_logprobs) if choice.pending_logprobs else None
                     choice.pending_logprobs = []

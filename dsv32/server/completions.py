@@ -26,7 +26,12 @@ from dsv32.server.protocol import (
     UsageInfo,
     usage_info,
 )
-from dsv32.server.sampling import build_sampling_params, check_token_ids, resolve_max_tokens
+from dsv32.server.sampling import (
+    build_sampling_params,
+    check_token_ids,
+    resolve_max_tokens,
+    structured_outputs_params,
+)
 from dsv32.server.sse import sse_event, sse_response
 from dsv32.server.state import ServerState
 
@@ -79,6 +84,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
     state.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
     request_id = state.request_id("cmpl", raw_request.headers.get("x-request-id"), request.request_id or request.rid)
     runs: list[_PromptRun] = []
+    structured_outputs = structured_outputs_params(request)
     for index, (text, token_ids) in enumerate(_tokenize_prompts(state, request)):
         score_only = request.max_tokens == 0
         max_tokens = resolve_max_tokens(1 if score_only else request.max_tokens, len(token_ids), state.max_model_len)
@@ -86,7 +92,8 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
         params = build_sampling_params(
             request, max_tokens=max_tokens, vocab_size=state.vocab_size, max_num_seqs=state.max_num_seqs,
             logprobs=request.logprobs,
-            prompt_logprobs=request.prompt_logprobs if request.prompt_logprobs is not None else want_prompt_logprobs)
+            prompt_logprobs=request.prompt_logprobs if request.prompt_logprobs is not None else want_prompt_logprobs,
+            structured_outputs=structured_outputs)
         sub_id = request_id if len(request.prompts()) == 1 else f"{request_id}-{index}"
         state.log_request(sub_id, request, len(token_ids))
         engine_request = EngineRequest(state, sub_id, token_ids, params, raw_request, prompt=text)

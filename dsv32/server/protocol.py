@@ -123,6 +123,9 @@ class StreamOptions(OpenAIBaseModel):
 
 
 class ResponseFormat(OpenAIBaseModel):
+    """OpenAI's ``text`` / ``json_object`` / ``json_schema`` (``{"name", "schema", "strict"}``), and vLLM's
+    ``structural_tag`` (xgrammar's ``{"format": ...}``, or the older ``structures`` + ``triggers``)."""
+
     type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: dict[str, Any] | None = None
 
@@ -182,6 +185,14 @@ class SamplingFields(OpenAIBaseModel):
     request_id: str | None = None
     # SGLang's spelling of request_id.
     rid: str | None = None
+    # vLLM's structured outputs: {"json" | "regex" | "choice" | "grammar" | "json_object" | "structural_tag": ...},
+    # and the older guided_* fields; dsv32.server.sampling turns them (and response_format) into one constraint.
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -201,7 +212,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[ChatCompletionToolParam] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True

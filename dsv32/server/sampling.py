@@ -1,9 +1,12 @@
 """From an API request to the engine's ``SamplingParams``: defaults, the output budget against the context length,
-and token-id checks, each failure an HTTP 400 with vLLM's wording."""
+token-id checks and the structured-outputs constraint, each failure an HTTP 400 with vLLM's wording."""
 
 from __future__ import annotations
 
-from dsv32.engine.sampling_params import SamplingParams
+import json
+from typing import Any
+
+from dsv32.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from dsv32.server.errors import APIError, context_length_error
 from dsv32.server.protocol import SamplingFields
 
@@ -43,9 +46,67 @@ def _logit_bias(request: SamplingFields, vocab_size: int) -> dict[int, float] | 
     return bias
 
 
+# vLLM's structured_outputs options that tune its own backends; accepted and ignored here (whitespace is bounded by
+# --structured-outputs-config, additional properties follow the schema).
+_IGNORED_STRUCTURED_OUTPUT_OPTIONS = ("disable_fallback", "disable_any_whitespace", "disable_additional_properties",
+                                      "whitespace_pattern")
+
+
+def _structured_outputs_sources(request: SamplingFields) -> dict[str, dict[str, Any]]:
+    """Each way the request asks for a constraint -> the ``StructuredOutputsParams`` fields it means."""
+    sources: dict[str, dict[str, Any]] = {}
+    if request.structured_outputs:
+        spec = {k: v for k, v in request.structured_outputs.items() if k not in _IGNORED_STRUCTURED_OUTPUT_OPTIONS}
+        unknown = sorted(set(spec) - {"json", "regex", "choice", "grammar", "json_object", "structural_tag"})
+        if unknown:
+            raise APIError(f"structured_outputs has unknown keys {unknown}; use one of json, regex, choice, grammar, "
+                           "json_object, structural_tag.", 400, param="structured_outputs")
+        if isinstance(spec.get("structural_tag"), dict):
+            spec["structural_tag"] = json.dumps(spec["structural_tag"])
+        sources["structured_outputs"] = spec
+    for field, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                       ("guided_grammar", "grammar")):
+        if getattr(request, field) is not None:
+            sources[field] = {key: getattr(request, field)}
+    response_format = request.response_format
+    if response_format is not None and response_format.type != "text":
+        if response_format.type == "json_schema":
+            schema = (response_format.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise APIError("response_format.json_schema.schema must be a JSON Schema object.", 400,
+                               param="response_format")
+            sources["response_format"] = {"json": schema}
+        elif response_format.type == "json_object":
+            sources["response_format"] = {"json_object": True}
+        else:
+            sources["response_format"] = {"structural_tag": response_format.model_dump_json(exclude_none=True)}
+    return sources
+
+
+def structured_outputs_params(request: SamplingFields, tool_call_tag: str | None = None
+                              ) -> StructuredOutputsParams | None:
+    """The one constraint the request asks for (``structured_outputs``, ``guided_*`` or ``response_format``, or the
+    tool calls its ``tool_choice`` forces as ``tool_call_tag``), None for free text; two at once are a 400."""
+    sources = _structured_outputs_sources(request)
+    if tool_call_tag is not None:
+        sources["tool_choice"] = {"structural_tag": tool_call_tag}
+    if not sources:
+        return None
+    if len(sources) > 1:
+        raise APIError(f"Only one kind of structured outputs can be requested at once, got {', '.join(sources)} "
+                       "(tool_choice 'required', a named function or strict tools constrain the output too).", 400,
+                       param=next(iter(sources)))
+    (field, spec), = sources.items()
+    try:
+        return StructuredOutputsParams(**spec)
+    except ValueError as exc:
+        raise APIError(f"{field}: {exc}", 400, param=field) from None
+
+
 def build_sampling_params(request: SamplingFields, *, max_tokens: int, vocab_size: int, max_num_seqs: int,
                           logprobs: int | None = None, prompt_logprobs: int | None = None,
-                          extra_stop: list[str] | None = None) -> SamplingParams:
+                          extra_stop: list[str] | None = None,
+                          structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
     """The engine's parameters for ``request``; ``None`` fields take vLLM's defaults. ``extra_stop`` adds stop
     strings the server needs on top of the client's."""
     if request.n > max_num_seqs:
@@ -74,6 +135,7 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int, vocab_siz
             skip_special_tokens=request.skip_special_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            structured_outputs=structured_outputs,
         )
     except ValueError as exc:
         raise APIError(str(exc), 400) from None

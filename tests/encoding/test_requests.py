@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dsv32.encoding import encode_messages, prepare_chat_request, resolve_thinking
-from dsv32.encoding.encode import render_tools
+from dsv32.encoding.encode import render_tool_calls, render_tools
 from dsv32.encoding.parse import merge_deltas
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "encoding"
@@ -132,6 +132,7 @@ def test_bad_tool_fields_are_refused(kwargs: dict, error: str) -> None:
         ({"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "array"}}}, '{"type": "array"}'),
         ({"type": "json_object"}, '{"type": "object"}'),
         ({"type": "text"}, None),
+        ({"type": "structural_tag", "format": {"type": "const_string", "value": "x"}}, None),
     ],
 )
 def test_response_format_goes_into_the_system_message(response_format: dict, rendered: str | None) -> None:
@@ -149,7 +150,7 @@ def test_response_format_goes_into_the_system_message(response_format: dict, ren
     ("response_format", "error"),
     [
         ({"type": "json_schema", "json_schema": {"name": "n"}}, "json_schema.schema must be"),
-        ({"type": "structural_tag"}, "response_format.type must be"),
+        ({"type": "json"}, "response_format.type must be"),
     ],
 )
 def test_bad_response_format_is_refused(response_format: dict, error: str) -> None:
@@ -245,3 +246,50 @@ def test_tool_results_turn_resumes_reasoning_and_parses_the_answer() -> None:
     parser = encoding.new_parser()
     message = merge_deltas(parser.feed("It is noon.</think>It's noon." + EOS) + parser.finish())
     assert message["reasoning_content"] == "It is noon." and message["content"] == "It's noon."
+
+
+# ---- the tool-call grammar ---------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "opts": {
+        "type": "object", "properties": {"metric": {"type": "boolean"}}}}, "required": ["city"]}}}
+NO_ARGS = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _matches(tag: str, text: str) -> bool:
+    """Whether ``text`` is a complete sentence of the structural tag's grammar (xgrammar, no tokenizer needed)."""
+    import xgrammar
+
+    compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo([chr(c) for c in range(32, 127)]))
+    matcher = xgrammar.GrammarMatcher(compiler.compile_structural_tag(tag))
+    return matcher.accept_string(text) and matcher.is_completed()
+
+
+def test_the_tool_call_grammar_accepts_exactly_the_encoders_dsml() -> None:
+    """The encoder's rendering of calls (what the model was trained on and the parser reads) is in the grammar's
+    language, byte for byte, empty arguments included; other tools, bad arguments and a second call with
+    parallel_tool_calls=false are not."""
+    weather = {"name": "get_weather", "arguments": {"city": 'Paris "FR"', "days": 2, "opts": {"metric": True}}}
+    ping = {"name": "ping", "arguments": {}}
+    encoding = prepare_chat_request(USER, tools=[WEATHER, NO_ARGS], tool_choice="required")
+    tag = encoding.tool_call_structural_tag()
+    assert _matches(tag, render_tool_calls([weather, ping]))
+    assert _matches(tag, render_tool_calls([ping]))
+    assert not _matches(tag, "plain text")
+    assert not _matches(tag, render_tool_calls([{"name": "get_weather", "arguments": {"days": 2}}]))  # no city
+    single = encoding.tool_call_structural_tag(parallel_tool_calls=False)
+    assert _matches(single, render_tool_calls([weather])) and not _matches(single, render_tool_calls([weather, ping]))
+    named = prepare_chat_request(USER, tools=[WEATHER, NO_ARGS],
+                                 tool_choice={"type": "function", "function": {"name": "ping"}})
+    assert _matches(named.tool_call_structural_tag(), render_tool_calls([ping]))
+    assert not _matches(named.tool_call_structural_tag(), render_tool_calls([weather]))
+
+
+def test_tool_call_grammar_only_when_a_call_is_forced_or_a_tool_is_strict() -> None:
+    assert prepare_chat_request(USER, tools=[WEATHER]).tool_call_structural_tag() is None
+    assert prepare_chat_request(USER, tools=[WEATHER], tool_choice="none").tool_call_structural_tag() is None
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    tag = prepare_chat_request(USER, tools=[strict, NO_ARGS]).tool_call_structural_tag()
+    assert _matches(tag, "Just text.")  # "auto": the answer may be text
+    assert _matches(tag, "Sure." + render_tool_calls([{"name": "get_weather", "arguments": {"city": "Rome"}}]))
+    assert not _matches(tag, "Sure." + render_tool_calls([{"name": "get_weather", "arguments": {"days": 1}}]))

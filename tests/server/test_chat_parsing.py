@@ -1,5 +1,5 @@
 """The chat layer's use of the V3.2 encoding, without an engine: prompt rendering per request (thinking switches,
-tools, forced tool calls) and completion text -> reasoning / content / tool_calls, streamed and whole.
+tools, constrained tool calls) and completion text -> reasoning / content / tool_calls, streamed and whole.
 
 The tool-call round trip is checked here with DSML completions written as the real model emits them, since the
 tiny random model never produces a valid call.
@@ -121,36 +121,27 @@ def test_tool_choice_none_renders_no_tools_and_parses_no_calls() -> None:
 
 
 @pytest.mark.parametrize("thinking", [False, True])
-def test_named_tool_choice_forces_the_call(thinking: bool) -> None:
+def test_named_tool_choice_is_a_grammar_after_the_thinking(thinking: bool) -> None:
     other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
     rendered = render_chat_prompt(request(tools=[WEATHER_TOOL, other], chat_template_kwargs={"thinking": thinking},
                                           tool_choice={"type": "function", "function": {"name": "get_weather"}}))
-    assert rendered.prompt.endswith(f'<{DSML_TOKEN}invoke name="get_weather">\n')
+    assert rendered.prompt.endswith("<｜Assistant｜><think>" if thinking else "<｜Assistant｜></think>")
     assert "get_time" not in rendered.prompt  # only the named tool is shown
-    if thinking:
-        assert rendered.prompt.endswith(f'<think></think>\n\n<{DSML_TOKEN}function_calls>\n'
-                                        f'<{DSML_TOKEN}invoke name="get_weather">\n')
-    body = CALL.split('name="get_weather">\n', 1)[1]
-    reasoning, content, calls, called = parse_streamed(rendered, body, 4)
-    assert called and reasoning == "" and content == ""
+    tag = rendered.tool_call_structural_tag()
+    assert 'invoke name=\\"get_weather\\"' in tag and "get_time" not in tag
+    completion = ("I need the weather.</think>" if thinking else "") + CALL
+    reasoning, content, calls, called = parse_streamed(rendered, completion, 4)
+    assert called and content == "" and reasoning == ("I need the weather." if thinking else "")
     assert calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"]) == {"city": 'Paris "FR"',
                                                                                        "days": 3}
 
 
 def test_required_tool_choice_lets_the_model_pick_the_name() -> None:
     rendered = render_chat_prompt(request(tools=[WEATHER_TOOL], tool_choice="required"))
-    assert rendered.prompt.endswith(f'<{DSML_TOKEN}invoke name="')
-    body = CALL.split('invoke name="', 1)[1]
-    _, content, calls, called = parse_streamed(rendered, body, 3)
+    assert rendered.prompt.endswith("<｜Assistant｜></think>")
+    assert rendered.tool_call_structural_tag() is not None
+    _, content, calls, called = parse_streamed(rendered, CALL, 3)
     assert called and content == "" and calls[0]["name"] == "get_weather"
-
-
-@pytest.mark.parametrize("chunk", [1, 4, 10_000])
-def test_failed_forced_call_hides_the_forced_markup(chunk: int) -> None:
-    rendered = render_chat_prompt(request(tools=[WEATHER_TOOL], tool_choice="required"))
-    reasoning, content, calls, called = parse_streamed(rendered, "random words, no call", chunk)
-    assert not called and calls == [] and reasoning == ""
-    assert DSML_TOKEN not in content and "random words, no call" in content
 
 
 def test_continue_final_message_continues_the_assistant_text() -> None:

@@ -135,17 +135,22 @@ def test_non_stream_gives_the_same_answer(tokenizer: Tokenizer) -> None:
         "city": "Paris"}
 
 
-def test_named_tool_choice_prompt_and_single_call_stop(tokenizer: Tokenizer) -> None:
-    engine = ScriptedEngine(tokenizer, [PARAM], stop_reason=f"</{DSML_TOKEN}invoke>")
+def test_named_tool_choice_is_a_grammar_and_auto_single_call_a_stop(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer, [f"\n\n<{DSML_TOKEN}function_calls>\n", INVOKE, CALL_BODY])
     body = {"messages": USER, "tools": [WEATHER_TOOL], "parallel_tool_calls": False, "stop": ["END"],
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
     choice = client_for(engine).post("/v1/chat/completions", json=body).json()["choices"][0]
     _, params, prompt = engine.calls[0]
-    assert prompt.endswith(f"</think>\n\n<{DSML_TOKEN}function_calls>\n{INVOKE}")
-    assert params.stop == ["END", f"</{DSML_TOKEN}invoke>"]
+    assert prompt.endswith("<｜Assistant｜></think>")
+    assert params.stop == ["END"]  # the grammar allows one call
+    assert 'invoke name=\\"get_weather\\"' in params.structured_outputs.structural_tag
     assert choice["finish_reason"] == "tool_calls" and choice["stop_reason"] is None
     assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
     assert choice["message"]["content"] is None
+    # "auto" without strict tools has no grammar: a stop string ends the first call.
+    client_for(engine).post("/v1/chat/completions", json={**body, "tool_choice": "auto"})
+    params = engine.calls[1][1]
+    assert params.stop == ["END", f"</{DSML_TOKEN}invoke>"] and params.structured_outputs is None
 
 
 def test_sampling_fields_reach_the_engine(tokenizer: Tokenizer) -> None:
