@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from dsv32.cli import build_parser, engine_config_from_args, main, server_config_from_args
+from dsv32.config import StructuredOutputsConfig
 
 
 def parse(*argv: str):
@@ -31,7 +32,8 @@ def test_serve_flags_map_onto_engine_and_server_config() -> None:
                  "512", "--kv-cache-dtype", "fp8", "--no-enable-prefix-caching", "--seed", "7", "--api-key", "k",
                  "--reasoning-parser", "deepseek-v3", "--tool-call-parser", "deepseekv32", "--load-format", "dummy",
                  "--max-waiting-requests", "4", "--block-size", "32", "--log-requests", "--max-logprobs", "5",
-                 "--tokenizer-mode", "deepseek_v32", "--enable-auto-tool-choice", "--trust-remote-code")
+                 "--tokenizer-mode", "deepseek_v32", "--enable-auto-tool-choice", "--trust-remote-code",
+                 "--structured-outputs-config", '{"backend": "xgrammar", "max_whitespace": 4}')
     engine = engine_config_from_args(args)
     server = server_config_from_args(args)
     assert (args.host, args.port) == ("0.0.0.0", 9001)
@@ -40,6 +42,7 @@ def test_serve_flags_map_onto_engine_and_server_config() -> None:
     assert engine.max_num_batched_tokens == 512 and engine.kv_cache_dtype == "fp8"
     assert engine.enable_prefix_caching is False and engine.seed == 7 and engine.load_format == "dummy"
     assert engine.max_waiting_requests == 4 and engine.block_size == 32
+    assert engine.structured_outputs_config == StructuredOutputsConfig(backend="xgrammar", max_whitespace=4)
     # SGLang's parser spellings map onto vLLM's.
     assert server.served_model_names == ("ds", "alias") and server.model_path == "/models/v32"
     assert server.reasoning_parser == "deepseek_v3" and server.tool_call_parser == "deepseek_v32"
@@ -70,6 +73,10 @@ def test_bad_flags_exit_with_usage_error(argv: tuple[str, ...], capsys: pytest.C
 def test_inconsistent_engine_config_is_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--gpu-memory-utilization", "1.5"]) == 2
     assert "--gpu-memory-utilization" in capsys.readouterr().err
+    assert main(["serve", "--structured-outputs-config", '{"backend": "outlines"}']) == 2
+    assert "backend 'outlines'" in capsys.readouterr().err
+    assert main(["serve", "--structured-outputs-config", "{bad"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
 
 
 def test_bench_and_eval_subcommands_are_wired_lazily() -> None:
