@@ -1,4 +1,5 @@
-"""The ``dsv32`` console script: ``serve`` (the OpenAI-compatible server), ``chat`` (a terminal client for it),
+"""The ``dsv32`` console script: ``serve`` (the OpenAI-compatible server), ``run-batch`` (a file of OpenAI batch
+requests through the engine), ``chat`` (a terminal client for a server),
 ``bench serve`` (load generator) and ``eval gsm8k`` (accuracy against a running server).
 
 Flags follow vLLM's names so its launch commands carry over; the heavy modules (torch, the engine, the benchmark)
@@ -41,36 +42,46 @@ def _int_with_suffix(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer (optionally with k/K/m/M), got {text!r}") from None
 
 
+_MODEL_HELP = ("Hugging Face checkpoint folder of a DeepSeek-V3.2 (or V3/V3.1/R1) model, or 'tiny' (default): a "
+               "built-in toy model of the same architecture with random weights.")
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=TINY_PRESET,
-                        help="Hugging Face checkpoint folder of a DeepSeek-V3.2 (or V3/V3.1/R1) model, or 'tiny' "
-                             "(default): a built-in toy model of the same architecture with random weights.")
+    parser.add_argument("model", nargs="?", default=TINY_PRESET, help=_MODEL_HELP)
     net = parser.add_argument_group("HTTP")
     net.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1; 0.0.0.0 for all).")
     net.add_argument("--port", type=int, default=8000, help="Port to listen on (default 8000).")
-    net.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                     help="Name(s) the API answers to; the first is reported in responses (default: the model path).")
     net.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                      help=f"Require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, else none).")
-    net.add_argument("--reasoning-parser", default="deepseek_v3", choices=sorted(REASONING_PARSERS),
-                     help="Split the model's thinking into `reasoning` / `reasoning_content` (default deepseek_v3; "
-                          "'none' leaves it in `content`).")
-    net.add_argument("--tool-call-parser", default="deepseek_v32", choices=sorted(TOOL_CALL_PARSERS),
-                     help="Parse DSML tool calls into `tool_calls` (default deepseek_v32; 'none' disables tools).")
-    net.add_argument("--enable-auto-tool-choice", action="store_true",
-                     help="Accepted for vLLM command compatibility: `tool_choice: auto` is on whenever a tool-call "
-                          "parser is set.")
-    net.add_argument("--max-logprobs", type=int, default=20,
-                     help="Most top alternatives a request may ask for with logprobs/top_logprobs (default 20).")
-    net.add_argument("--log-requests", action="store_true",
-                     help="Log each request's prompt and sampling parameters (off by default: prompts can be private).")
     net.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="On SIGTERM, seconds to let in-flight requests finish before aborting them (default 30).")
     net.add_argument("--uvicorn-log-level", default="warning",
                      choices=["critical", "error", "warning", "info", "debug", "trace"],
                      help="Log level of uvicorn's own messages (default warning).")
+    add_api_arguments(parser.add_argument_group("API"))
+    add_engine_arguments(parser.add_argument_group("engine"))
 
-    eng = parser.add_argument_group("engine")
+
+def add_api_arguments(api: argparse._ArgumentGroup) -> None:
+    """How requests are answered: shared by `serve` and `run-batch`."""
+    api.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="Name(s) the API answers to; the first is reported in responses (default: the model path).")
+    api.add_argument("--reasoning-parser", default="deepseek_v3", choices=sorted(REASONING_PARSERS),
+                     help="Split the model's thinking into `reasoning` / `reasoning_content` (default deepseek_v3; "
+                          "'none' leaves it in `content`).")
+    api.add_argument("--tool-call-parser", default="deepseek_v32", choices=sorted(TOOL_CALL_PARSERS),
+                     help="Parse DSML tool calls into `tool_calls` (default deepseek_v32; 'none' disables tools).")
+    api.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help="Accepted for vLLM command compatibility: `tool_choice: auto` is on whenever a tool-call "
+                          "parser is set.")
+    api.add_argument("--max-logprobs", type=int, default=20,
+                     help="Most top alternatives a request may ask for with logprobs/top_logprobs (default 20).")
+    api.add_argument("--log-requests", action="store_true",
+                     help="Log each request's prompt and sampling parameters (off by default: prompts can be private).")
+
+
+def add_engine_arguments(eng: argparse._ArgumentGroup) -> None:
+    """The engine's flags (vLLM's names): shared by `serve` and `run-batch`."""
     eng.add_argument("--tokenizer", default=None, help="Tokenizer folder or tokenizer.json (default: the model's).")
     eng.add_argument("--tokenizer-mode", default="deepseek_v32", choices=["auto", "deepseek_v32"],
                      help="Accepted for vLLM command compatibility; the V3.2 encoding is always used.")
@@ -153,6 +164,32 @@ def run_serve(args: argparse.Namespace) -> int:
                  shutdown_timeout=args.shutdown_timeout, uvicorn_log_level=args.uvicorn_log_level)
 
 
+def add_run_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", "--input-file", required=True,
+                        help="JSONL of OpenAI batch requests: {custom_id, method, url, body} per line, url "
+                             "/v1/chat/completions or /v1/completions.")
+    parser.add_argument("-o", "--output-file", required=True,
+                        help="JSONL of results, one per request in input order. If it exists, the custom_ids already "
+                             "done there are skipped (resume).")
+    parser.add_argument("--model", default=TINY_PRESET, help=_MODEL_HELP)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
+    add_api_arguments(parser.add_argument_group("API"))
+    add_engine_arguments(parser.add_argument_group("engine"))
+    parser.set_defaults(api_key=None)
+
+
+def run_run_batch(args: argparse.Namespace) -> int:
+    try:
+        engine_config = engine_config_from_args(args)
+        server_config = server_config_from_args(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"dsv32 run-batch: error: {exc}", file=sys.stderr)
+        return 2
+    from dsv32.server.batch import run_batch_file
+
+    return run_batch_file(engine_config, server_config, args.input_file, args.output_file, progress=args.progress)
+
+
 def run_chat(args: argparse.Namespace) -> int:
     from dsv32.server.chat_client import run_chat_client
 
@@ -204,6 +241,7 @@ def build_parser(argv: GenericSequence[str] = ()) -> argparse.ArgumentParser:
         epilog="Examples:\n  dsv32 serve                      # built-in tiny model, random weights, 127.0.0.1:8000\n"
                "  dsv32 serve /models/DeepSeek-V3.2 --max-model-len 32k\n"
                "  dsv32 chat --url http://127.0.0.1:8000\n"
+               "  dsv32 run-batch -i requests.jsonl -o results.jsonl --model /models/DeepSeek-V3.2\n"
                "  dsv32 bench serve --num-prompts 100\n  dsv32 eval gsm8k",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -213,6 +251,13 @@ def build_parser(argv: GenericSequence[str] = ()) -> argparse.ArgumentParser:
                                   description="Run the OpenAI-compatible HTTP server (vLLM's flag names).")
     add_serve_arguments(serve)
     serve.set_defaults(handler=run_serve)
+
+    run_batch = subparsers.add_parser(
+        "run-batch", help="Run a file of OpenAI batch requests through the engine (vllm run-batch's format).",
+        description="Run a JSONL file of OpenAI batch requests through the engine at full batch; results are written "
+                    "in input order, and a rerun with the same output file skips the requests already done.")
+    add_run_batch_arguments(run_batch)
+    run_batch.set_defaults(handler=run_run_batch)
 
     chat = subparsers.add_parser("chat", help="Chat with a running server in the terminal.",
                                  description="Interactive chat against a running server; the model's thinking is "

@@ -92,7 +92,17 @@ def test_chat_subcommand_flags() -> None:
     assert (args.url, args.thinking, args.max_tokens) == ("http://h:1", False, 64)
 
 
-@pytest.mark.parametrize("argv", [[], ["serve"], ["chat"], ["bench", "serve"], ["eval", "gsm8k"]])
+def test_run_batch_takes_the_engine_and_api_flags_with_the_tiny_model_by_default() -> None:
+    args = parse("run-batch", "-i", "in.jsonl", "-o", "out.jsonl")
+    assert (args.input_file, args.output_file, args.model, args.progress) == ("in.jsonl", "out.jsonl", "tiny", True)
+    args = parse("run-batch", "-i", "a", "-o", "b", "--model", "/models/v32", "--max-num-seqs", "128",
+                 "--served-model-name", "ds", "--reasoning-parser", "none")
+    engine, server = engine_config_from_args(args), server_config_from_args(args)
+    assert engine.model == "/models/v32" and engine.max_num_seqs == 128
+    assert server.served_model_names == ("ds",) and server.reasoning_parser == "none" and server.api_key is None
+
+
+@pytest.mark.parametrize("argv", [[], ["serve"], ["run-batch"], ["chat"], ["bench", "serve"], ["eval", "gsm8k"]])
 def test_help_is_available_for_every_subcommand(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main([*argv, "--help"])
