@@ -1,6 +1,7 @@
 """The FastAPI application: every HTTP route of the OpenAI-compatible server, API-key auth, and the engine's
 lifetime (shut down, aborting what is left, when the app stops).
 
+``GET /`` is the built-in chat page (``dsv32/server/static``: plain HTML/CSS/JS, nothing fetched from elsewhere).
 Routes (vLLM's shapes): ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (and
 ``/v1/models/{model}``), ``POST /tokenize`` and ``/detokenize`` (also under ``/v1``), ``GET /tokenizer_info``,
 ``GET /health``, ``GET /version``, ``GET /metrics``.
@@ -12,10 +13,12 @@ import hmac
 import importlib.metadata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -40,6 +43,9 @@ try:
 except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
     VERSION = "0.0.0+source"
 
+# The chat page's files, shipped as package data.
+STATIC_DIR = Path(__file__).parent / "static"
+
 
 def build_app(engine: Any, config: ServerConfig) -> FastAPI:
     """The app serving ``engine`` (an ``AsyncLLM``, already started). The engine is shut down with the app."""
@@ -55,6 +61,12 @@ def build_app(engine: Any, config: ServerConfig) -> FastAPI:
     install_error_handlers(app)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
 
     @app.get("/health")
     async def health() -> Response:
