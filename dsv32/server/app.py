@@ -4,7 +4,8 @@ lifetime (shut down, aborting what is left, when the app stops).
 ``GET /`` is the built-in chat page (``dsv32/server/static``: plain HTML/CSS/JS, nothing fetched from elsewhere).
 Routes (vLLM's shapes): ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (and
 ``/v1/models/{model}``), ``POST /tokenize`` and ``/detokenize`` (also under ``/v1``), ``GET /tokenizer_info``,
-``GET /health``, ``GET /version``, ``GET /metrics``.
+``GET /health``, ``GET /version``, ``GET /metrics``. For load balancers (vllm-router, sglang-router):
+``GET /get_load``, ``/get_model_info``, ``/get_server_info``, ``POST /flush_cache`` (``dsv32.server.worker_info``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dsv32.server.protocol import (
 from dsv32.server.sampling import check_token_ids
 from dsv32.server.settings import ServerConfig
 from dsv32.server.state import ServerState
+from dsv32.server.worker_info import load, model_info, server_info
 
 try:
     VERSION = importlib.metadata.version("dsv32")
@@ -79,6 +81,27 @@ def build_app(engine: Any, config: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/get_load")
+    async def get_load() -> dict[str, int]:
+        return load(state)
+
+    @app.get("/get_model_info")
+    @app.get("/model_info")
+    async def get_model_info() -> dict[str, Any]:
+        return model_info(state)
+
+    @app.get("/get_server_info")
+    @app.get("/server_info")
+    async def get_server_info() -> dict[str, Any]:
+        return server_info(state, VERSION)
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> Response:
+        # SGLang answers 400 while requests hold cached blocks; so do we (the routers only look at the status).
+        if await engine.reset_prefix_cache():
+            return Response("Cache flushed.", status_code=200)
+        return Response("Cache not flushed: requests are running.", status_code=400)
 
     def model_card(name: str) -> ModelCard:
         return ModelCard(id=name, root=config.model_path, max_model_len=state.max_model_len)

@@ -193,11 +193,17 @@ class SamplingFields(OpenAIBaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     response_format: ResponseFormat | None = None
+    # SGLang's fields, which vllm-router and sglang-router add to every request they forward: `no_stop_trim` is
+    # SGLang's include_stop_str_in_output; hidden states are not returned by this server.
+    no_stop_trim: bool = False
+    return_hidden_states: bool = False
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("Stream options can only be defined when `stream=True`.")
+        if self.return_hidden_states:
+            raise ValueError("return_hidden_states is not supported by this server.")
         return self
 
     def stop_list(self) -> list[str]:
@@ -223,12 +229,16 @@ class ChatCompletionRequest(SamplingFields):
     include_reasoning: bool = True
     # SGLang: false keeps the reasoning inside `content`.
     separate_reasoning: bool = True
+    # SGLang (and the routers, which always send it): false would hold the reasoning back until it ends.
+    stream_reasoning: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
+        if not self.stream_reasoning:
+            raise ValueError("stream_reasoning=false is not supported: reasoning is always streamed as it comes.")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise ValueError("when using `top_logprobs`, `logprobs` must be set to true.")

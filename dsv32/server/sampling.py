@@ -131,7 +131,7 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int, vocab_siz
             ignore_eos=request.ignore_eos,
             stop=request.stop_list() + list(extra_stop or []),
             stop_token_ids=stop_token_ids,
-            include_stop_str_in_output=request.include_stop_str_in_output,
+            include_stop_str_in_output=request.include_stop_str_in_output or request.no_stop_trim,
             skip_special_tokens=request.skip_special_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
