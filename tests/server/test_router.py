@@ -106,6 +106,8 @@ def test_worker_endpoints_the_routers_read(replicas: dict[str, ServerProcess]) -
     assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).status_code == 200
     refused = httpx.post(f"{base}/v1/chat/completions", json={**body, "return_hidden_states": True}, timeout=60)
     assert refused.status_code == 400 and "return_hidden_states" in refused.json()["error"]["message"]
+    refused = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream_reasoning": False}, timeout=60)
+    assert refused.status_code == 400 and "stream_reasoning" in refused.json()["error"]["message"]
     assert "ignored" not in replicas["fast"].log()
 
 
