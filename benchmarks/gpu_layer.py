@@ -40,10 +40,10 @@ from dsv32.config import ModelConfig
 from dsv32.kernels import get_backend
 from dsv32.kernels.cache_format import CacheLayout
 from dsv32.kernels.fp8 import dequantize_block_fp8, quantize_block_fp8
-from dsv32.model.batch import AttentionMetadata, ForwardBatch
+from dsv32.model.batch import ForwardBatch
 from dsv32.model.cache import KVCache
 from dsv32.model.deepseek import DecoderLayer
-from dsv32.model.rope import rope_cos_sin, rope_inv_freq
+from dsv32.model.rope import RopeTables, rope_inv_freq
 
 if TYPE_CHECKING:
     from transformers import DeepseekV32Config
@@ -352,14 +352,15 @@ class OurStep:
                  dtype: torch.dtype, seed: int = 2) -> None:
         device = batch.input_ids.device
         self.layer, self.cache = layer, cache
-        self.meta = AttentionMetadata.build(batch, cache.block_size)
-        self.cos, self.sin = rope_cos_sin(rope_inv_freq(config).to(device), batch.positions, dtype)
+        self.meta = batch.attention_metadata(cache.block_size)
+        self.rope = RopeTables.build(rope_inv_freq(config).to(device), batch.positions, dtype, config.index_head_dim)
         gen = torch.Generator(device=device).manual_seed(seed)
         self.hidden = torch.randn(batch.num_tokens, config.hidden_size, generator=gen, device=device).to(dtype)
 
     @torch.inference_mode()
     def __call__(self) -> torch.Tensor:
-        return self.layer(self.hidden, self.cos, self.sin, self.meta, self.cache)
+        out, residual = self.layer(self.hidden, None, self.rope, self.meta, self.cache)
+        return out + residual
 
     @torch.inference_mode()
     def distinct_experts(self) -> int:

@@ -4,7 +4,9 @@ The model calls ``get_backend(tensor.device).<op>(...)``; both backends implemen
 in ``dsv32.kernels.reference``, whose functions *are* the torch backend):
 
 * ``indexer_topk``: lightning-indexer scores over the paged (auto / FP8) key cache + top-k positions;
-* ``mla_decode`` / ``mla_prefill``: (sparse) MLA over the paged latent cache (Triton: absorbed 576/512 form);
+* ``mla_decode`` / ``mla_prefill``: (sparse) MLA over the paged latent cache, with the ``MLAWeights`` prepared at
+  load (decode: absorbed form; prefill: Triton absorbed 576/512, torch expanded); ``dsv32.kernels.attention`` builds
+  their metadata once per step and dispatches a step's decodes and prefill chunks to them;
 * ``fused_moe``: routed experts as grouped GEMMs, bf16 or FP8 128x128 block-scaled weights;
 * ``rms_norm``: fused residual add + RMSNorm;
 * ``fp8_linear``: ``x @ W^T`` for an e4m3 weight with block multipliers (Triton: block-scaled FP8 GEMM).
@@ -20,12 +22,15 @@ import functools
 import importlib.util
 import logging
 import os
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from dsv32.kernels import reference
 from dsv32.kernels.cache_format import CacheLayout
+
+if TYPE_CHECKING:
+    from dsv32.kernels.attention import MLAWeights
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +46,11 @@ class KernelBackend(Protocol):
     def indexer_topk(self, q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, layout: CacheLayout,
                      slot_table: torch.Tensor, kv_lens: torch.Tensor, topk: int) -> torch.Tensor: ...
 
-    def mla_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, latent_cache: torch.Tensor,
+    def mla_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
                    layout: CacheLayout, slot_table: torch.Tensor, kv_lens: torch.Tensor,
                    topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor: ...
 
-    def mla_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, latent_cache: torch.Tensor,
+    def mla_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
                     layout: CacheLayout, slots: torch.Tensor, positions: torch.Tensor,
                     topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor: ...
 

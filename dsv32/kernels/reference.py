@@ -14,11 +14,16 @@ the context of a query is given by cache *slots*, and top-k selections by contex
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from dsv32.kernels.cache_format import CacheLayout, prepare_index_q, read_index_rows, read_latent_rows
 from dsv32.kernels.fp8 import dequantize_block_fp8
+
+if TYPE_CHECKING:
+    from dsv32.kernels.attention import MLAWeights
 
 # ---- paged cache rows -------------------------------------------------------------------------------------------
 
@@ -89,30 +94,36 @@ def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, layout: Ca
     return torch.einsum("nhl,nlr->nhr", probs, values).to(q.dtype), lse
 
 
-def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, latent_cache: torch.Tensor,
+def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
                layout: CacheLayout, slot_table: torch.Tensor, kv_lens: torch.Tensor,
                topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
-    """Weight-absorbed attention of one query per sequence. ``q_nope`` [B, H, d_n], ``q_pe`` [B, H, d_r],
-    ``w_kvb`` [H * (d_n + d_v), r]; contexts ``slot_table`` [B, L] of lengths ``kv_lens`` [B], optionally restricted
-    to ``topk_positions`` [B, k]. Returns ``[B, H, d_v]``."""
-    batch, length = slot_table.shape
-    n_heads, nope_dim = q_nope.shape[1], q_nope.shape[2]
-    allowed = torch.arange(length, device=slot_table.device)[None, :] < kv_lens[:, None]
-    if topk_positions is not None:
-        allowed = allowed & positions_to_mask(topk_positions, length)
-    c, k_pe = read_latent_rows(latent_cache[slot_table.flatten()], layout)
-    latent, k_pe = c.view(batch, length, -1), k_pe.view(batch, length, -1)
-    w = w_kvb.view(n_heads, -1, w_kvb.shape[-1])
-    w_uk, w_uv = w[:, :nope_dim], w[:, nope_dim:]
-    q_abs = torch.einsum("bhd,hdr->bhr", q_nope, w_uk.to(q_nope.dtype))
-    scores = (torch.einsum("bhr,blr->bhl", q_abs, latent)
-              + torch.einsum("bhp,blp->bhl", q_pe, k_pe)) * softmax_scale
-    probs = scores.float().masked_fill(~allowed[:, None, :], float("-inf")).softmax(-1).to(latent.dtype)
-    o_latent = torch.einsum("bhl,blr->bhr", probs, latent)
-    return torch.einsum("bhr,hvr->bhv", o_latent, w_uv.to(o_latent.dtype))
+    """Weight-absorbed attention of one query per sequence. ``q_nope`` [B, H, d_n], ``q_pe`` [B, H, d_r] (absorbed
+    weights ``weights.w_uk`` / ``w_uv``); contexts ``slot_table`` [B, L] of lengths ``kv_lens`` [B], optionally
+    restricted to ``topk_positions`` [B, k] (then only those rows are read). Returns ``[B, H, d_v]``."""
+    if topk_positions is None:
+        slots = slot_table
+        allowed = torch.arange(slot_table.shape[1], device=slot_table.device) < kv_lens[:, None]
+    else:
+        slots = positions_to_slots(topk_positions[:, None], slot_table)[:, 0].clamp(min=0)
+        allowed = topk_positions >= 0
+    batch, length = slots.shape
+    rows = latent_cache[slots.flatten()]
+    q_abs = torch.bmm(q_nope.transpose(0, 1), weights.w_uk).transpose(0, 1)  # [B, H, r]
+    if layout.fmt == "auto":  # a cache row is [c ; k_pe]: one GEMM against [q_abs ; q_pe]
+        keys = rows.view(batch, length, -1)
+        latent = keys[..., :layout.kv_lora_rank]
+        scores = torch.bmm(torch.cat((q_abs, q_pe), dim=-1), keys.transpose(1, 2))
+    else:
+        c, k_pe = read_latent_rows(rows, layout)
+        latent, k_pe = c.view(batch, length, -1), k_pe.view(batch, length, -1)
+        scores = torch.bmm(q_abs, latent.transpose(1, 2)) + torch.bmm(q_pe, k_pe.transpose(1, 2))
+    scores = scores.float().mul_(softmax_scale).masked_fill_(~allowed[:, None, :], float("-inf"))
+    probs = scores.softmax(-1).to(latent.dtype)
+    o_latent = torch.bmm(probs, latent)  # [B, H, r]
+    return torch.bmm(o_latent.transpose(0, 1), weights.w_uv).transpose(0, 1)
 
 
-def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, latent_cache: torch.Tensor,
+def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
                 layout: CacheLayout, slots: torch.Tensor, positions: torch.Tensor,
                 topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
     """Non-absorbed ("MHA mode") causal attention of ``n`` queries of one sequence (``q_nope`` [n, H, d_n], ``q_pe``
@@ -120,7 +131,7 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, l
     ``topk_positions`` [n, k]. Returns ``[n, H, d_v]``."""
     n_heads, nope_dim = q_nope.shape[1], q_nope.shape[2]
     latent, k_pe = read_latent_rows(latent_cache[slots], layout)
-    kv = F.linear(latent.to(w_kvb.dtype), w_kvb).view(latent.shape[0], n_heads, -1)
+    kv = F.linear(latent, weights.w_kvb).view(latent.shape[0], n_heads, -1)
     k_nope, v = kv[..., :nope_dim], kv[..., nope_dim:]
     scores = (torch.einsum("nhd,lhd->hnl", q_nope, k_nope)
               + torch.einsum("nhr,lr->hnl", q_pe, k_pe)) * softmax_scale
@@ -167,28 +178,29 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts: ``out[t] = sum_j w[t, j] * W2_e (silu(W1_e x_t) * W3_e x_t)``, ``e = topk_ids[t, j]``, fp32
     ``[T, H]``. ``w13`` [E, 2I, H] (gate rows then up rows), ``w2`` [E, H, I]; e4m3 weights come with their 128x128
-    block multipliers and are dequantised to ``x``'s dtype. Tokens are grouped by expert, one GEMM pair each."""
+    block multipliers and are dequantised to ``x``'s dtype. Tokens are grouped by expert, one GEMM pair each, into
+    one buffer, and combined once at the end (no scatter over the hidden state per expert)."""
     if w13_scale is not None:
         w13 = dequantize_experts(w13, w13_scale, x.dtype)
     if w2_scale is not None:
         w2 = dequantize_experts(w2, w2_scale, x.dtype)
-    top_k = topk_ids.shape[1]
+    num_tokens, top_k = topk_ids.shape
     flat_ids = topk_ids.flatten()
     order = flat_ids.argsort(stable=True)
     counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-    token_of = order // top_k
-    weight_of = topk_weights.flatten()[order]
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    xs = x[order // top_k]  # the (token, expert) pairs' inputs, grouped by expert
+    ys = torch.empty(xs.shape[0], w2.shape[1], dtype=x.dtype, device=x.device)
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
-        rows = token_of[start:start + count]
-        gate, up = F.linear(x[rows], w13[expert]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[expert])
-        out.index_add_(0, rows, y.float() * weight_of[start:start + count, None])
-        start += count
-    return out
+        end = start + count
+        gate, up = F.linear(xs[start:end], w13[expert]).chunk(2, dim=-1)
+        torch.mm(F.silu(gate) * up, w2[expert].t(), out=ys[start:end])
+        start = end
+    # Back to (token, j) order, then each token's weighted sum of its k expert outputs as one batched GEMM.
+    y = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
+    return torch.bmm(topk_weights.float()[:, None, :], y.float())[:, 0]
 
 
 # ---- RMSNorm ----------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv32.kernels.attention import MLAWeights
 from dsv32.kernels.cache_format import CacheLayout
 from dsv32.kernels.reference import positions_to_slots
 from dsv32.kernels.triton_common import check_device, dot_precision, dot_type, next_power_of_2
@@ -143,33 +144,36 @@ def _merge_splits(o: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tup
     return (o * weights[..., None]).sum(2).to(dtype), total
 
 
-def _absorb(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[W_UK^T q_nope ; q_pe]`` per head, and ``W_UV`` ``[H, d_v, r]``."""
-    n_heads, nope_dim = q_nope.shape[1], q_nope.shape[2]
-    w = w_kvb.view(n_heads, -1, w_kvb.shape[-1])
-    q_abs = torch.einsum("nhd,hdr->nhr", q_nope, w[:, :nope_dim].to(q_nope.dtype))
-    return torch.cat((q_abs, q_pe.to(q_abs.dtype)), dim=-1), w[:, nope_dim:]
+def _absorb(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights) -> torch.Tensor:
+    """``[W_UK^T q_nope ; q_pe]`` per head ``[n, H, r + d_r]``."""
+    q_abs = torch.bmm(q_nope.transpose(0, 1), weights.w_uk).transpose(0, 1)
+    return torch.cat((q_abs, q_pe.to(q_abs.dtype)), dim=-1)
 
 
-def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, latent_cache: torch.Tensor,
+def _unabsorb(o_latent: torch.Tensor, weights: MLAWeights) -> torch.Tensor:
+    """``W_UV`` applied to the attended latents ``[n, H, r]`` -> ``[n, H, d_v]``."""
+    return torch.bmm(o_latent.transpose(0, 1), weights.w_uv).transpose(0, 1)
+
+
+def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
                layout: CacheLayout, slot_table: torch.Tensor, kv_lens: torch.Tensor,
                topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
     """Same contract as ``dsv32.kernels.reference.mla_decode`` (``[B, H, d_v]``)."""
-    q, w_uv = _absorb(q_nope, q_pe, w_kvb)
+    q = _absorb(q_nope, q_pe, weights)
     if topk_positions is None:
         kv_slots = slot_table
     else:
         kv_slots = positions_to_slots(topk_positions[:, None], slot_table)[:, 0]
         kv_lens = torch.full_like(kv_lens, kv_slots.shape[1])
     o_latent, _ = sparse_mla_attention(q, latent_cache, layout, kv_slots, kv_lens, softmax_scale)
-    return torch.einsum("bhr,hvr->bhv", o_latent, w_uv.to(o_latent.dtype))
+    return _unabsorb(o_latent, weights)
 
 
-def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, latent_cache: torch.Tensor,
+def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
                 layout: CacheLayout, slots: torch.Tensor, positions: torch.Tensor,
                 topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
     """Same contract as ``dsv32.kernels.reference.mla_prefill`` (``[n, H, d_v]``), computed in the absorbed form."""
-    q, w_uv = _absorb(q_nope, q_pe, w_kvb)
+    q = _absorb(q_nope, q_pe, weights)
     n = q.shape[0]
     if topk_positions is None:
         kv_slots = slots[None].expand(n, -1)  # one slot table shared by all queries (stride 0)
@@ -178,4 +182,4 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, w_kvb: torch.Tensor, l
         kv_slots = positions_to_slots(topk_positions[None], slots[None])[0]
         kv_lens = torch.full((n,), kv_slots.shape[1], dtype=torch.int64, device=q.device)
     o_latent, _ = sparse_mla_attention(q, latent_cache, layout, kv_slots, kv_lens, softmax_scale, num_splits=1)
-    return torch.einsum("nhr,hvr->nhv", o_latent, w_uv.to(o_latent.dtype))
+    return _unabsorb(o_latent, weights)

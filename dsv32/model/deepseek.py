@@ -5,6 +5,9 @@ One decoder layer (pre-norm residual)::
     h = h + MLA(RMSNorm(h))
     h = h + FFN(RMSNorm(h))          # FFN = dense SwiGLU for the first ``first_k_dense_replace`` layers, else MoE
 
+computed as vLLM does, with the residual carried beside each sub-block's output and added by the fused
+add+RMSNorm op of the next norm.
+
 The forward runs on a flat varlen ``ForwardBatch`` (no padding) against a paged ``KVCache``; it returns the
 final-normed hidden state of every token and leaves the LM head to ``compute_logits`` so the engine only projects
 the rows it samples from.
@@ -24,14 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv32.config import ModelConfig
+from dsv32.kernels.attention import AttentionMetadata
 from dsv32.kernels.cache_format import CacheLayout, normalize_kv_cache_dtype
-from dsv32.model.batch import AttentionMetadata, ForwardBatch
+from dsv32.model.batch import ForwardBatch
 from dsv32.model.cache import KVCache
 from dsv32.model.linear import Linear
 from dsv32.model.mla import MLA
 from dsv32.model.moe import MLP, MoE
 from dsv32.model.norm import RMSNorm
-from dsv32.model.rope import rope_cos_sin, rope_inv_freq
+from dsv32.model.rope import RopeTables, rope_inv_freq
 
 
 class DecoderLayer(nn.Module):
@@ -43,10 +47,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: nn.Module = MoE(config, dtype) if moe else MLP(config.hidden_size, config.intermediate_size, dtype)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                cache: KVCache) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, cache, self.layer_idx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables, meta: AttentionMetadata,
+                cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: the previous block's output, ``residual``: the stream before it (None: ``x`` is the stream).
+        Returns this layer's FFN output and the stream before it."""
+        x, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(x, rope, meta, cache, self.layer_idx)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual)
+        return self.mlp(x), residual
 
 
 class Embedding(nn.Module):
@@ -106,19 +114,30 @@ class DeepseekForCausalLM(nn.Module):
     def kv_cache_bytes_per_token(self, kv_cache_dtype: str) -> int:
         return self.cache_layout(kv_cache_dtype).bytes_per_token() * self.num_cache_layers
 
+    def prepare_weights(self) -> None:
+        """Derived weights made once after loading (the absorbed MLA weights); ``load_model`` calls it."""
+        for module in self.modules():
+            if isinstance(module, MLA):
+                module.prepare_weights()
+
     def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str) -> KVCache:
         return KVCache(self.cache_layout(kv_cache_dtype), self.num_cache_layers, num_blocks, block_size,
                        self.inv_freq.device)
 
+    def rope_tables(self, positions: torch.Tensor) -> RopeTables:
+        """The rotations of one step's positions (built once, shared by every layer)."""
+        c = self.config
+        return RopeTables.build(self.inv_freq, positions, self.dtype, c.index_head_dim if c.has_indexer else 0)
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Final-normed hidden states ``[T, hidden]`` of every token in the batch; writes their KV to the cache."""
-        meta = AttentionMetadata.build(batch, kv_cache.block_size)
-        cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)
-        h = self.model.embed_tokens(batch.input_ids)
+        meta = batch.attention_metadata(kv_cache.block_size)
+        rope = self.rope_tables(batch.positions)
+        x, residual = self.model.embed_tokens(batch.input_ids), None
         for layer in self.model.layers:
-            h = layer(h, cos, sin, meta, kv_cache)
-        return self.model.norm(h)
+            x, residual = layer(x, residual, rope, meta, kv_cache)
+        return self.model.norm.add_forward(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -131,8 +150,8 @@ class DeepseekForCausalLM(nn.Module):
         ``previous_hidden`` the main model's final hidden ``h_i``. Returns the MTP hidden states (normed, ready for
         ``compute_logits``)."""
         mtp = self.mtp[depth]
-        meta = AttentionMetadata.build(batch, kv_cache.block_size)
-        cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)
+        meta = batch.attention_metadata(kv_cache.block_size)
+        rope = self.rope_tables(batch.positions)
         e = mtp.enorm(self.model.embed_tokens(batch.input_ids))
         x = mtp.eh_proj(torch.cat((e, mtp.hnorm(previous_hidden.to(self.dtype))), dim=-1))
-        return mtp.shared_head_norm(mtp.block(x, cos, sin, meta, kv_cache))
+        return mtp.shared_head_norm.add_forward(*mtp.block(x, None, rope, meta, kv_cache))[0]

@@ -44,7 +44,8 @@ class Linear(nn.Module):
         return dequantize_block_fp8(self.weight, self.weight_scale_inv, self.block, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
         if self.weight_scale_inv is not None:
             return get_backend(x.device).fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
         return matmul_wt(x, self.weight)

@@ -89,6 +89,7 @@ def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
         load_safetensors(model, path, progress=progress, keep_fp8=keep_fp8)
     else:
         raise ValueError(f"load_format {load_format!r}: expected auto, safetensors or dummy")
+    model.prepare_weights()
     return model.eval()
 
 

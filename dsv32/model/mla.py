@@ -10,7 +10,8 @@ Per token ``x`` (after ``input_layernorm``)::
     score(t, s) = (q_nope_h . W_UK_h c_s + q_pe_h . k_pe_s) * softmax_scale
     o_h       = sum_s softmax_s(score) * W_UV_h c_s;   out = W_o [o_1 .. o_H]
 
-Two equivalent evaluations, both in ``dsv32.kernels`` (``mla_prefill`` / ``mla_decode``):
+Two equivalent evaluations, both in ``dsv32.kernels`` (``mla_prefill`` / ``mla_decode``, dispatched by
+``dsv32.kernels.attention``):
 
 * **non-absorbed** ("MHA mode", used for prefill chunks): expand every cached latent into per-head keys and values
   ``W_kvb c_s`` and attend with 192-wide heads.
@@ -28,13 +29,12 @@ import torch
 from torch import nn
 
 from dsv32.config import ModelConfig
-from dsv32.kernels import get_backend
-from dsv32.model.batch import AttentionMetadata
+from dsv32.kernels.attention import AttentionMetadata, MLAWeights, mla_attention
 from dsv32.model.cache import KVCache
 from dsv32.model.indexer import Indexer
 from dsv32.model.linear import Linear
 from dsv32.model.norm import RMSNorm
-from dsv32.model.rope import apply_rope_interleaved
+from dsv32.model.rope import RopeTables
 
 
 class MLA(nn.Module):
@@ -53,30 +53,26 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim), dtype)
         self.o_proj = Linear(self.n_heads * c.v_head_dim, c.hidden_size, dtype)
         self.indexer = Indexer(config, dtype) if config.has_indexer else None
+        self.mla_weights: MLAWeights | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                cache: KVCache, layer: int) -> torch.Tensor:
+    def prepare_weights(self) -> None:
+        """``kv_b_proj`` in the compute dtype and its absorbed parts, made once after loading (``load_model`` calls
+        it; call it again after changing ``kv_b_proj``)."""
+        self.mla_weights = MLAWeights.from_kv_b(self.kv_b_proj.dequantized_weight(), self.n_heads, self.nope_dim)
+
+    def forward(self, x: torch.Tensor, rope: RopeTables, meta: AttentionMetadata, cache: KVCache,
+                layer: int) -> torch.Tensor:
         num_tokens = x.shape[0]
         qr = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(num_tokens, self.n_heads, -1)
-        q_nope, q_pe = q[..., :self.nope_dim], apply_rope_interleaved(q[..., self.nope_dim:], cos, sin)
+        q_nope, q_pe = q[..., :self.nope_dim], rope.mla(q[..., self.nope_dim:])
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_pe = apply_rope_interleaved(k_pe, cos, sin)
+        k_pe = rope.mla(k_pe)
         cache.write_latent(layer, meta.slot_mapping, self.kv_a_layernorm(latent), k_pe)
-        selection = self.indexer(x, qr, cos, sin, meta, cache, layer) if self.indexer is not None else None
+        selection = self.indexer(x, qr, rope, meta, cache, layer) if self.indexer is not None else None
 
-        out = x.new_empty(num_tokens, self.n_heads, self.v_dim)
-        backend = get_backend(x.device)
-        latent_cache, w_kvb = cache.latent[layer], self.kv_b_proj.dequantized_weight()
-        for b in meta.prefill_seqs:
-            span = meta.spans[b]
-            rows = slice(span.start, span.end)
-            selected = selection.prefill[b] if selection is not None else None
-            out[rows] = backend.mla_prefill(q_nope[rows], q_pe[rows], w_kvb, latent_cache, cache.layout, span.slots,
-                                            span.positions, selected, self.softmax_scale)
-        if meta.decode_seqs:
-            rows = meta.decode_rows
-            selected = selection.decode if selection is not None else None
-            out[rows] = backend.mla_decode(q_nope[rows], q_pe[rows], w_kvb, latent_cache, cache.layout,
-                                           meta.decode_slots, meta.decode_valid.sum(-1), selected, self.softmax_scale)
+        if self.mla_weights is None:
+            self.prepare_weights()
+        out = mla_attention(q_nope, q_pe, self.mla_weights, cache.latent[layer], cache.layout, meta, selection,
+                            self.softmax_scale)
         return self.o_proj(out.flatten(1))

@@ -58,17 +58,18 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_gr
 
 
 class Gate(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=dtype),
+        # Routing runs in fp32 (as HF and DeepSeek do): the weight is kept in fp32, not converted every step.
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32),
                                    requires_grad=False)
         self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts, dtype=torch.float32),
                                                     requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight)
         return route(logits, self.e_score_correction_bias, c.n_group, c.topk_group, c.num_experts_per_tok,
                      c.norm_topk_prob, c.routed_scaling_factor)
 
@@ -113,7 +114,7 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        self.gate = Gate(config, dtype)
+        self.gate = Gate(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, dtype)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype)
                                if config.n_shared_experts else None)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv32.kernels import get_backend
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -22,6 +24,11 @@ class RMSNorm(nn.Module):
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y.to(x.dtype) * self.weight).to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused residual add + RMSNorm (``dsv32.kernels`` ``rms_norm``): ``h = x + residual`` (``h = x``
+        without one) -> ``(RMSNorm(h), h)``."""
+        return get_backend(x.device).rms_norm(x, self.weight, self.eps, residual)
 
 
 class LayerNorm(nn.Module):

@@ -17,6 +17,7 @@ angle(p, i) = p * f_i'. cos/sin carry no magnitude scaling (the YaRN mscale live
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -52,18 +53,54 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs ``(x[2i], x[2i+1])``; ``x`` is ``[T, ..., d]``, ``cos``/``sin`` ``[T, d/2]``."""
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-    c, s = cos.view(shape), sin.view(shape)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+@dataclass(frozen=True)
+class Rotary:
+    """One step's rotation for one layout, over vectors of ``width`` values whose first ``2 * d/2`` rotate (the rest
+    pass through), as one fused expression built once per step: ``y = x * cos + x[perm] * sin`` where ``perm``
+    maps each value to its rotation partner and ``sin`` carries the sign. ``y_i = x_i c - x_p s`` and
+    ``y_p = x_p c + x_i s`` round exactly as the textbook two-multiply form."""
+
+    cos: torch.Tensor  # [T, width]
+    sin: torch.Tensor  # [T, width], signed; 0 where values pass through
+    perm: torch.Tensor  # [width]
+
+    @classmethod
+    def build(cls, cos: torch.Tensor, sin: torch.Tensor, width: int, interleaved: bool) -> Rotary:
+        """From ``rope_cos_sin``'s ``[T, d/2]`` tables: ``interleaved`` rotates pairs ``(x[2i], x[2i+1])`` (MLA),
+        else ``(x[i], x[i + d/2])`` (NeoX half-split, the indexer)."""
+        half = cos.shape[1]
+        device = cos.device
+        if interleaved:
+            full_cos = cos.repeat_interleave(2, dim=1)
+            full_sin = torch.stack((-sin, sin), dim=-1).flatten(1)
+            perm = torch.arange(2 * half, device=device).view(half, 2).flip(-1).flatten()
+        else:
+            full_cos = torch.cat((cos, cos), dim=1)
+            full_sin = torch.cat((-sin, sin), dim=1)
+            perm = torch.arange(2 * half, device=device).roll(half)
+        rest = width - 2 * half
+        if rest:
+            full_cos = torch.cat((full_cos, full_cos.new_ones(cos.shape[0], rest)), dim=1)
+            full_sin = torch.cat((full_sin, full_sin.new_zeros(cos.shape[0], rest)), dim=1)
+            perm = torch.cat((perm, torch.arange(2 * half, width, device=device)))
+        return cls(full_cos, full_sin, perm)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` ``[T, ..., width]``."""
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        return x * self.cos.view(shape) + x.index_select(-1, self.perm) * self.sin.view(shape)
 
 
-def apply_rope_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs ``(x[i], x[i + d/2])``; ``x`` is ``[T, ..., d]``, ``cos``/``sin`` ``[T, d/2]``."""
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-    c, s = cos.view(shape), sin.view(shape)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+@dataclass(frozen=True)
+class RopeTables:
+    """The rotations of one step: MLA's interleaved rope dims and the indexer's half-split (partial) head."""
+
+    mla: Rotary
+    indexer: Rotary | None
+
+    @classmethod
+    def build(cls, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype,
+              index_head_dim: int) -> RopeTables:
+        cos, sin = rope_cos_sin(inv_freq, positions, dtype)
+        mla = Rotary.build(cos, sin, 2 * cos.shape[1], interleaved=True)
+        return cls(mla, Rotary.build(cos, sin, index_head_dim, interleaved=False) if index_head_dim else None)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dsv32.kernels import reference
+from dsv32.kernels.attention import MLAWeights
 
 from .conftest import needs_triton
 from .helpers import fill_cache, make_cache, scattered_slots
@@ -87,11 +88,12 @@ def test_model_decode_op_matches_reference(fmt: str, sparse: bool, device: torch
         topk[1, 20:] = -1
     q_nope = torch.randn(2, n_heads, nope, generator=gen)
     q_pe = torch.randn(2, n_heads, 64, generator=gen)
-    expected = reference.mla_decode(q_nope, q_pe, w_kvb, cache.latent[0], cache.layout, slot_table, kv_lens, topk,
+    weights = MLAWeights.from_kv_b(w_kvb, n_heads, nope)
+    expected = reference.mla_decode(q_nope, q_pe, weights, cache.latent[0], cache.layout, slot_table, kv_lens, topk,
                                     SCALE)
-    args = [t.to(device) if t is not None else None for t in (q_nope, q_pe, w_kvb, cache.latent[0])]
-    got = triton_mla.mla_decode(*args, cache.layout, slot_table.to(device), kv_lens.to(device),
-                                topk.to(device) if sparse else None, SCALE)
+    got = triton_mla.mla_decode(q_nope.to(device), q_pe.to(device), MLAWeights.from_kv_b(w_kvb.to(device), n_heads,
+                                nope), cache.latent[0].to(device), cache.layout, slot_table.to(device),
+                                kv_lens.to(device), topk.to(device) if sparse else None, SCALE)
     _close(got, expected, 1e-4 if fmt == "auto" else 1e-3)
 
 
@@ -108,9 +110,10 @@ def test_model_prefill_op_absorbed_matches_expanded_reference(sparse: bool, devi
         topk = torch.stack([torch.randperm(int(p) + 1, generator=gen)[:16] for p in positions])
     q_nope = torch.randn(10, n_heads, nope, generator=gen)
     q_pe = torch.randn(10, n_heads, 64, generator=gen)
-    expected = reference.mla_prefill(q_nope, q_pe, w_kvb, cache.latent[0], cache.layout, slots, positions, topk,
-                                     SCALE)
-    got = triton_mla.mla_prefill(q_nope.to(device), q_pe.to(device), w_kvb.to(device), cache.latent[0].to(device),
+    expected = reference.mla_prefill(q_nope, q_pe, MLAWeights.from_kv_b(w_kvb, n_heads, nope), cache.latent[0],
+                                     cache.layout, slots, positions, topk, SCALE)
+    got = triton_mla.mla_prefill(q_nope.to(device), q_pe.to(device), MLAWeights.from_kv_b(w_kvb.to(device), n_heads,
+                                 nope), cache.latent[0].to(device),
                                  cache.layout, slots.to(device), positions.to(device),
                                  topk.to(device) if sparse else None, SCALE)
     _close(got, expected, 1e-4)

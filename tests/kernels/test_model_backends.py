@@ -70,6 +70,7 @@ def _keep_weights_in_fp8(model: torch.nn.Module) -> None:
                     module.to_fp8(part)
                     getattr(module, part).copy_(torch.stack([q for q, _ in pairs]))
                     getattr(module, f"{part}_scale_inv").copy_(torch.stack([s for _, s in pairs]))
+    model.prepare_weights()
 
 
 @needs_triton

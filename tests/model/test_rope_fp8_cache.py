@@ -8,7 +8,7 @@ from dsv32.config import ModelConfig
 from dsv32.kernels.cache_format import CacheLayout, prepare_index_q
 from dsv32.kernels.fp8 import act_dequant, act_quant, dequantize_block_fp8, hadamard, quantize_block_fp8
 from dsv32.model.cache import KVCache
-from dsv32.model.rope import apply_rope_half_split, apply_rope_interleaved, rope_cos_sin, rope_inv_freq
+from dsv32.model.rope import Rotary, rope_cos_sin, rope_inv_freq
 
 
 def test_yarn_frequencies_of_the_real_model() -> None:
@@ -28,13 +28,28 @@ def test_interleaved_and_half_split_are_the_same_rotation_up_to_a_permutation() 
     x = torch.randn(5, 3, 8, generator=gen)
     cos, sin = rope_cos_sin(rope_inv_freq(ModelConfig().with_overrides(qk_rope_head_dim=8)), torch.arange(5),
                             torch.float32)
-    interleaved = apply_rope_interleaved(x, cos, sin)
+    interleaved = Rotary.build(cos, sin, 8, interleaved=True)(x)
     perm = torch.cat((torch.arange(0, 8, 2), torch.arange(1, 8, 2)))  # (x0, x1, ..) -> (x0, x2, .., x1, x3, ..)
-    half = apply_rope_half_split(x[..., perm], cos, sin)
+    half = Rotary.build(cos, sin, 8, interleaved=False)(x[..., perm])
     assert torch.allclose(interleaved[..., perm], half, atol=1e-6)
     # rotation preserves norms; position 0 is the identity
     assert torch.allclose(interleaved.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
     assert torch.allclose(interleaved[0], x[0])
+    # pair (x0, x1) at position p turns by angle p * f_0: the textbook form
+    c, s = cos[:, 0, None], sin[:, 0, None]
+    assert torch.allclose(interleaved[:, :, 0], x[:, :, 0] * c - x[:, :, 1] * s, atol=1e-6)
+    assert torch.allclose(interleaved[:, :, 1], x[:, :, 1] * c + x[:, :, 0] * s, atol=1e-6)
+
+
+def test_partial_rotary_passes_the_other_dims_through() -> None:
+    cos, sin = rope_cos_sin(rope_inv_freq(ModelConfig().with_overrides(qk_rope_head_dim=4)), torch.arange(1, 4),
+                            torch.float32)
+    x = torch.randn(3, 2, 10, generator=torch.Generator().manual_seed(1))
+    y = Rotary.build(cos, sin, 10, interleaved=False)(x)
+    assert torch.equal(y[..., 4:], x[..., 4:])
+    assert torch.allclose(y[..., 0], x[..., 0] * cos[:, None, 0] - x[..., 2] * sin[:, None, 0], atol=1e-6)
+    # a [T, width] input (no head dim) broadcasts the same way
+    assert torch.allclose(Rotary.build(cos, sin, 10, interleaved=False)(x[:, 0]), y[:, 0])
 
 
 def test_block_fp8_roundtrip_with_partial_blocks() -> None:

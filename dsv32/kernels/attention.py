@@ -1,0 +1,132 @@
+"""Attention over the paged cache for a whole varlen batch: the metadata, built once per step, and the dispatch of
+MLA and the lightning indexer to the backend's ops.
+
+A step mixes decodes (one query token per sequence) and prefill chunks. ``AttentionMetadata.build`` lays the
+decodes out once per step as one padded batch ``[B_d, L_max]`` of cache slots (vectorised, no per-sequence tensor
+work), so every layer's decode attention and indexer run as a few batched ops; each prefill chunk keeps its own
+context slots and is processed on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv32.kernels import get_backend
+from dsv32.kernels.cache_format import CacheLayout
+
+
+@dataclass
+class PrefillSpan:
+    """One prefill chunk's token rows ``[start, end)`` and its whole context's cache slots."""
+
+    start: int
+    end: int
+    context_len: int
+    slots: torch.Tensor  # [context_len] int64: cache slot of every context position 0..context_len-1
+    positions: torch.Tensor  # [end - start] int64: absolute positions of its query tokens
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention bookkeeping shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T]: where each new token's KV is written
+    prefills: list[PrefillSpan]
+    num_decodes: int
+    decode_rows: slice | torch.Tensor  # token rows of the decode queries (a slice when they lead the batch)
+    decode_slots: torch.Tensor  # [B_d, L_max] context slots (padding points at valid slots and is masked)
+    decode_lens: torch.Tensor  # [B_d] context lengths
+    max_decode_len: int
+
+    @classmethod
+    def build(cls, positions: torch.Tensor, query_start_loc: list[int], seq_lens: list[int],
+              block_tables: torch.Tensor, slot_mapping: torch.Tensor, block_size: int) -> AttentionMetadata:
+        """Sequence ``b`` owns token rows ``query_start_loc[b]:query_start_loc[b+1]`` and has ``seq_lens[b]``
+        context tokens (these included) in the blocks ``block_tables[b]``."""
+        device = block_tables.device
+        starts, ends = query_start_loc[:-1], query_start_loc[1:]
+        decodes = [b for b, (s, e) in enumerate(zip(starts, ends, strict=True)) if e - s == 1]
+        prefills = []
+        for b, (start, end) in enumerate(zip(starts, ends, strict=True)):
+            if end - start > 1:
+                context = torch.arange(seq_lens[b], device=device)
+                slots = block_tables[b, context // block_size] * block_size + context % block_size
+                prefills.append(PrefillSpan(start, end, seq_lens[b], slots, positions[start:end]))
+        lens = [seq_lens[b] for b in decodes]
+        max_len = max(lens, default=0)
+        if decodes == list(range(len(decodes))):
+            rows: slice | torch.Tensor = slice(0, len(decodes))
+            tables = block_tables[:len(decodes)]
+        else:
+            index = torch.tensor(decodes, dtype=torch.long, device=device)
+            rows = torch.tensor([starts[b] for b in decodes], dtype=torch.long, device=device)
+            tables = block_tables[index]
+        context = torch.arange(max_len, device=device)
+        decode_slots = tables[:, context // block_size] * block_size + context % block_size
+        decode_lens = torch.tensor(lens, dtype=torch.long, device=device)
+        return cls(slot_mapping, prefills, len(decodes), rows, decode_slots, decode_lens, max_len)
+
+
+@dataclass(frozen=True)
+class MLAWeights:
+    """``W_kvb`` in the compute dtype, prepared once at load, and its absorbed parts as views laid out for batched
+    GEMMs (no copies): ``w_kvb`` [H * (d_n + d_v), r] (expands the latent, non-absorbed form), ``w_uk`` [H, d_n, r]
+    (folded into the query) and ``w_uv`` [H, r, d_v] (``W_UV^T``, applied after the attention)."""
+
+    w_kvb: torch.Tensor
+    w_uk: torch.Tensor
+    w_uv: torch.Tensor
+
+    @classmethod
+    def from_kv_b(cls, w_kvb: torch.Tensor, n_heads: int, nope_dim: int) -> MLAWeights:
+        w = w_kvb.view(n_heads, -1, w_kvb.shape[-1])
+        return cls(w_kvb, w[:, :nope_dim], w[:, nope_dim:].transpose(1, 2))
+
+
+@dataclass
+class IndexSelection:
+    """The context positions each query may attend (``-1`` padded); ``None`` means every causal key (context <=
+    index_topk)."""
+
+    prefill: list[torch.Tensor | None] = field(default_factory=list)  # per prefill span: [n, k]
+    decode: torch.Tensor | None = None  # [B_d, k]
+
+
+def indexer_select(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, layout: CacheLayout,
+                   meta: AttentionMetadata, topk: int) -> IndexSelection:
+    """Top-k context positions of every query (``q`` [T, H, D] post-RoPE, head ``weights`` [T, H]); contexts no
+    longer than ``topk`` select everything and are not scored."""
+    backend = get_backend(q.device)
+    selection = IndexSelection()
+    for span in meta.prefills:
+        rows = slice(span.start, span.end)
+        selection.prefill.append(None if span.context_len <= topk else backend.indexer_topk(
+            q[rows][None], weights[rows][None], index_cache, layout, span.slots[None], (span.positions + 1)[None],
+            topk)[0])
+    if meta.num_decodes and meta.max_decode_len > topk:
+        rows = meta.decode_rows
+        selection.decode = backend.indexer_topk(q[rows][:, None], weights[rows][:, None], index_cache, layout,
+                                                meta.decode_slots, meta.decode_lens[:, None], topk)[:, 0]
+    return selection
+
+
+def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
+                  layout: CacheLayout, meta: AttentionMetadata, selection: IndexSelection | None,
+                  softmax_scale: float) -> torch.Tensor:
+    """MLA of every query of the step ``[T, H, d_v]``: each prefill chunk on its own, all decodes at once."""
+    backend = get_backend(q_nope.device)
+    if not meta.prefills:  # decode-only step: no scatter into an output buffer
+        return backend.mla_decode(q_nope, q_pe, weights, latent_cache, layout, meta.decode_slots, meta.decode_lens,
+                                  selection.decode if selection else None, softmax_scale)
+    out = q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], weights.w_uv.shape[2])
+    for i, span in enumerate(meta.prefills):
+        rows = slice(span.start, span.end)
+        out[rows] = backend.mla_prefill(q_nope[rows], q_pe[rows], weights, latent_cache, layout, span.slots,
+                                        span.positions, selection.prefill[i] if selection else None, softmax_scale)
+    if meta.num_decodes:
+        rows = meta.decode_rows
+        out[rows] = backend.mla_decode(q_nope[rows], q_pe[rows], weights, latent_cache, layout, meta.decode_slots,
+                                       meta.decode_lens, selection.decode if selection else None, softmax_scale)
+    return out
