@@ -169,10 +169,11 @@ class ModelRunner:
 
     def _prepare(self, scheduled: list[ScheduledSeq]
                  ) -> tuple[ForwardBatch, list[int], list[Sequence], list[_PromptLogprobRows]]:
+        """Lay the step out as a flat batch. Python touches each sequence once; positions and cache slots of every
+        token are computed as tensors."""
         bs = self.block_size
         input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
+        starts: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
@@ -183,9 +184,7 @@ class ModelRunner:
             end = start + item.num_new_tokens
             row0 = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            blocks = seq.block_ids
-            slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            starts.append(start)
             query_start_loc.append(len(input_ids))
             seq_lens.append(end)
             if end == seq.num_tokens:  # caught up: its last row predicts the next token
@@ -200,14 +199,26 @@ class ModelRunner:
                     targets = seq.prompt_token_ids[first + 1:last + 1]
                     prompt_rows.append(_PromptLogprobRows(seq, row0 + first - start, targets))
         max_blocks = max(len(item.seq.block_ids) for item in scheduled)
-        tables = [item.seq.block_ids + [0] * (max_blocks - len(item.seq.block_ids)) for item in scheduled]
+        tables = torch.tensor([item.seq.block_ids + [0] * (max_blocks - len(item.seq.block_ids))
+                               for item in scheduled], dtype=torch.long)
+        num_tokens = len(input_ids)
+        if num_tokens == len(scheduled):  # one token per sequence (decodes)
+            seq_of_token = torch.arange(num_tokens)
+            positions = torch.tensor(starts, dtype=torch.long)
+        else:
+            q_lens = torch.tensor(query_start_loc[1:]) - torch.tensor(query_start_loc[:-1])
+            seq_of_token = torch.repeat_interleave(torch.arange(len(scheduled)), q_lens)
+            first_row = torch.tensor(query_start_loc[:-1]) - torch.tensor(starts)  # row of position 0, per sequence
+            positions = torch.arange(num_tokens) - first_row[seq_of_token]
+        slot_mapping = tables[seq_of_token, positions // bs] * bs + positions % bs
+        device = self.device
         batch = ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions=positions.to(device),
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
-            block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
+            block_tables=tables.to(device),
+            slot_mapping=slot_mapping.to(device),
         )
         return batch, sample_rows, sample_seqs, prompt_rows
 

@@ -114,6 +114,13 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: Gener
     ]
 
 
+def _edits_logits(row: SamplingRequestState) -> bool:
+    """Whether min_tokens, logit_bias or a penalty changes this row's logits this step."""
+    p = row.params
+    return (bool(p.logit_bias) or len(row.output_token_ids) < p.min_tokens or p.repetition_penalty != 1.0
+            or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0)
+
+
 def _rows_tensor(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
@@ -154,6 +161,9 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"Sampler expects logits of shape [{len(rows)}, vocab] (one row per request), "
                              f"got {tuple(logits.shape)}.")
+        if all(row.params.greedy and row.params.logprobs is None and not _edits_logits(row) for row in rows):
+            # The common case, one batched op: the argmax of the raw logits.
+            return SamplerOutput(token_ids=logits.argmax(dim=-1), logprobs=[None] * len(rows))
         raw_logits = logits
         logits = self.processed_logits(logits, rows, eos_token_id)
         # The argmax of every row (cheaper than gathering the greedy ones first); sampled rows are overwritten below.

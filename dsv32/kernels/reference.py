@@ -185,22 +185,53 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if w2_scale is not None:
         w2 = dequantize_experts(w2, w2_scale, x.dtype)
     num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
     flat_ids = topk_ids.flatten()
     order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts)
     xs = x[order // top_k]  # the (token, expert) pairs' inputs, grouped by expert
-    ys = torch.empty(xs.shape[0], w2.shape[1], dtype=x.dtype, device=x.device)
+    if num_experts * int(counts.max()) <= MOE_PADDING_FACTOR * xs.shape[0]:
+        ys = _experts_padded(xs, w13, w2, flat_ids[order], counts)
+    else:
+        ys = _experts_looped(xs, w13, w2, counts.tolist())
+    # Back to (token, j) order, then each token's weighted sum of its k expert outputs as one batched GEMM.
+    y = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
+    return torch.bmm(topk_weights.float()[:, None, :], y.float())[:, 0]
+
+
+# Routed experts run as one padded batched GEMM pair when that wastes at most this factor of rows (dense routing:
+# few experts, many tokens each); else one GEMM pair per expert that got tokens.
+MOE_PADDING_FACTOR = 2
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _experts_padded(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, sorted_ids: torch.Tensor,
+                    counts: torch.Tensor) -> torch.Tensor:
+    """Expert-grouped rows ``xs`` [P, H] (expert ids ``sorted_ids``) through their experts, every expert's group
+    padded to the largest: ``[E, max_count, H]`` batched GEMMs."""
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(xs.shape[0], device=xs.device) - starts[sorted_ids]
+    padded = xs.new_zeros(w13.shape[0], int(counts.max()), xs.shape[1])
+    padded[sorted_ids, rank] = xs
+    out = torch.bmm(_swiglu(torch.bmm(padded, w13.transpose(1, 2))), w2.transpose(1, 2))
+    return out[sorted_ids, rank]
+
+
+def _experts_looped(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Expert-grouped rows ``xs`` [P, H] through their experts, one GEMM pair per expert that has rows."""
+    ys = torch.empty(xs.shape[0], w2.shape[1], dtype=xs.dtype, device=xs.device)
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
         end = start + count
-        gate, up = F.linear(xs[start:end], w13[expert]).chunk(2, dim=-1)
-        torch.mm(F.silu(gate) * up, w2[expert].t(), out=ys[start:end])
+        torch.mm(_swiglu(F.linear(xs[start:end], w13[expert])), w2[expert].t(), out=ys[start:end])
         start = end
-    # Back to (token, j) order, then each token's weighted sum of its k expert outputs as one batched GEMM.
-    y = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
-    return torch.bmm(topk_weights.float()[:, None, :], y.float())[:, 0]
+    return ys
 
 
 # ---- RMSNorm ----------------------------------------------------------------------------------------------------

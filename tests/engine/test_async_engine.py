@@ -45,6 +45,7 @@ def test_streams_cumulative_outputs_equal_to_offline(engine, v32):
         assert later.outputs[0].text.startswith(earlier.outputs[0].text)
     final = outs[-1].outputs[0]
     assert final.finish_reason == "length" and len(final.logprobs) == 5
+    asyncio.run(engine.shutdown())  # the engine thread must be done with the shared core before it runs offline
     offline = v32.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
     assert final.token_ids == offline.token_ids and final.text == offline.text
 

@@ -72,6 +72,27 @@ def test_fused_moe_matches_reference(fp8: bool, num_tokens: int, tiles: dict, de
     assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
 
 
+@pytest.mark.parametrize(("num_tokens", "num_experts"), [(16, 4), (3, 8), (1, 8)])
+@pytest.mark.parametrize("padding_factor", [0, 1000])  # 0: one GEMM pair per expert; 1000: padded batched GEMMs
+def test_reference_moe_is_the_weighted_sum_of_each_tokens_experts(num_tokens: int, num_experts: int,
+                                                                   padding_factor: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reference, "MOE_PADDING_FACTOR", padding_factor)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(num_tokens, 32, generator=gen)
+    w13 = torch.randn(num_experts, 2 * 24, 32, generator=gen)
+    w2 = torch.randn(num_experts, 32, 24, generator=gen)
+    weights, ids = _routing(num_tokens, num_experts, 2, gen)
+    expected = torch.zeros(num_tokens, 32)
+    for t in range(num_tokens):
+        for w, e in zip(weights[t], ids[t], strict=True):
+            gate, up = (w13[e] @ x[t]).chunk(2)
+            expected[t] += w * (w2[e] @ (torch.nn.functional.silu(gate) * up))
+    got = reference.fused_moe(x, w13, w2, weights, ids)
+    assert got.dtype == torch.float32 and got.shape == (num_tokens, 32)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 @needs_triton
 def test_fused_moe_fp32_is_tight(device: torch.device) -> None:
     from dsv32.kernels import triton_moe
