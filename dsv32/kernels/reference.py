@@ -201,7 +201,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
 # Routed experts run as one padded batched GEMM pair when that wastes at most this factor of rows (dense routing:
 # few experts, many tokens each); else one GEMM pair per expert that got tokens.
-MOE_PADDING_FACTOR = 2
+MOE_PADDING_FACTOR = 4
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
