@@ -48,9 +48,11 @@ def positions_to_slots(positions: torch.Tensor, slot_table: torch.Tensor) -> tor
 
 def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``q`` [B, n, H, D] and ``keys`` [B, L, D] (same numeric domain), ``weights`` [B, n, H] -> [B, n, L] fp32:
-    ``sum_h w_h * ReLU(q_h . k * D^-0.5)``."""
-    dots = torch.einsum("bnhd,bld->bnhl", q.float(), keys.float()) * q.shape[-1] ** -0.5
-    return torch.einsum("bnh,bnhl->bnl", weights.float(), dots.relu())
+    ``sum_h w_h * ReLU(q_h . k * D^-0.5)``, as two batched GEMMs."""
+    batch, n, n_heads, dim = q.shape
+    dots = torch.bmm(q.float().reshape(batch, n * n_heads, dim), keys.float().transpose(1, 2))
+    dots = dots.view(batch, n, n_heads, -1).mul_(dim ** -0.5).relu_()
+    return torch.matmul(weights.float()[:, :, None, :], dots)[:, :, 0]
 
 
 def select_topk(scores: torch.Tensor, allowed: torch.Tensor, topk: int) -> torch.Tensor:
@@ -239,9 +241,9 @@ def _experts_looped(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, count
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = x + residual`` (rounded to ``x``'s dtype; ``h = x`` without a residual) and ``RMSNorm(h)``, computed as
-    ``dsv32.model.norm.RMSNorm`` does. Returns ``(normed, h)``."""
+    """``h = x + residual`` (rounded to ``x``'s dtype; ``h = x`` without a residual) and ``RMSNorm(h)`` as
+    ``dsv32.model.norm`` defines it: ``w * (h / rms(h))`` in fp32, rounded to ``h``'s dtype before and after the
+    weight. Returns ``(normed, h)``."""
     h = x if residual is None else x + residual
-    hf = h.float()
-    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    y = torch.rms_norm(h.float(), (h.shape[-1],), eps=eps)  # x * rsqrt(mean(x^2) + eps) in fp32, one call
     return (y.to(h.dtype) * weight).to(h.dtype), h

@@ -21,9 +21,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y.to(x.dtype) * self.weight).to(x.dtype)
+        return self.add_forward(x, None)[0]
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused residual add + RMSNorm (``dsv32.kernels`` ``rms_norm``): ``h = x + residual`` (``h = x``

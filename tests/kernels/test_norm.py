@@ -20,7 +20,10 @@ def test_reference_matches_model_rmsnorm_module() -> None:
     r = torch.randn(5, 96, generator=gen).to(torch.bfloat16)
     y, h = reference.rms_norm(x, norm.weight, norm.eps, r)
     assert torch.equal(h, x + r)
-    assert torch.equal(y, norm(x + r))
+    hf = h.float()  # the definition, written out: normalised in fp32, rounded before and after the weight
+    expected = ((hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(h.dtype) * norm.weight).to(h.dtype)
+    assert torch.equal(y, expected)
+    assert torch.equal(norm(x + r), expected)
 
 
 @needs_triton
