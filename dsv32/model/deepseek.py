@@ -115,10 +115,13 @@ class DeepseekForCausalLM(nn.Module):
         return self.cache_layout(kv_cache_dtype).bytes_per_token() * self.num_cache_layers
 
     def prepare_weights(self) -> None:
-        """Derived weights made once after loading (the absorbed MLA weights); ``load_model`` calls it."""
+        """Derived weights made once after loading (the absorbed MLA weights, norm weights in the compute dtype);
+        ``load_model`` calls it."""
         for module in self.modules():
             if isinstance(module, MLA):
                 module.prepare_weights()
+            elif isinstance(module, RMSNorm):
+                module.prepare_weights(self.dtype)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str) -> KVCache:
         return KVCache(self.cache_layout(kv_cache_dtype), self.num_cache_layers, num_blocks, block_size,

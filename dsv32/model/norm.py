@@ -19,6 +19,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.compute_weight: torch.Tensor | None = None
+
+    def prepare_weights(self, dtype: torch.dtype) -> None:
+        """Also keep the weight in the compute dtype when it is exactly representable there (a bf16 checkpoint's
+        norms): the products round the same, without promoting every row to fp32 and back."""
+        weight = self.weight.detach().to(dtype)
+        self.compute_weight = weight if torch.equal(weight.float(), self.weight.float()) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_forward(x, None)[0]
@@ -26,7 +33,10 @@ class RMSNorm(nn.Module):
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused residual add + RMSNorm (``dsv32.kernels`` ``rms_norm``): ``h = x + residual`` (``h = x``
         without one) -> ``(RMSNorm(h), h)``."""
-        return get_backend(x.device).rms_norm(x, self.weight, self.eps, residual)
+        weight = self.weight
+        if self.compute_weight is not None and self.compute_weight.dtype == x.dtype:
+            weight = self.compute_weight
+        return get_backend(x.device).rms_norm(x, weight, self.eps, residual)
 
 
 class LayerNorm(nn.Module):

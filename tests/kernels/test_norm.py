@@ -42,3 +42,17 @@ def test_fused_add_rms_norm_matches_reference(dtype: torch.dtype, with_residual:
     assert torch.equal(h.cpu(), h_ref)
     ulp = 1e-2 if dtype == torch.bfloat16 else 1e-6  # one rounding step apart at most (fp32 sum order)
     assert torch.allclose(y.cpu().float(), y_ref.float(), rtol=ulp, atol=ulp)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_weight_kept_in_the_compute_dtype_normalises_the_same(exact: bool) -> None:
+    gen = torch.Generator().manual_seed(2)
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.copy_((torch.rand(64, generator=gen) + 0.5).to(torch.bfloat16) if exact
+                          else torch.full((64,), 1.0 + 2**-12))  # 1 + 2^-12 is not a bf16 value
+    x = torch.randn(4, 64, generator=gen).to(torch.bfloat16)
+    before = norm(x)
+    norm.prepare_weights(torch.bfloat16)
+    assert (norm.compute_weight is not None) == exact
+    assert torch.equal(norm(x), before)
