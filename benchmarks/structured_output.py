@@ -7,9 +7,11 @@ the throughput of unconstrained requests with the feature loaded vs not.
 * Mask: one step's ``fill_bitmask`` (every constrained row's matcher writes its allowed tokens) plus applying it to
   ``[batch, 129280]`` float32 logits, with the matchers walked through their grammar by random allowed tokens so
   the states are the ones a generation visits. Median per step.
+* Hooks: what the engine's structured-output hooks cost a step of 8 unconstrained rows once the backend is loaded.
 * Throughput: two identical engines (tiny model, greedy, ``--output-len`` tokens per request, EOS ignored, prefix
   caching off); in one the structured-outputs backend was never loaded, in the other it is loaded and has served
-  constrained requests. The same unconstrained batch runs on each in turn, ``--repeats`` times; medians reported.
+  constrained requests. The same unconstrained batch runs on each in turn (order alternating), ``--repeats``
+  times; medians and the per-round ratio reported.
 
 usage: structured_output.py [--batch 8] [--output-len 32] [--repeats 3] [--json out.json]
 """
@@ -119,6 +121,27 @@ def measure_mask(manager: StructuredOutputManager, batch: int, steps: int, seed:
             "step_ms": statistics.median(f + a for f, a in zip(fill_ms, apply_ms, strict=True))}
 
 
+def hook_overhead_us(manager: StructuredOutputManager, batch: int, steps: int = 2000) -> float:
+    """Median microseconds per step that the engine's structured-output hooks (poll, fill_bitmask, one accept per
+    row) cost a batch of unconstrained sequences while the backend is loaded and a constrained sequence is alive."""
+    alive = Sequence("alive", 0, [0, 1000], SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")),
+                     max_tokens=10)
+    manager.add(alive)
+    manager.compile(alive.sampling_params.structured_outputs).result()
+    manager.poll()
+    seqs = [Sequence(f"free-{i}", 0, [0, 1000], SamplingParams(), max_tokens=10) for i in range(batch)]
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        manager.poll()
+        assert manager.fill_bitmask(seqs) is None
+        for seq in seqs:
+            manager.accept(seq, 1000)
+        times.append(time.perf_counter() - start)
+    manager.remove(alive)
+    return statistics.median(times) * 1e6
+
+
 def unconstrained_tps(llm: LLM, batch: int, output_len: int, seed: int) -> float:
     rng = random.Random(seed)
     prompts = [{"prompt_token_ids": [rng.randrange(100, 100_000) for _ in range(32)]} for _ in range(batch)]
@@ -145,16 +168,21 @@ def main() -> None:
     manager = loaded.engine.structured_output
     results: dict[str, object] = {"compile": measure_compile(manager)}
     results["mask"] = {f"batch_{b}": measure_mask(manager, b, args.mask_steps, seed=b) for b in (1, 8)}
+    results["hook_overhead_us_unconstrained_batch_8"] = hook_overhead_us(manager, 8)
     # The loaded engine serves constrained requests first, so its matchers and caches have been used.
     loaded.generate(["x"] * 4, [SamplingParams(max_tokens=8, seed=i, structured_outputs=spec)
                                 for i, spec in enumerate(list(specs().values())[:4])], use_tqdm=False)
     assert not without.engine.structured_output.loaded and manager.loaded
     rounds: dict[str, list[float]] = {"not_loaded": [], "loaded": []}
+    engines = {"not_loaded": without, "loaded": loaded}
     for repeat in range(args.repeats):
-        rounds["not_loaded"].append(unconstrained_tps(without, args.batch, args.output_len, seed=repeat))
-        rounds["loaded"].append(unconstrained_tps(loaded, args.batch, args.output_len, seed=repeat))
+        # Each round runs both engines back to back, in alternating order, so drifting machine load hits both.
+        for key in sorted(engines, reverse=repeat % 2 == 1):
+            rounds[key].append(unconstrained_tps(engines[key], args.batch, args.output_len, seed=repeat))
     results["unconstrained_tokens_per_s"] = {key: {"median": statistics.median(values), "runs": values}
                                              for key, values in rounds.items()}
+    results["unconstrained_tokens_per_s"]["loaded_over_not_loaded_per_round"] = [
+        a / b for a, b in zip(rounds["loaded"], rounds["not_loaded"], strict=True)]
     results["conditions"] = {"torch_threads": torch.get_num_threads(), "batch": args.batch,
                              "output_len": args.output_len, "repeats": args.repeats}
 
@@ -166,10 +194,13 @@ def main() -> None:
     for key, row in results["mask"].items():
         print(f"mask per step, {key}: fill {row['fill_ms']:.3f} ms + apply {row['apply_ms']:.3f} ms "
               f"= {row['step_ms']:.3f} ms (median)")
+    print(f"hooks per step for 8 unconstrained rows (backend loaded): "
+          f"{results['hook_overhead_us_unconstrained_batch_8']:.1f} us (median)")
     tps = results["unconstrained_tokens_per_s"]
+    ratios = tps["loaded_over_not_loaded_per_round"]
     print(f"unconstrained throughput (batch {args.batch}, {args.output_len} tokens): not loaded "
-          f"{tps['not_loaded']['median']:.1f} tok/s, loaded {tps['loaded']['median']:.1f} tok/s "
-          f"(ratio {tps['loaded']['median'] / tps['not_loaded']['median']:.3f})")
+          f"{tps['not_loaded']['median']:.1f} tok/s, loaded {tps['loaded']['median']:.1f} tok/s; loaded/not loaded "
+          f"per round {', '.join(f'{r:.3f}' for r in ratios)} (median {statistics.median(ratios):.3f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
