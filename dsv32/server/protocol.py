@@ -192,6 +192,10 @@ class SamplingFields(OpenAIBaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # SGLang's spellings: regex, EBNF grammar, JSON schema (as JSON text or an object).
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
     # SGLang's fields, which vllm-router and sglang-router add to every request they forward: `no_stop_trim` is
     # SGLang's include_stop_str_in_output; hidden states are not returned by this server.

@@ -65,7 +65,7 @@ def _structured_outputs_sources(request: SamplingFields) -> dict[str, dict[str, 
             spec["structural_tag"] = json.dumps(spec["structural_tag"])
         sources["structured_outputs"] = spec
     for field, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-                       ("guided_grammar", "grammar")):
+                       ("guided_grammar", "grammar"), ("regex", "regex"), ("ebnf", "grammar"), ("json_schema", "json")):
         if getattr(request, field) is not None:
             sources[field] = {key: getattr(request, field)}
     response_format = request.response_format

@@ -68,6 +68,12 @@ def test_structured_outputs_and_guided_fields(client: TestClient) -> None:
     response = client.post("/v1/completions", json={"prompt": "Pick:", "max_tokens": 16, "seed": 2,
                                                     "guided_regex": "(yes|no)!"})
     assert response.status_code == 200 and response.json()["choices"][0]["text"] in ("yes!", "no!")
+    # SGLang's spellings.
+    body = chat(client, max_tokens=16, ebnf='root ::= "a" | "bc"')
+    assert body["choices"][0]["message"]["content"] in ("a", "bc")
+    response = client.post("/v1/completions", json={"prompt": "Pick:", "max_tokens": 16, "seed": 2,
+                                                    "json_schema": '{"enum": [1, 2]}'})
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] in ("1", "2")
 
 
 def _check_calls(tool_calls: list[dict]) -> None:
