@@ -163,12 +163,14 @@ def run_worker(engine: str, checkpoint: str, args: argparse.Namespace, out: str)
 # ---- the driver -----------------------------------------------------------------------------------------------------
 
 
-def decode_rate(result: dict, batch_size: int, args: argparse.Namespace) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of one batch size: the prefill-only run, and the rest of the full run."""
+def decode_rate(result: dict, batch_size: int, args: argparse.Namespace) -> tuple[float, float | None]:
+    """(prefill tok/s, decode tok/s) of one batch size: the prefill-only run, and the rest of the full run (None
+    when the full run was not slower than the prefill alone: timing noise, nothing to compare)."""
     entry = result[str(batch_size)]
     prefill = entry["prefill_seconds"]
-    decode_s = max(entry["seconds"] - prefill, 1e-9)
-    return batch_size * args.input_len / prefill, batch_size * (args.output_len - 1) / decode_s
+    decode_s = entry["seconds"] - prefill
+    decode = batch_size * (args.output_len - 1) / decode_s if decode_s > 0 else None
+    return batch_size * args.input_len / prefill, decode
 
 
 def peer_check(hf: dict, args: argparse.Namespace, reference: dict[str, float] | None) -> list[str]:
@@ -181,6 +183,10 @@ def peer_check(hf: dict, args: argparse.Namespace, reference: dict[str, float] |
             continue
         for kind, measured in zip(("prefill", "decode"), decode_rate(hf, batch_size, args), strict=True):
             ref = reference[f"b{batch_size}_{kind}"]
+            if measured is None:
+                lines.append(f"HF batch {batch_size} {kind}: not measurable (the full run was not slower than its "
+                             "prefill: timing noise)")
+                continue
             verdict = "ok" if measured >= BROKEN_BELOW * ref else "BROKEN COMPARISON: far below its reference"
             lines.append(f"HF batch {batch_size} {kind}: {measured:8.1f} tok/s, reference {ref:8.1f} "
                          f"({measured / ref:.2f}x) {verdict}")
@@ -234,7 +240,8 @@ def main() -> None:
         print(f"{r.batch_size:>5} {r.ours_tokens_per_s:>12.1f} {r.hf_tokens_per_s:>10.1f} {r.ratio:>6.2f}x "
               f"{r.ours_s:>8.3f} {r.hf_s:>8.3f} {r.greedy_agreement:>6.0%}")
     print("same: mean share of each output that both engines generated identically (up to the first divergence)")
-    print(f"\nthe peer against {PEERS_README} ({REFERENCE_ROW}, prompt 128, 2 threads):")
+    print(f"\nthe peer against {PEERS_README} ({REFERENCE_ROW}, prompt 128, 2 threads; comparable with "
+          f"--input-len 128 --threads 2):")
     for line in peer_check(results["hf"], args, reference_figures()):
         print("  " + line)
     if args.json:

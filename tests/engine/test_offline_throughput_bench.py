@@ -49,3 +49,6 @@ def test_flags_a_peer_far_below_its_reference(bench) -> None:
     assert all("ok" in line for line in lines[:3])
     assert "BROKEN COMPARISON" in lines[3] and "decode" in lines[3]
     assert "unchecked" in bench.peer_check(hf, args, None)[0]
+    noisy = {"1": {"prefill_seconds": 0.5, "seconds": 0.4}}  # the full run timed faster than its prefill alone
+    lines = bench.peer_check(noisy, argparse.Namespace(batch_sizes=[1], input_len=128, output_len=64), reference)
+    assert "not measurable" in lines[1] and "BROKEN" in lines[0]
