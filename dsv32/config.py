@@ -338,6 +338,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_waiting_requests: int = 1024
     structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    max_logprobs: int = 20  # most top alternatives a request may ask for (vLLM's --max-logprobs)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -349,6 +350,8 @@ class EngineConfig:
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        if self.max_logprobs < 0:
+            raise ConfigError(f"--max-logprobs must be non-negative, got {self.max_logprobs}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError(f"--max-model-len must be positive, got {self.max_model_len}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -1,4 +1,4 @@
-"""The engine core shared by the offline ``LLM`` and the server's ``AsyncLLM``: requests in, ``RequestOutput``s out.
+"""The engine core shared by the offline ``LLM`` and the server's engine clients: requests in, ``RequestOutput``s out.
 
 One ``step()`` = schedule -> run the model and sample -> advance every sequence -> turn new tokens into text, check
 stop conditions, free finished sequences' blocks -> report. It is synchronous and not thread-safe: its owner calls
@@ -13,39 +13,21 @@ from dataclasses import dataclass
 from dsv32.config import TINY_PRESET, EngineConfig, ModelConfig
 from dsv32.engine.block_manager import BlockManager
 from dsv32.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from dsv32.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from dsv32.engine.outputs import CompletionOutput, EngineStats, PositionLogprobs, RequestOutput
 from dsv32.engine.request import Request, Sequence, child_sampling_params
 from dsv32.engine.runner import ModelRunner, SampledToken, resolve_device
-from dsv32.engine.sampler import TokenLogprobs, make_generator, validate_token_ids
+from dsv32.engine.sampler import TokenLogprobs, make_generator
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import Scheduler
 from dsv32.engine.structured_output import StructuredOutputManager
+from dsv32.engine.validation import RequestValidator
 from dsv32.model.loader import load_model
 from dsv32.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# vLLM's default --max-logprobs.
-MAX_LOGPROBS = 20
-
 # How long an idle step waits for a structured-output grammar to compile before returning.
 COMPILE_WAIT_SECONDS = 0.05
-
-
-@dataclass
-class EngineStats:
-    """A snapshot for /metrics and the periodic log line (vLLM's metric names in comments)."""
-
-    num_running: int  # vllm:num_requests_running (sequences)
-    num_waiting: int  # vllm:num_requests_waiting
-    num_total_blocks: int
-    num_free_blocks: int
-    kv_cache_usage: float  # vllm:kv_cache_usage_perc, 0..1
-    prefix_cache_queries: int  # tokens looked up
-    prefix_cache_hits: int  # tokens found
-    num_preemptions: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
 
 
 @dataclass
@@ -76,6 +58,8 @@ class EngineCore:
         self.runner = ModelRunner(model, engine_config, self.device, self.tokenizer.eos_token_id,
                                   self.structured_output)
         self.max_model_len = self.runner.max_model_len
+        self.validator = RequestValidator(self.max_model_len, self.model_config.vocab_size, engine_config.max_logprobs,
+                                          engine_config.max_num_seqs)
         self.block_manager = BlockManager(self.runner.num_blocks, engine_config.block_size,
                                        engine_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
@@ -88,30 +72,9 @@ class EngineCore:
 
     # ---- requests -----------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, strict_max_tokens: bool = True) -> None:
-        """Raise ``ValueError`` (vLLM's wording) for a request the engine can never serve. With
-        ``strict_max_tokens`` (the server's rule) an explicit ``max_tokens`` must fit in ``max_model_len`` too;
-        without it (the offline rule) generation just stops at ``max_model_len`` with finish_reason "length"."""
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise ValueError("The decoder prompt cannot be empty")
-        vocab_size = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"Token id {bad[0]} is out of vocabulary (the model's vocabulary size is {vocab_size})")
-        if num_prompt >= self.max_model_len:
-            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
-                             f"request has {num_prompt} input tokens. Please reduce the length of the input messages.")
-        if strict_max_tokens and params.max_tokens is not None and num_prompt + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the messages, {params.max_tokens} in the "
-                f"completion). Please reduce the length of the messages or completion.")
-        for name, value in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
-            if value is not None and value > MAX_LOGPROBS:
-                raise ValueError(f"Requested {name} of {value}, which is greater than max allowed: {MAX_LOGPROBS}")
-        if any(not stop for stop in params.stop):
-            raise ValueError("stop strings must be non-empty.")
-        validate_token_ids(params, vocab_size)
+        """Raise ``InvalidRequestError`` for a request the engine can never serve (see ``RequestValidator``), or
+        ``ValueError`` for a structured-output spec it cannot compile."""
+        self.validator.validate(prompt_token_ids, params, strict_max_tokens)
         self.structured_output.validate(params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -1,4 +1,5 @@
-"""What the engine hands back per request: ``RequestOutput`` / ``CompletionOutput`` / ``Logprob`` (vLLM's shapes)."""
+"""What the engine hands back: per request ``RequestOutput`` / ``CompletionOutput`` / ``Logprob`` (vLLM's shapes), and
+the ``EngineStats`` snapshot behind /metrics."""
 
 from __future__ import annotations
 
@@ -46,3 +47,19 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /metrics and the periodic log line (vLLM's metric names in comments)."""
+
+    num_running: int  # vllm:num_requests_running (sequences)
+    num_waiting: int  # vllm:num_requests_waiting
+    num_total_blocks: int
+    num_free_blocks: int
+    kv_cache_usage: float  # vllm:kv_cache_usage_perc, 0..1
+    prefix_cache_queries: int  # tokens looked up
+    prefix_cache_hits: int  # tokens found
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int

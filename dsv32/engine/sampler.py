@@ -53,14 +53,6 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     return generator
 
 
-def validate_token_ids(params: SamplingParams, vocab_size: int) -> None:
-    """Reject ``logit_bias`` / ``stop_token_ids`` entries outside the model's vocabulary, before they reach a batch."""
-    for name, token_ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
-        bad = sorted(token_id for token_id in token_ids if not 0 <= token_id < vocab_size)
-        if bad:
-            raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad}.")
-
-
 @dataclass
 class TokenLogprobs:
     """Logprob and rank (1 = most likely) of one chosen token, and the top alternatives at its position."""

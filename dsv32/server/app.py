@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dsv32.engine.client import EngineClient
 from dsv32.server.chat import create_chat_completion, render_tokenize_prompt
 from dsv32.server.completions import create_completion
 from dsv32.server.errors import APIError, install_error_handlers
@@ -49,8 +50,8 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree th
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-def build_app(engine: Any, config: ServerConfig) -> FastAPI:
-    """The app serving ``engine`` (an ``AsyncLLM``, already started). The engine is shut down with the app."""
+def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+    """The app serving ``engine`` (already started). The engine is shut down with the app."""
     state = ServerState(engine=engine, config=config, metrics=ServerMetrics(config.model_name, engine.stats))
 
     @asynccontextmanager
@@ -72,7 +73,7 @@ def build_app(engine: Any, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=503 if state.engine_dead else 200)
+        return Response(status_code=200 if engine.is_running else 503)
 
     @app.get("/version")
     async def version() -> dict[str, str]:

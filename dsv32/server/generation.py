@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 
-from dsv32.engine.async_engine import EngineDeadError, EngineOverloadedError
+from dsv32.engine.client import EngineDeadError, EngineOverloadedError
 from dsv32.engine.outputs import RequestOutput
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.server.errors import APIError
@@ -22,6 +22,10 @@ from dsv32.server.metrics import RequestMetrics
 from dsv32.server.state import ServerState
 
 logger = logging.getLogger(__name__)
+
+def engine_unavailable(exc: EngineDeadError) -> APIError:
+    return APIError(f"The engine is not running: {exc}", 503)
+
 
 # Abort tasks that must outlive a cancelled handler; referenced here so they are not garbage-collected mid-run.
 _background: set[asyncio.Future[None]] = set()
@@ -61,12 +65,11 @@ class EngineRequest:
             await self._reject("overloaded")
             raise APIError(f"The server is overloaded: {exc}. Retry later.", 503) from None
         except EngineDeadError as exc:
-            self._state.engine_dead = True
             await self._reject("engine_dead")
-            raise APIError(f"The engine is not running: {exc}", 503) from None
+            raise engine_unavailable(exc) from None
         except ValueError as exc:
             await self._reject("invalid")
-            raise APIError(str(exc), 400) from None
+            raise APIError(str(exc), 400, param=getattr(exc, "param", None)) from None
         except StopAsyncIteration:
             await self.close()
             raise APIError("The engine ended the request without output.", 500) from None
@@ -88,6 +91,8 @@ class EngineRequest:
                 yield out
                 if out.finished:
                     return
+        except EngineDeadError as exc:
+            raise engine_unavailable(exc) from None
         finally:
             await self.close()
 

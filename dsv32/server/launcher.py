@@ -1,9 +1,10 @@
-"""Start the engine and serve the app with uvicorn until SIGINT/SIGTERM.
+"""Start the engine-core process and serve the app with uvicorn until SIGINT/SIGTERM.
 
 Shutdown is graceful: the listening socket closes at once (new connections are refused), requests in flight get up
 to ``shutdown_timeout`` seconds to finish, then the ones still running are aborted through the engine - so each
 client still receives a proper ending (``finish_reason: "abort"``, ``[DONE]``) instead of a cut connection - and the
-app's lifespan finally shuts the engine down.
+app's lifespan finally shuts the engine down (its process exits). A signal while the model is still loading stops
+the engine process and exits 0.
 """
 
 from __future__ import annotations
@@ -82,22 +83,37 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, *, host: str
 
 async def _serve(engine_config: EngineConfig, server_config: ServerConfig, host: str, port: int,
                  shutdown_timeout: float, uvicorn_log_level: str) -> int:
-    from dsv32.engine.async_engine import AsyncLLM
+    from dsv32.engine.process import EngineStartupError, MPEngineClient
 
     if engine_config.model == TINY_PRESET:
         logger.warning("Serving the built-in `tiny` model with random (dummy) weights: its answers are noise. "
                        "Pass a DeepSeek-V3.2 checkpoint folder (`dsv32 serve /path/to/model`) for real output.")
+    # SIGINT/SIGTERM while the model loads: stop the engine process and exit cleanly (uvicorn handles them later).
+    loop = asyncio.get_running_loop()
+    starting = asyncio.ensure_future(MPEngineClient.start(engine_config))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, starting.cancel)
     try:
-        engine = AsyncLLM.from_engine_config(engine_config)
-    except (ConfigError, OSError, ValueError) as exc:
+        engine = await starting
+    except asyncio.CancelledError:
+        logger.info("shutdown requested while loading the model; the engine process is stopped")
+        return 0
+    except (ConfigError, OSError, ValueError, EngineStartupError) as exc:
         logger.error("cannot load %s: %s", engine_config.model, exc)
         return 1
-    app = build_app(engine, server_config)
-    config = uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level, lifespan="on",
-                            timeout_graceful_shutdown=shutdown_timeout + _ABORT_FLUSH_SECONDS, access_log=False)
-    ready = (f"serving {engine_config.model} as {', '.join(server_config.served_model_names)} on "
-             f"http://{host}:{port} (max_model_len={engine.max_model_len}, max_num_seqs={engine_config.max_num_seqs})")
-    server = GracefulServer(config, app.state.server, drain_seconds=shutdown_timeout, ready_message=ready)
-    await server.serve()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    try:
+        app = build_app(engine, server_config)
+        config = uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level, lifespan="on",
+                                timeout_graceful_shutdown=shutdown_timeout + _ABORT_FLUSH_SECONDS, access_log=False)
+        ready = (f"serving {engine_config.model} as {', '.join(server_config.served_model_names)} on "
+                 f"http://{host}:{port} (max_model_len={engine.max_model_len}, max_num_seqs="
+                 f"{engine_config.max_num_seqs}; engine core process {engine.pid})")
+        server = GracefulServer(config, app.state.server, drain_seconds=shutdown_timeout, ready_message=ready)
+        await server.serve()
+    finally:
+        await engine.shutdown()  # also when uvicorn never started (port in use): no engine process outlives us
     logger.info("server stopped")
     return 0 if server.started else 1

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsv32.engine.client import EngineClient
 from dsv32.server.errors import APIError, model_not_found
 from dsv32.server.logprobs import LogprobFormatter
 from dsv32.server.metrics import ServerMetrics
@@ -19,14 +20,12 @@ logger = logging.getLogger("dsv32.server")
 
 @dataclass
 class ServerState:
-    engine: Any  # dsv32.engine.async_engine.AsyncLLM (Contract B); typed loosely so tests can drive the layer alone
+    engine: EngineClient
     config: ServerConfig
     metrics: ServerMetrics
     logprobs: LogprobFormatter = field(init=False)
     # Requests between start and close (dsv32.server.generation.EngineRequest), for aborting them at shutdown.
     active_requests: set[Any] = field(default_factory=set)
-    # Set once the engine refused a request because it is gone: /health then answers 503.
-    engine_dead: bool = False
 
     def __post_init__(self) -> None:
         self.logprobs = LogprobFormatter(self.tokenizer)

@@ -6,7 +6,8 @@ import threading
 import pytest
 
 from dsv32 import SamplingParams
-from dsv32.engine.async_engine import AsyncLLM, EngineDeadError, EngineOverloadedError
+from dsv32.engine.async_engine import AsyncLLM
+from dsv32.engine.client import EngineDeadError, EngineOverloadedError
 
 from .conftest import token_prompts
 
@@ -121,9 +122,10 @@ def test_rejects_too_long_prompts_and_duplicate_ids(engine):
 def test_full_waiting_queue_raises_overloaded(engine, monkeypatch):
     monkeypatch.setattr(engine, "engine_config", engine.engine_config.__class__(max_waiting_requests=1))
     release = threading.Event()
+    monkeypatch.setattr(engine._core, "reset_prefix_cache", release.wait)
 
     async def run():
-        blocked = asyncio.ensure_future(engine._call(release.wait))  # holds the engine thread between steps
+        blocked = asyncio.ensure_future(engine.reset_prefix_cache())  # holds the engine thread between steps
         first = engine.generate([5] * 10, SamplingParams(max_tokens=2), "queued")
         pending_first = asyncio.ensure_future(anext(first))
         await asyncio.sleep(0)

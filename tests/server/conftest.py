@@ -4,6 +4,7 @@ for until /health answers, and stopped with SIGTERM (killed only if that fails) 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,6 +39,14 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def engine_pid(self, timeout_s: float = 60.0) -> int:
+        """The pid of the server's engine-core process (from its start-up log line)."""
+        deadline = time.monotonic() + timeout_s
+        while (found := re.search(r"engine core process (\d+) started", self.log())) is None:
+            assert time.monotonic() < deadline, f"no engine core process was started; log:\n{self.log()[-3000:]}"
+            time.sleep(0.1)
+        return int(found.group(1))
+
     def metrics(self) -> dict[str, float]:
         """Prometheus samples by name (labels other than model_name/engine appended as {k=v})."""
         text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
@@ -70,7 +79,26 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(log_dir: Path, *extra_args: str) -> ServerProcess:
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def spawn_server(log_dir: Path, *extra_args: str) -> ServerProcess:
+    """Start `dsv32 serve` on a free port without waiting for it."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -79,7 +107,13 @@ def start_server(log_dir: Path, *extra_args: str) -> ServerProcess:
         process = subprocess.Popen(
             [sys.executable, "-m", "dsv32.cli", "serve", "--port", str(port), *BASE_ARGS, *extra_args],
             stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    return ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+
+
+def start_server(log_dir: Path, *extra_args: str) -> ServerProcess:
+    """Start `dsv32 serve` and wait until /health answers."""
+    server = spawn_server(log_dir, *extra_args)
+    process = server.process
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         if process.poll() is not None:

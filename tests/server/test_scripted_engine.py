@@ -20,6 +20,7 @@ from dsv32.config import EngineConfig, tiny_config
 from dsv32.encoding.encode import DSML_TOKEN
 from dsv32.engine.outputs import CompletionOutput, RequestOutput
 from dsv32.engine.sampling_params import SamplingParams
+from dsv32.engine.validation import RequestValidator
 from dsv32.server.app import build_app
 from dsv32.server.settings import ServerConfig
 from dsv32.tokenizer import Tokenizer
@@ -47,6 +48,9 @@ class ScriptedEngine:
     model_config = tiny_config()
     engine_config = EngineConfig()
     max_model_len = 1024
+    validator = RequestValidator(max_model_len, model_config.vocab_size, engine_config.max_logprobs,
+                                 engine_config.max_num_seqs)
+    is_running = True
 
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
                        prompt: str | None = None) -> AsyncIterator[RequestOutput]:

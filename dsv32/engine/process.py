@@ -1,0 +1,270 @@
+"""The engine core in a process of its own (vLLM V1's ``EngineCoreProc`` + ``MPClient``, SGLang's scheduler process):
+``MPEngineClient`` is the ``EngineClient`` the API server holds; ``run_engine_core`` is the other process.
+
+Split: the API-server process does HTTP, tokenization and the chat template, output parsing (reasoning, tool calls)
+and SSE; it never imports torch. The engine-core process owns the ``EngineCoreLoop`` over the ``EngineCore``
+(scheduler, KV cache, runner, model, sampler) and gives the model every core it may run on. Text is still made in
+the engine process, next to the tokens: stop strings must end a sequence in the very step that produced them (so no
+token past a stop string is ever computed, counted or cached, and ``n > 1`` siblings stop independently), which
+needs the detokenizer where the scheduler is; its cost is a few microseconds per token, small against a step.
+
+Transport: two one-way ``multiprocessing`` pipes and pickle. Each direction carries one message per batch: the
+server's writer thread sends every command queued since its last send as one list; the engine sends one
+``StepOutputs`` per step with every request's output of that step, in delta form (``messages.DeltaEncoder``), so a
+step costs one message whatever the batch size. Pipes need no dependency (ZeroMQ would add pyzmq and msgspec for
+no gain with one client and one engine), and they give what the lifetime rules need for free: a pipe reads EOF the
+moment the process at the other end dies. Each process does its pipe I/O (and pickling) in threads of its own, so
+the event loop never blocks on a full pipe and the engine's next step overlaps sending the last one's outputs.
+
+Lifetime:
+- model load errors come back as one ``EngineStartupFailed`` line (``EngineStartupError`` here); the process exits 1.
+- engine process death (crash, OOM kill): the reader sees EOF, every request in flight ends with
+  ``EngineDeadError`` (the server answers 503) and ``is_running`` turns False (``/health`` answers 503).
+- server process death: the engine's reader sees EOF and the engine exits at once; ``PR_SET_PDEATHSIG`` kills it
+  even if the server was SIGKILLed mid-step. Ctrl-C (SIGINT to the process group) is left to the server, which
+  drains and then sends ``Shutdown``.
+- ``shutdown()``: ``Shutdown`` aborts what is left and reports it; the process exits 0 (terminated, then killed,
+  if it does not within ``SHUTDOWN_TIMEOUT_S``).
+
+Tensor/expert parallelism attaches behind this boundary without changing it: the engine-core process becomes the
+driver (rank 0) that runs the scheduler and broadcasts each step's batch to N workers it starts, which follow; the
+server keeps talking to the driver alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from dsv32.config import ConfigError, EngineConfig
+from dsv32.engine.client import QueueEngineClient
+from dsv32.engine.messages import (
+    Command,
+    DeltaEncoder,
+    EngineReady,
+    EngineStartupFailed,
+    Shutdown,
+    StepOutputs,
+)
+from dsv32.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# How long the engine process gets to exit after Shutdown, and after SIGTERM, before it is killed.
+SHUTDOWN_TIMEOUT_S = 10.0
+_TERMINATE_TIMEOUT_S = 5.0
+
+
+class EngineStartupError(RuntimeError):
+    """The engine-core process could not load the model (the message says why) or died while loading it."""
+
+
+class MPEngineClient(QueueEngineClient):
+    """The ``EngineClient`` of an engine core running in a child process (started by ``start``)."""
+
+    def __init__(self, process: BaseProcess, from_engine: Connection, to_engine: Connection, tokenizer: Tokenizer,
+                 engine_config: EngineConfig, ready: EngineReady) -> None:
+        super().__init__(tokenizer, ready.model_config, engine_config, ready.max_model_len, ready.stats)
+        self.pid = process.pid
+        self._process = process
+        self._from_engine = from_engine
+        self._to_engine = to_engine
+        self._outbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._shutting_down = False
+        self._reader = threading.Thread(target=self._read, name="dsv32-engine-reader", daemon=True)
+        self._writer = threading.Thread(target=self._write, name="dsv32-engine-writer", daemon=True)
+        self._reader.start()
+        self._writer.start()
+
+    @classmethod
+    async def start(cls, engine_config: EngineConfig) -> MPEngineClient:
+        """Spawn the engine-core process and wait until its model is loaded (the tokenizer loads here meanwhile).
+        Raises ``EngineStartupError`` if it cannot load; cancelled, it stops the process before re-raising."""
+        context = multiprocessing.get_context("spawn")
+        from_engine, engine_out = context.Pipe(duplex=False)
+        engine_in, to_engine = context.Pipe(duplex=False)
+        root = logging.getLogger()
+        formatter = root.handlers[0].formatter if root.handlers else None
+        # Started from this (the main) thread: PR_SET_PDEATHSIG fires when the thread that started the child ends.
+        process = context.Process(target=run_engine_core, name="dsv32-engine-core", args=(
+            engine_config, engine_in, engine_out, os.getpid(), root.getEffectiveLevel(), formatter))
+        process.start()
+        engine_in.close()  # the child's ends: only the child may hold them, or its death would not read as EOF
+        engine_out.close()
+        logger.info("engine core process %d started; loading %s", process.pid, engine_config.model)
+        tokenizer_load = asyncio.ensure_future(asyncio.to_thread(
+            Tokenizer.from_pretrained, engine_config.tokenizer or engine_config.model))
+        try:
+            first = await asyncio.to_thread(_receive_one, from_engine)
+            if not isinstance(first, EngineReady):
+                await asyncio.to_thread(process.join, _TERMINATE_TIMEOUT_S)
+                raise EngineStartupError(first.message if isinstance(first, EngineStartupFailed) else
+                                         f"the engine core process exited with code {process.exitcode} while "
+                                         "loading the model")
+            tokenizer = await tokenizer_load
+        except BaseException:
+            tokenizer_load.cancel()
+            await asyncio.to_thread(_stop, process)
+            raise
+        return cls(process, from_engine, to_engine, tokenizer, engine_config, first)
+
+    def _send(self, command: Command) -> None:
+        self._outbox.put(command)
+
+    async def shutdown(self) -> None:
+        if self.is_running and self._process.is_alive():
+            self._shutting_down = True
+            self._send(Shutdown())
+            await asyncio.to_thread(self._process.join, SHUTDOWN_TIMEOUT_S)
+        if self._process.is_alive():
+            logger.warning("the engine core process did not stop within %.0f s; terminating it", SHUTDOWN_TIMEOUT_S)
+        await asyncio.to_thread(_stop, self._process)
+        await asyncio.to_thread(self._reader.join, _TERMINATE_TIMEOUT_S)
+
+    def _read(self) -> None:
+        """The reader thread: one ``StepOutputs`` per engine step until the pipe reads EOF (the engine is gone)."""
+        try:
+            while True:
+                self._on_step_outputs(self._from_engine.recv())
+        except (EOFError, OSError):
+            pass
+        except Exception:
+            logger.exception("reading the engine's outputs failed")
+        if self._shutting_down:
+            self._on_engine_dead("The engine has been shut down.")
+            return
+        self._process.join(_TERMINATE_TIMEOUT_S)
+        _stop(self._process)
+        logger.error("the engine core process died (exit code %s); failing the requests in flight",
+                     self._process.exitcode)
+        self._on_engine_dead(f"The engine core process died (exit code {self._process.exitcode}).")
+
+    def _write(self) -> None:
+        """The writer thread: every command queued since the last send goes out as one message."""
+        while True:
+            batch = [self._outbox.get()]
+            while True:
+                try:
+                    batch.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._to_engine.send(batch)
+            except OSError:  # the engine is gone; the reader reports it
+                return
+            if any(isinstance(command, Shutdown) for command in batch):
+                return
+
+
+def _receive_one(conn: Connection) -> Any:
+    try:
+        return conn.recv()
+    except EOFError:
+        return None
+
+
+def _stop(process: BaseProcess) -> None:
+    """Make sure ``process`` is gone: SIGTERM, then SIGKILL."""
+    if process.is_alive():
+        process.terminate()
+        process.join(_TERMINATE_TIMEOUT_S)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+# ---- the engine-core process ------------------------------------------------------------------------
+
+def run_engine_core(engine_config: EngineConfig, commands_in: Connection, outputs_out: Connection, parent_pid: int,
+                    log_level: int, log_formatter: logging.Formatter | None) -> None:
+    """Entry point of the engine-core process: load, report ready (or why not), then serve the loop until
+    ``Shutdown`` or until the server process is gone."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server decides
+    handler = logging.StreamHandler()
+    handler.setFormatter(log_formatter)
+    logging.basicConfig(level=log_level, handlers=[handler])
+    _use_every_core()
+    try:
+        from dsv32.engine.core import EngineCore  # torch: only in this process
+
+        core = EngineCore(engine_config)
+    except (ConfigError, OSError, ValueError) as exc:
+        outputs_out.send(EngineStartupFailed(str(exc)))
+        sys.exit(1)
+    except Exception as exc:
+        logger.exception("the engine core failed to start")
+        outputs_out.send(EngineStartupFailed(f"{type(exc).__name__}: {exc}"))
+        sys.exit(1)
+    from dsv32.engine.core_loop import EngineCoreLoop
+
+    outputs_out.send(EngineReady(core.model_config, core.max_model_len, core.stats()))
+    commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+    outbox: queue.SimpleQueue[StepOutputs | None] = queue.SimpleQueue()
+    threading.Thread(target=_receive_commands, args=(commands_in, commands), name="dsv32-commands",
+                     daemon=True).start()
+    sender = threading.Thread(target=_send_outputs, args=(outbox, outputs_out), name="dsv32-outputs", daemon=True)
+    sender.start()
+    try:
+        EngineCoreLoop(core, commands, outbox.put).run()
+    except BaseException:
+        logger.exception("the engine core loop crashed")
+        os._exit(1)
+    outbox.put(None)
+    sender.join()
+
+
+def _receive_commands(conn: Connection, commands: queue.SimpleQueue[Command]) -> None:
+    try:
+        while True:
+            batch: list[Command] = conn.recv()
+            for command in batch:
+                commands.put(command)
+            if any(isinstance(command, Shutdown) for command in batch):
+                return
+    except (EOFError, OSError):
+        logger.error("the API server process is gone; the engine core exits")
+        os._exit(1)
+
+
+def _send_outputs(outbox: queue.SimpleQueue[StepOutputs | None], conn: Connection) -> None:
+    encoder = DeltaEncoder()
+    while (step := outbox.get()) is not None:
+        step.outputs = [encoder.encode(out) for out in step.outputs]  # type: ignore[arg-type]
+        try:
+            conn.send(step)
+        except OSError:
+            logger.error("the API server process is gone; the engine core exits")
+            os._exit(1)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when the server process dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before the line above
+        os._exit(1)
+
+
+def _use_every_core() -> None:
+    """This process runs nothing but the engine: the model's thread team gets every core it may run on, unless
+    ``OMP_NUM_THREADS`` says otherwise."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(cores)
+    logger.info("engine core: %d model thread(s)", cores)
