@@ -16,7 +16,15 @@ import sys
 from collections.abc import Callable
 from collections.abc import Sequence as GenericSequence
 
-from dsv32.config import DTYPES, KV_CACHE_DTYPES, TINY_PRESET, ConfigError, EngineConfig, StructuredOutputsConfig
+from dsv32.config import (
+    DEVICES,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    LOAD_FORMATS,
+    ConfigError,
+    EngineConfig,
+    StructuredOutputsConfig,
+)
 from dsv32.server.settings import REASONING_PARSERS, TOOL_CALL_PARSERS, ServerConfig
 
 API_KEY_ENV = "DSV32_API_KEY"
@@ -47,69 +55,85 @@ _MODEL_HELP = ("Hugging Face checkpoint folder of a DeepSeek-V3.2 (or V3/V3.1/R1
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=TINY_PRESET, help=_MODEL_HELP)
+    """``dsv32 serve``'s flags; every default is the config dataclasses' own (``EngineConfig``, ``ServerConfig``)."""
+    server = ServerConfig()
+    parser.add_argument("model", nargs="?", default=EngineConfig().model, help=_MODEL_HELP)
     net = parser.add_argument_group("HTTP")
-    net.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1; 0.0.0.0 for all).")
-    net.add_argument("--port", type=int, default=8000, help="Port to listen on (default 8000).")
+    net.add_argument("--host", default=server.host,
+                     help=f"Address to bind (default {server.host}; 0.0.0.0 for all).")
+    net.add_argument("--port", type=int, default=server.port, help=f"Port to listen on (default {server.port}).")
     net.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                      help=f"Require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, else none).")
-    net.add_argument("--shutdown-timeout", type=float, default=30.0,
-                     help="On SIGTERM, seconds to let in-flight requests finish before aborting them (default 30).")
-    net.add_argument("--uvicorn-log-level", default="warning",
+    net.add_argument("--shutdown-timeout", type=float, default=server.shutdown_timeout,
+                     help="On SIGTERM, seconds to let in-flight requests finish before aborting them (default "
+                          f"{server.shutdown_timeout:g}).")
+    net.add_argument("--uvicorn-log-level", default=server.uvicorn_log_level,
                      choices=["critical", "error", "warning", "info", "debug", "trace"],
-                     help="Log level of uvicorn's own messages (default warning).")
+                     help=f"Log level of uvicorn's own messages (default {server.uvicorn_log_level}).")
     add_api_arguments(parser.add_argument_group("API"))
     add_engine_arguments(parser.add_argument_group("engine"))
 
 
 def add_api_arguments(api: argparse._ArgumentGroup) -> None:
-    """How requests are answered: shared by `serve` and `run-batch`."""
+    """How requests are answered: shared by `serve` and `run-batch` (defaults: ``ServerConfig``'s)."""
+    server = ServerConfig()
     api.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                      help="Name(s) the API answers to; the first is reported in responses (default: the model path).")
-    api.add_argument("--reasoning-parser", default="deepseek_v3", choices=sorted(REASONING_PARSERS),
-                     help="Split the model's thinking into `reasoning` / `reasoning_content` (default deepseek_v3; "
-                          "'none' leaves it in `content`).")
-    api.add_argument("--tool-call-parser", default="deepseek_v32", choices=sorted(TOOL_CALL_PARSERS),
-                     help="Parse DSML tool calls into `tool_calls` (default deepseek_v32; 'none' disables tools).")
+    api.add_argument("--reasoning-parser", default=server.reasoning_parser, choices=sorted(REASONING_PARSERS),
+                     help="Split the model's thinking into `reasoning` / `reasoning_content` (default "
+                          f"{server.reasoning_parser}; 'none' leaves it in `content`).")
+    api.add_argument("--tool-call-parser", default=server.tool_call_parser, choices=sorted(TOOL_CALL_PARSERS),
+                     help=f"Parse DSML tool calls into `tool_calls` (default {server.tool_call_parser}; 'none' "
+                          "disables tools).")
     api.add_argument("--enable-auto-tool-choice", action="store_true",
                      help="Accepted for vLLM command compatibility: `tool_choice: auto` is on whenever a tool-call "
                           "parser is set.")
-    api.add_argument("--max-logprobs", type=int, default=20,
-                     help="Most top alternatives a request may ask for with logprobs/top_logprobs (default 20).")
     api.add_argument("--log-requests", action="store_true",
                      help="Log each request's prompt and sampling parameters (off by default: prompts can be private).")
 
 
 def add_engine_arguments(eng: argparse._ArgumentGroup) -> None:
-    """The engine's flags (vLLM's names): shared by `serve` and `run-batch`."""
-    eng.add_argument("--tokenizer", default=None, help="Tokenizer folder or tokenizer.json (default: the model's).")
+    """The engine's flags (vLLM's names): shared by `serve` and `run-batch` (defaults: ``EngineConfig``'s)."""
+    engine = EngineConfig()
+    eng.add_argument("--tokenizer", default=engine.tokenizer,
+                     help="Tokenizer folder or tokenizer.json (default: the model's).")
     eng.add_argument("--tokenizer-mode", default="deepseek_v32", choices=["auto", "deepseek_v32"],
                      help="Accepted for vLLM command compatibility; the V3.2 encoding is always used.")
     eng.add_argument("--trust-remote-code", action="store_true",
                      help="Accepted for vLLM/SGLang command compatibility; no remote code is ever run.")
-    eng.add_argument("--dtype", default="auto", choices=DTYPES, help="Weight/activation dtype (default auto).")
-    eng.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+    eng.add_argument("--dtype", default=engine.dtype, choices=DTYPES,
+                     help=f"Weight/activation dtype (default {engine.dtype}).")
+    eng.add_argument("--load-format", default=engine.load_format, choices=LOAD_FORMATS,
                      help="'dummy' initialises random weights (auto = safetensors for a checkpoint, dummy for tiny).")
-    eng.add_argument("--max-model-len", type=_positive_int, default=None,
+    eng.add_argument("--max-model-len", type=_positive_int, default=engine.max_model_len,
                      help="Context length (prompt + output) in tokens, e.g. 8192 or 32k (default: the model's).")
-    eng.add_argument("--max-num-seqs", type=_positive_int, default=64,
-                     help="Most requests running in one batch (default 64).")
-    eng.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
-                     help="Token budget of one engine step; longer prompts are prefilled in chunks (default 2048).")
-    eng.add_argument("--max-waiting-requests", type=_positive_int, default=1024,
+    eng.add_argument("--max-num-seqs", type=_positive_int, default=engine.max_num_seqs,
+                     help=f"Most requests running in one batch (default {engine.max_num_seqs}).")
+    eng.add_argument("--max-num-batched-tokens", type=_positive_int, default=engine.max_num_batched_tokens,
+                     help="Token budget of one engine step; longer prompts are prefilled in chunks (default "
+                          f"{engine.max_num_batched_tokens}).")
+    eng.add_argument("--max-waiting-requests", type=_positive_int, default=engine.max_waiting_requests,
                      help="Requests allowed to wait for a batch slot; beyond that the server answers 503 (default "
-                          "1024).")
-    eng.add_argument("--block-size", type=_positive_int, default=64, help="KV-cache block size in tokens (default 64).")
-    eng.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                     help="KV-cache storage dtype: auto (model dtype) or fp8 (default auto).")
-    eng.add_argument("--kv-cache-memory-bytes", type=_positive_int, default=None,
+                          f"{engine.max_waiting_requests}).")
+    eng.add_argument("--max-logprobs", type=int, default=engine.max_logprobs,
+                     help="Most top alternatives a request may ask for with logprobs/top_logprobs/prompt_logprobs "
+                          f"(default {engine.max_logprobs}).")
+    eng.add_argument("--block-size", type=_positive_int, default=engine.block_size,
+                     help=f"KV-cache block size in tokens (default {engine.block_size}).")
+    eng.add_argument("--kv-cache-dtype", default=engine.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                     help=f"KV-cache storage dtype: auto (model dtype) or fp8 (default {engine.kv_cache_dtype}).")
+    eng.add_argument("--kv-cache-memory-bytes", type=_positive_int, default=engine.kv_cache_memory,
                      help="Bytes for the KV cache (default: from --gpu-memory-utilization, or a CPU default).")
-    eng.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                     help="Fraction of GPU memory the engine may use, KV cache included (default 0.9).")
-    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                     help="Reuse the KV cache of shared prompt prefixes (default on).")
-    eng.add_argument("--seed", type=int, default=0, help="Seed for weight init (dummy) and sampling (default 0).")
-    eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    eng.add_argument("--gpu-memory-utilization", type=float, default=engine.gpu_memory_utilization,
+                     help="Fraction of GPU memory the engine may use, KV cache included (default "
+                          f"{engine.gpu_memory_utilization}).")
+    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                     default=engine.enable_prefix_caching,
+                     help="Reuse the KV cache of shared prompt prefixes (default "
+                          f"{'on' if engine.enable_prefix_caching else 'off'}).")
+    eng.add_argument("--seed", type=int, default=engine.seed,
+                     help=f"Seed for weight init (dummy) and sampling (default {engine.seed}).")
+    eng.add_argument("--device", default=engine.device, choices=DEVICES,
                      help="Where the model runs (default: cuda if available, else cpu).")
     eng.add_argument("--structured-outputs-config", default="{}", metavar="JSON",
                      help='Structured outputs (JSON schema, regex, choice, grammar, constrained tool calls), as a JSON '
@@ -135,18 +159,22 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         device=args.device,
         max_waiting_requests=args.max_waiting_requests,
+        max_logprobs=args.max_logprobs,
         structured_outputs_config=StructuredOutputsConfig.from_json(args.structured_outputs_config),
     )
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    # The HTTP flags exist for `serve` only (`run-batch` has no server).
+    http = {key: getattr(args, key) for key in ("host", "port", "shutdown_timeout", "uvicorn_log_level")
+            if hasattr(args, key)}
     return ServerConfig(
         served_model_names=tuple(args.served_model_name or [args.model]),
         model_path=args.model,
+        **http,
         api_key=args.api_key or None,
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
-        max_logprobs=args.max_logprobs,
         log_requests=args.log_requests,
     )
 
@@ -160,8 +188,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     from dsv32.server.launcher import serve
 
-    return serve(engine_config, server_config, host=args.host, port=args.port,
-                 shutdown_timeout=args.shutdown_timeout, uvicorn_log_level=args.uvicorn_log_level)
+    return serve(engine_config, server_config)
 
 
 def add_run_batch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -171,7 +198,7 @@ def add_run_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output-file", required=True,
                         help="JSONL of results, one per request in input order. If it exists, the custom_ids already "
                              "done there are skipped (resume).")
-    parser.add_argument("--model", default=TINY_PRESET, help=_MODEL_HELP)
+    parser.add_argument("--model", default=EngineConfig().model, help=_MODEL_HELP)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
     add_api_arguments(parser.add_argument_group("API"))
     add_engine_arguments(parser.add_argument_group("engine"))

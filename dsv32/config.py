@@ -283,6 +283,8 @@ def tiny_config() -> ModelConfig:
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+DEVICES = ("auto", "cpu", "cuda")  # the CLI's choices; EngineConfig also takes "cuda:N"
 STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
 
 
@@ -345,7 +347,7 @@ class EngineConfig:
             raise ConfigError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype {self.kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
-        if self.load_format not in ("auto", "safetensors", "dummy"):
+        if self.load_format not in LOAD_FORMATS:
             raise ConfigError(f"--load-format {self.load_format!r}: expected auto, safetensors or dummy")
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests"):
             if getattr(self, key) <= 0:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from dsv32.cli import build_parser, engine_config_from_args, main, server_config_from_args
-from dsv32.config import StructuredOutputsConfig
+from dsv32.config import EngineConfig, StructuredOutputsConfig
+from dsv32.server.settings import ServerConfig
 
 
 def parse(*argv: str):
@@ -26,6 +28,14 @@ def test_serve_defaults_to_the_tiny_model_on_localhost_8000() -> None:
     assert server.api_key is None and server.log_requests is False
 
 
+def test_serve_defaults_are_the_config_dataclasses_defaults() -> None:
+    args = parse("serve")
+    engine, server = engine_config_from_args(args), server_config_from_args(args)
+    defaults = EngineConfig()
+    assert engine == replace(defaults, served_model_name=None)
+    assert replace(server, served_model_names=ServerConfig().served_model_names) == ServerConfig()
+
+
 def test_serve_flags_map_onto_engine_and_server_config() -> None:
     args = parse("serve", "/models/v32", "--host", "0.0.0.0", "--port", "9001", "--served-model-name", "ds", "alias",
                  "--dtype", "float32", "--max-model-len", "32k", "--max-num-seqs", "8", "--max-num-batched-tokens",
@@ -36,17 +46,17 @@ def test_serve_flags_map_onto_engine_and_server_config() -> None:
                  "--structured-outputs-config", '{"backend": "xgrammar", "max_whitespace": 4}')
     engine = engine_config_from_args(args)
     server = server_config_from_args(args)
-    assert (args.host, args.port) == ("0.0.0.0", 9001)
+    assert (server.host, server.port) == ("0.0.0.0", 9001)
     assert engine.model == "/models/v32" and engine.served_model_name == "ds"
     assert engine.dtype == "float32" and engine.max_model_len == 32000 and engine.max_num_seqs == 8
     assert engine.max_num_batched_tokens == 512 and engine.kv_cache_dtype == "fp8"
     assert engine.enable_prefix_caching is False and engine.seed == 7 and engine.load_format == "dummy"
-    assert engine.max_waiting_requests == 4 and engine.block_size == 32
+    assert engine.max_waiting_requests == 4 and engine.block_size == 32 and engine.max_logprobs == 5
     assert engine.structured_outputs_config == StructuredOutputsConfig(backend="xgrammar", max_whitespace=4)
     # SGLang's parser spellings map onto vLLM's.
     assert server.served_model_names == ("ds", "alias") and server.model_path == "/models/v32"
     assert server.reasoning_parser == "deepseek_v3" and server.tool_call_parser == "deepseek_v32"
-    assert server.api_key == "k" and server.log_requests and server.max_logprobs == 5
+    assert server.api_key == "k" and server.log_requests
 
 
 def test_api_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

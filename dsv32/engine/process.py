@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 # How long the engine process gets to exit after Shutdown, and after SIGTERM, before it is killed.
 SHUTDOWN_TIMEOUT_S = 10.0
 _TERMINATE_TIMEOUT_S = 5.0
+# The engine process's log lines say where they come from (vLLM: "(EngineCore_DP0 pid=...)").
+_LOG_FORMAT = "%(asctime)s %(levelname)s (engine core pid %(process)d) %(name)s: %(message)s"
 
 
 class EngineStartupError(RuntimeError):
@@ -93,11 +95,9 @@ class MPEngineClient(QueueEngineClient):
         context = multiprocessing.get_context("spawn")
         from_engine, engine_out = context.Pipe(duplex=False)
         engine_in, to_engine = context.Pipe(duplex=False)
-        root = logging.getLogger()
-        formatter = root.handlers[0].formatter if root.handlers else None
         # Started from this (the main) thread: PR_SET_PDEATHSIG fires when the thread that started the child ends.
         process = context.Process(target=run_engine_core, name="dsv32-engine-core", args=(
-            engine_config, engine_in, engine_out, os.getpid(), root.getEffectiveLevel(), formatter))
+            engine_config, engine_in, engine_out, os.getpid(), logging.getLogger().getEffectiveLevel()))
         process.start()
         engine_in.close()  # the child's ends: only the child may hold them, or its death would not read as EOF
         engine_out.close()
@@ -186,14 +186,12 @@ def _stop(process: BaseProcess) -> None:
 # ---- the engine-core process ------------------------------------------------------------------------
 
 def run_engine_core(engine_config: EngineConfig, commands_in: Connection, outputs_out: Connection, parent_pid: int,
-                    log_level: int, log_formatter: logging.Formatter | None) -> None:
+                    log_level: int) -> None:
     """Entry point of the engine-core process: load, report ready (or why not), then serve the loop until
     ``Shutdown`` or until the server process is gone."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server decides
-    handler = logging.StreamHandler()
-    handler.setFormatter(log_formatter)
-    logging.basicConfig(level=log_level, handlers=[handler])
+    logging.basicConfig(level=log_level, format=_LOG_FORMAT)
     _use_every_core()
     try:
         from dsv32.engine.core import EngineCore  # torch: only in this process

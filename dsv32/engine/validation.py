@@ -44,6 +44,10 @@ class RequestValidator:
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
                 f"{num_prompt} input tokens. Please reduce the length of the input messages.", param="messages")
+        self.check_params(params)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What the parameters alone may not ask: more logprobs than allowed, token ids outside the vocabulary."""
         self.check_logprobs(params.logprobs, "logprobs")
         self.check_logprobs(params.prompt_logprobs, "prompt_logprobs")
         self.check_token_ids(params.logit_bias or {}, "logit_bias")

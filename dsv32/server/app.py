@@ -36,7 +36,6 @@ from dsv32.server.protocol import (
     ModelList,
     TokenizeRequest,
 )
-from dsv32.server.sampling import check_token_ids
 from dsv32.server.settings import ServerConfig
 from dsv32.server.state import ServerState
 from dsv32.server.worker_info import load, model_info, server_info
@@ -142,7 +141,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     @app.post("/v1/detokenize")
     async def detokenize(request: DetokenizeRequest) -> dict[str, str]:
         state.check_model(request.model)
-        check_token_ids(request.tokens, state.vocab_size, "tokens")
+        state.validator.check_token_ids(request.tokens, "tokens")
         return {"prompt": state.tokenizer.decode(request.tokens, skip_special_tokens=False)}
 
     @app.get("/tokenizer_info")

@@ -46,7 +46,7 @@ from dsv32.server.protocol import (
     UsageInfo,
     usage_info,
 )
-from dsv32.server.sampling import build_sampling_params, resolve_max_tokens, structured_outputs_params
+from dsv32.server.sampling import build_sampling_params, structured_outputs_params
 from dsv32.server.sse import sse_event, sse_response
 from dsv32.server.state import ServerState
 
@@ -142,20 +142,18 @@ def _echo_text(request: ChatCompletionRequest) -> str:
 
 async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, raw_request: Request) -> Response:
     state.check_model(request.model)
-    if request.logprobs:
-        state.check_logprobs(request.top_logprobs, "top_logprobs")
     tool_choice = request.effective_tool_choice()
     if request.tools and state.config.tool_call_parser == "none" and tool_choice != "none":
         choice_name = tool_choice if isinstance(tool_choice, str) else "named"
         raise APIError(f'"{choice_name}" tool choice requires --tool-call-parser to be set', 400, param="tool_choice")
     rendered = render_chat_prompt(request)
     prompt_ids = state.tokenizer.encode(rendered.prompt)
-    max_tokens = resolve_max_tokens(request.requested_max_tokens(), len(prompt_ids), state.max_model_len)
+    max_tokens = state.validator.resolve_max_tokens(request.requested_max_tokens(), len(prompt_ids))
     tool_call_tag = rendered.tool_call_structural_tag(request.parallel_tool_calls)
     # parallel_tool_calls=false: a tool-call grammar allows one call; without one, a stop string ends the first.
     single_call = not request.parallel_tool_calls and bool(rendered.tools) and tool_call_tag is None
     params = build_sampling_params(
-        request, max_tokens=max_tokens, vocab_size=state.vocab_size, max_num_seqs=state.max_num_seqs,
+        request, max_tokens=max_tokens, validator=state.validator,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         extra_stop=[_INVOKE_END] if single_call else [],
         structured_outputs=structured_outputs_params(request, tool_call_tag))

@@ -26,12 +26,7 @@ from dsv32.server.protocol import (
     UsageInfo,
     usage_info,
 )
-from dsv32.server.sampling import (
-    build_sampling_params,
-    check_token_ids,
-    resolve_max_tokens,
-    structured_outputs_params,
-)
+from dsv32.server.sampling import build_sampling_params, structured_outputs_params
 from dsv32.server.sse import sse_event, sse_response
 from dsv32.server.state import ServerState
 
@@ -59,7 +54,7 @@ def _tokenize_prompts(state: ServerState, request: CompletionRequest) -> list[tu
         if isinstance(prompt, str):
             prompts.append((prompt, state.tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)))
         else:
-            check_token_ids(prompt, state.vocab_size, "prompt")
+            state.validator.check_token_ids(prompt, "prompt")
             prompts.append((state.tokenizer.decode(prompt, skip_special_tokens=False), list(prompt)))
         if not prompts[-1][1]:
             raise APIError("Prompt cannot be empty.", 400, param="prompt")
@@ -80,18 +75,15 @@ def _finish_reason(run: _PromptRun, completion: CompletionOutput) -> str | None:
 
 async def create_completion(state: ServerState, request: CompletionRequest, raw_request: Request) -> Response:
     state.check_model(request.model)
-    state.check_logprobs(request.logprobs, "logprobs")
-    state.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
     request_id = state.request_id("cmpl", raw_request.headers.get("x-request-id"), request.request_id or request.rid)
     runs: list[_PromptRun] = []
     structured_outputs = structured_outputs_params(request)
     for index, (text, token_ids) in enumerate(_tokenize_prompts(state, request)):
         score_only = request.max_tokens == 0
-        max_tokens = resolve_max_tokens(1 if score_only else request.max_tokens, len(token_ids), state.max_model_len)
+        max_tokens = state.validator.resolve_max_tokens(1 if score_only else request.max_tokens, len(token_ids))
         want_prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         params = build_sampling_params(
-            request, max_tokens=max_tokens, vocab_size=state.vocab_size, max_num_seqs=state.max_num_seqs,
-            logprobs=request.logprobs,
+            request, max_tokens=max_tokens, validator=state.validator, logprobs=request.logprobs,
             prompt_logprobs=request.prompt_logprobs if request.prompt_logprobs is not None else want_prompt_logprobs,
             structured_outputs=structured_outputs)
         sub_id = request_id if len(request.prompts()) == 1 else f"{request_id}-{index}"

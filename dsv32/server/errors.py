@@ -1,9 +1,10 @@
 """Every failure the HTTP server reports, in OpenAI's (and vLLM's) envelope:
 ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status.
 
-Route code raises ``APIError``; ``install_error_handlers`` turns it, FastAPI's validation errors (invalid JSON, a bad
-field) and Starlette's own errors (unknown route, wrong method) into that envelope, so a client never sees a
-traceback or FastAPI's default 422 shape. vLLM converts request validation errors to 400 as well.
+Route code raises ``APIError`` (or the engine's ``InvalidRequestError``, a 400); ``install_error_handlers`` turns it,
+FastAPI's validation errors (invalid JSON, a bad field) and Starlette's own errors (unknown route, wrong method) into
+that envelope, so a client never sees a traceback or FastAPI's default 422 shape. vLLM converts request validation
+errors to 400 as well.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dsv32.engine.validation import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +66,6 @@ def model_not_found(model: str) -> APIError:
     return APIError(f"The model `{model}` does not exist.", 404, param="model")
 
 
-def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int) -> APIError:
-    """vLLM's wording, which agent frameworks grep for ("maximum context length")."""
-    return APIError(
-        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
-        "Please reduce the length of the messages or completion.",
-        400,
-        param="messages",
-    )
-
-
 def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable sentence (and the offending field) out of pydantic's error list."""
     messages: list[str] = []
@@ -101,6 +93,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.to_response()
+
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid_request(_: Request, exc: InvalidRequestError) -> JSONResponse:
+        return APIError(str(exc), 400, param=exc.param).to_response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

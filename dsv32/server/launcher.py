@@ -75,14 +75,12 @@ class GracefulServer(uvicorn.Server):
             logger.warning("shutting down: aborted %d request(s) still running", aborted)
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig, *, host: str, port: int,
-          shutdown_timeout: float, uvicorn_log_level: str) -> int:
+def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     """Blocks until the server has stopped; returns the process exit code."""
-    return asyncio.run(_serve(engine_config, server_config, host, port, shutdown_timeout, uvicorn_log_level))
+    return asyncio.run(_serve(engine_config, server_config))
 
 
-async def _serve(engine_config: EngineConfig, server_config: ServerConfig, host: str, port: int,
-                 shutdown_timeout: float, uvicorn_log_level: str) -> int:
+async def _serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     from dsv32.engine.process import EngineStartupError, MPEngineClient
 
     if engine_config.model == TINY_PRESET:
@@ -106,12 +104,15 @@ async def _serve(engine_config: EngineConfig, server_config: ServerConfig, host:
             loop.remove_signal_handler(sig)
     try:
         app = build_app(engine, server_config)
-        config = uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level, lifespan="on",
-                                timeout_graceful_shutdown=shutdown_timeout + _ABORT_FLUSH_SECONDS, access_log=False)
+        host, port = server_config.host, server_config.port
+        config = uvicorn.Config(app, host=host, port=port, log_level=server_config.uvicorn_log_level, lifespan="on",
+                                timeout_graceful_shutdown=server_config.shutdown_timeout + _ABORT_FLUSH_SECONDS,
+                                access_log=False)
         ready = (f"serving {engine_config.model} as {', '.join(server_config.served_model_names)} on "
                  f"http://{host}:{port} (max_model_len={engine.max_model_len}, max_num_seqs="
                  f"{engine_config.max_num_seqs}; engine core process {engine.pid})")
-        server = GracefulServer(config, app.state.server, drain_seconds=shutdown_timeout, ready_message=ready)
+        server = GracefulServer(config, app.state.server, drain_seconds=server_config.shutdown_timeout,
+                                ready_message=ready)
         await server.serve()
     finally:
         await engine.shutdown()  # also when uvicorn never started (port in use): no engine process outlives us

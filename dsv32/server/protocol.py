@@ -2,8 +2,8 @@
 stream chunk it sends, with vLLM's field names and defaults (SGLang's spellings accepted where they differ).
 
 Requests allow unknown fields (vLLM and SGLang ignore them and clients rely on that); the validators here check only
-what a request can get wrong on its own. Checks that need the server's state (model name, context length,
-``max_logprobs``, ``n`` against ``max_num_seqs``) live in the serving modules.
+what a request can get wrong on its own. Checks that need the engine (context length, vocabulary, ``max_logprobs``,
+``n`` against ``max_num_seqs``) are ``dsv32.engine.validation``'s; the model name is ``ServerState``'s.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""From an API request to the engine's ``SamplingParams``: defaults, the output budget against the context length,
-token-id checks and the structured-outputs constraint, each failure an HTTP 400 with vLLM's wording."""
+"""From an API request to the engine's ``SamplingParams``: OpenAI's defaults, the ``logit_bias`` form and the
+structured-outputs constraint, each failure an HTTP 400 with vLLM's wording. What a request may ask of this engine
+(context length, vocabulary, logprobs, ``n``) is ``RequestValidator``'s to decide."""
 
 from __future__ import annotations
 
@@ -7,32 +8,15 @@ import json
 from typing import Any
 
 from dsv32.engine.sampling_params import SamplingParams, StructuredOutputsParams
-from dsv32.server.errors import APIError, context_length_error
+from dsv32.engine.validation import RequestValidator
+from dsv32.server.errors import APIError
 from dsv32.server.protocol import SamplingFields
 
 # vLLM clamps logit_bias values to this range, as OpenAI documents.
 _LOGIT_BIAS_LIMIT = 100.0
 
 
-def resolve_max_tokens(requested: int | None, prompt_tokens: int, max_model_len: int) -> int:
-    """The output budget: what was asked, or everything the context has left (vLLM's default for chat)."""
-    if requested is None:
-        if prompt_tokens >= max_model_len:
-            raise context_length_error(max_model_len, prompt_tokens, 1)
-        return max_model_len - prompt_tokens
-    if prompt_tokens + requested > max_model_len:
-        raise context_length_error(max_model_len, prompt_tokens, requested)
-    return requested
-
-
-def check_token_ids(token_ids: list[int], vocab_size: int, field: str) -> None:
-    for token_id in token_ids:
-        if not 0 <= token_id < vocab_size:
-            raise APIError(f"{field} contains token id {token_id}, outside the vocabulary [0, {vocab_size}).", 400,
-                           param=field)
-
-
-def _logit_bias(request: SamplingFields, vocab_size: int) -> dict[int, float] | None:
+def _logit_bias(request: SamplingFields) -> dict[int, float] | None:
     if not request.logit_bias:
         return None
     bias: dict[int, float] = {}
@@ -41,7 +25,6 @@ def _logit_bias(request: SamplingFields, vocab_size: int) -> dict[int, float] | 
             token_id = int(key)
         except ValueError:
             raise APIError(f"logit_bias key {key!r} is not a token id.", 400, param="logit_bias") from None
-        check_token_ids([token_id], vocab_size, "logit_bias")
         bias[token_id] = max(-_LOGIT_BIAS_LIMIT, min(_LOGIT_BIAS_LIMIT, value))
     return bias
 
@@ -103,19 +86,15 @@ def structured_outputs_params(request: SamplingFields, tool_call_tag: str | None
         raise APIError(f"{field}: {exc}", 400, param=field) from None
 
 
-def build_sampling_params(request: SamplingFields, *, max_tokens: int, vocab_size: int, max_num_seqs: int,
+def build_sampling_params(request: SamplingFields, *, max_tokens: int, validator: RequestValidator,
                           logprobs: int | None = None, prompt_logprobs: int | None = None,
                           extra_stop: list[str] | None = None,
                           structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
-    """The engine's parameters for ``request``; ``None`` fields take vLLM's defaults. ``extra_stop`` adds stop
-    strings the server needs on top of the client's."""
-    if request.n > max_num_seqs:
-        raise APIError(f"n={request.n} is larger than this server's max_num_seqs={max_num_seqs}; each completion "
-                       "is a sequence of its own.", 400, param="n")
-    stop_token_ids = list(request.stop_token_ids or [])
-    check_token_ids(stop_token_ids, vocab_size, "stop_token_ids")
+    """The engine's parameters for ``request``, checked by ``validator``; ``None`` fields take vLLM's defaults.
+    ``extra_stop`` adds stop strings the server needs on top of the client's."""
+    validator.check_n(request.n)
     try:
-        return SamplingParams(
+        params = SamplingParams(
             n=request.n,
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
@@ -125,12 +104,12 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int, vocab_siz
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
             repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
-            logit_bias=_logit_bias(request, vocab_size),
+            logit_bias=_logit_bias(request),
             min_tokens=request.min_tokens,
             max_tokens=max_tokens,
             ignore_eos=request.ignore_eos,
             stop=request.stop_list() + list(extra_stop or []),
-            stop_token_ids=stop_token_ids,
+            stop_token_ids=list(request.stop_token_ids or []),
             include_stop_str_in_output=request.include_stop_str_in_output or request.no_stop_trim,
             skip_special_tokens=request.skip_special_tokens,
             logprobs=logprobs,
@@ -139,3 +118,5 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int, vocab_siz
         )
     except ValueError as exc:
         raise APIError(str(exc), 400) from None
+    validator.check_params(params)
+    return params

@@ -17,15 +17,23 @@ class ServerConfig:
 
     served_model_names: tuple[str, ...] = ("tiny",)
     model_path: str = "tiny"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # On SIGTERM, seconds in-flight requests get to finish before they are aborted.
+    shutdown_timeout: float = 30.0
+    uvicorn_log_level: str = "warning"
     api_key: str | None = None
     # "deepseek_v3": split reasoning from content; "none": the reasoning stays in `content`.
     reasoning_parser: str = "deepseek_v3"
     # "deepseek_v32": parse DSML tool calls; "none": no tool calling (`tool_choice` other than "none" is refused).
     tool_call_parser: str = "deepseek_v32"
-    max_logprobs: int = 20
     log_requests: bool = False
 
     def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"--shutdown-timeout must be non-negative, got {self.shutdown_timeout}")
         if not self.served_model_names:
             raise ValueError("at least one served model name is needed")
         if self.reasoning_parser not in REASONING_PARSERS:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsv32.engine.client import EngineClient
-from dsv32.server.errors import APIError, model_not_found
+from dsv32.engine.validation import RequestValidator
+from dsv32.server.errors import model_not_found
 from dsv32.server.logprobs import LogprobFormatter
 from dsv32.server.metrics import ServerMetrics
 from dsv32.server.protocol import random_uuid
@@ -46,22 +47,13 @@ class ServerState:
         return self.engine.max_model_len
 
     @property
-    def vocab_size(self) -> int:
-        return self.engine.model_config.vocab_size
-
-    @property
-    def max_num_seqs(self) -> int:
-        return self.engine.engine_config.max_num_seqs
+    def validator(self) -> RequestValidator:
+        return self.engine.validator
 
     def check_model(self, model: str | None) -> None:
         """``model`` may be omitted (vLLM allows it); otherwise it must be a served name or the model path."""
         if model is not None and model not in self.config.served_model_names and model != self.config.model_path:
             raise model_not_found(model)
-
-    def check_logprobs(self, requested: int | None, field_name: str) -> None:
-        if requested is not None and requested > self.config.max_logprobs:
-            raise APIError(f"{field_name}={requested} is more than this server's max_logprobs="
-                           f"{self.config.max_logprobs}.", 400, param=field_name)
 
     def request_id(self, prefix: str, header_id: str | None, body_id: str | None) -> str:
         """vLLM honours ``X-Request-Id``; SGLang's body ``rid`` (or vLLM's ``request_id``) works too. A random

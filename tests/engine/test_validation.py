@@ -28,6 +28,12 @@ def test_the_configured_logprobs_limit_rules() -> None:
 
 
 def test_context_length_strict_and_offline() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        VALIDATOR.resolve_max_tokens(20, 90)
+    assert str(info.value) == ("This model's maximum context length is 100 tokens. However, you requested 110 tokens "
+                               "(90 in the messages, 20 in the completion). Please reduce the length of the messages "
+                               "or completion.")  # vLLM's wording, which agent frameworks grep for
+    assert info.value.param == "messages"
     with pytest.raises(InvalidRequestError, match=r"you requested 110 tokens \(90 in the messages, 20 in the"):
         VALIDATOR.validate([1] * 90, SamplingParams(max_tokens=20))
     VALIDATOR.validate([1] * 90, SamplingParams(max_tokens=20), strict_max_tokens=False)

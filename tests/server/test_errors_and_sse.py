@@ -9,7 +9,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from dsv32.server.errors import APIError, context_length_error, install_error_handlers
+from dsv32.engine.validation import InvalidRequestError
+from dsv32.server.errors import APIError, install_error_handlers
 from dsv32.server.sse import SSE_DONE, _framed, sse_event
 
 
@@ -28,6 +29,10 @@ def make_client() -> TestClient:
     @app.get("/refuse")
     async def refuse() -> None:
         raise APIError("full", 503)
+
+    @app.get("/invalid")
+    async def invalid() -> None:
+        raise InvalidRequestError("n=9 is larger than max_num_seqs=8", param="n")
 
     @app.get("/crash")
     async def crash() -> None:
@@ -66,6 +71,11 @@ def test_api_error_keeps_its_status() -> None:
     assert error["message"] == "full"
 
 
+def test_engine_validation_errors_are_400_naming_the_field() -> None:
+    error = assert_envelope(make_client().get("/invalid"), 400, "BadRequestError")
+    assert error["param"] == "n" and error["message"] == "n=9 is larger than max_num_seqs=8"
+
+
 def test_unknown_route_and_method_use_the_envelope() -> None:
     assert_envelope(make_client().get("/nowhere"), 404, "NotFoundError")
     assert_envelope(make_client().get("/echo"), 405, "MethodNotAllowedError")
@@ -74,14 +84,6 @@ def test_unknown_route_and_method_use_the_envelope() -> None:
 def test_unexpected_exception_is_a_500_without_internals() -> None:
     error = assert_envelope(make_client().get("/crash"), 500, "InternalServerError")
     assert "secret internals" not in error["message"]
-
-
-def test_context_length_message_uses_vllms_wording() -> None:
-    error = context_length_error(100, 90, 20)
-    assert error.status_code == 400
-    assert error.message == ("This model's maximum context length is 100 tokens. However, you requested 110 tokens "
-                             "(90 in the messages, 20 in the completion). Please reduce the length of the messages "
-                             "or completion.")
 
 
 def collect(events) -> list[str]:

@@ -18,6 +18,7 @@ from tests.server.conftest import API_KEY, ServerProcess
 
 MAX_MODEL_LEN = 1024
 MAX_NUM_SEQS = 8
+MAX_LOGPROBS = 30  # above vLLM's default 20: the configured limit rules in the server and the engine alike
 USER = [{"role": "user", "content": "What is 2+2?"}]
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
                                                  "parameters": {"type": "object", "properties": {
@@ -29,7 +30,7 @@ FIXED = {"ignore_eos": True}
 @pytest.fixture(scope="module")
 def server(server_factory) -> ServerProcess:
     return server_factory("tiny", "--api-key", API_KEY, "--max-num-seqs", str(MAX_NUM_SEQS), "--served-model-name",
-                          "dsv32-tiny")
+                          "dsv32-tiny", "--max-logprobs", str(MAX_LOGPROBS))
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +247,15 @@ def test_completions_with_logprobs(client: openai.OpenAI) -> None:
     assert response.usage.completion_tokens == 5
 
 
+def test_logprobs_up_to_the_configured_limit(client: openai.OpenAI) -> None:
+    response = client.completions.create(model="dsv32-tiny", prompt="Hi", max_tokens=2, logprobs=MAX_LOGPROBS,
+                                         extra_body=FIXED)
+    assert all(len(top) >= MAX_LOGPROBS for top in response.choices[0].logprobs.top_logprobs)
+    chat = client.chat.completions.create(model="dsv32-tiny", messages=USER, max_tokens=2, logprobs=True,
+                                          top_logprobs=25, extra_body=FIXED)
+    assert all(len(position.top_logprobs) == 25 for position in chat.choices[0].logprobs.content)
+
+
 def test_completions_echo_scores_the_prompt(client: openai.OpenAI, http: httpx.Client) -> None:
     prompt = "One two three four"
     ids = http.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
@@ -328,7 +338,7 @@ def test_stream_errors_are_http_errors_not_sse(http: httpx.Client) -> None:
     ({"prompt": "x", "model": "nope"}, 404, "does not exist"),
     ({"prompt": [MAX_MODEL_LEN * 200]}, 400, "outside the vocabulary"),
     ({"prompt": "x", "suffix": "y"}, 400, "suffix"),
-    ({"prompt": "x", "logprobs": 21}, 400, "max_logprobs"),
+    ({"prompt": "x", "logprobs": MAX_LOGPROBS + 1}, 400, "max_logprobs=30"),
     ({"prompt": "x", "max_tokens": MAX_MODEL_LEN}, 400, "maximum context length"),
     ({"prompt": []}, 400, "Prompt cannot be empty"),
     ({"prompt": ""}, 400, "Prompt cannot be empty"),
