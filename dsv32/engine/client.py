@@ -120,10 +120,10 @@ class QueueEngineClient(ABC):
     # ---- requests -----------------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
                        prompt: str | None = None) -> AsyncIterator[RequestOutput]:
-        self._check_alive()
         self.validator.validate(prompt_token_ids, sampling_params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), prompt, list(prompt_token_ids))
-        with self._lock:
+        with self._lock:  # the receiving thread marks the engine dead under it: no stream is left unanswered
+            self._check_alive()
             if request_id in self._streams:
                 raise InvalidRequestError(f"Request id {request_id!r} is already running")
             waiting = self._stats.num_waiting + self._num_pending_adds
@@ -165,9 +165,9 @@ class QueueEngineClient(ABC):
             return replace(self._stats, num_waiting=self._stats.num_waiting + self._num_pending_adds)
 
     async def _call(self, method: str) -> Any:
-        self._check_alive()
         result: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
+            self._check_alive()
             call_id = next(self._call_ids)
             self._calls[call_id] = result
         self._send(UtilityCall(call_id, method))

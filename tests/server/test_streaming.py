@@ -1,6 +1,7 @@
-"""Streaming under stress against a real `dsv32 serve`: a client that hangs up mid-stream gets its request aborted
-and its KV blocks back (seen through /metrics), many concurrent streams all finish with exact usage, and the
-`dsv32 chat` terminal client talks to the server."""
+"""Streaming under stress against a real `dsv32 serve`, whose engine core runs in a process of its own: a client
+that hangs up mid-stream gets its request aborted in the engine process and its KV blocks back (seen through
+/metrics), many concurrent streams all finish with exact usage, and the `dsv32 chat` terminal client talks to the
+server."""
 
 from __future__ import annotations
 
