@@ -1,6 +1,6 @@
 """Overload and shutdown of a real `dsv32 serve`: a full waiting queue answers 503 (and the admitted requests still
 finish), and SIGTERM lets in-flight requests end cleanly - finished or aborted with a proper final chunk - before
-the process exits 0."""
+both processes (server and engine core) exit, the server with 0."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import ServerProcess, wait_until_gone
 
 BODY = {"prompt": "Count with me:", "max_tokens": 400, "ignore_eos": True}
 
@@ -66,6 +66,7 @@ def test_sigterm_ends_in_flight_streams_cleanly_and_exits_zero(server: ServerPro
     while len(lines) < 3 and time.monotonic() < deadline and reader.is_alive():
         time.sleep(0.05)
     assert len(lines) >= 3, "the stream never started"
+    engine_pid = server.engine_pid()
     exit_code = server.stop(timeout_s=60)
     reader.join(timeout=60)
     assert not failure, failure
@@ -75,3 +76,4 @@ def test_sigterm_ends_in_flight_streams_cleanly_and_exits_zero(server: ServerPro
     assert finishes[-1] in ("abort", "length") and all(f is None for f in finishes[:-1])
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.base_url}/health", timeout=2)
+    assert wait_until_gone(engine_pid, 10), "the engine process outlived the server"
