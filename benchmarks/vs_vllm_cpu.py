@@ -34,7 +34,9 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-PEERS = REPO.parent / "shared" / "peers"
+# ../shared/peers next to the checkout (a worktree may sit one level deeper).
+PEERS = next((p / "shared" / "peers" for p in REPO.parents if (p / "shared" / "peers").is_dir()),
+             REPO.parent / "shared" / "peers")
 OUTPUT_MD = REPO / "benchmarks" / "vs_vllm_cpu.md"
 MODEL_NAME = "tiny"
 CONCURRENCY_LEVELS = (1, 8)
@@ -236,8 +238,8 @@ def render_markdown(results: dict[str, dict[int, dict]], references: dict[int, R
         "# dsv32 vs vLLM-CPU on a tiny DeepSeek-V3 checkpoint",
         "",
         f"Written by `python benchmarks/vs_vllm_cpu.py --vllm-venv {args.vllm_venv} --num-prompts {args.num_prompts}` "
-        f"on {datetime.now():%Y-%m-%d %H:%M}: {platform.machine()}, {args.cores} CPU cores, one server at a time, "
-        "each alone on the machine.",
+        f"on {datetime.now():%Y-%m-%d %H:%M}: {platform.machine()}, {args.cores} CPU cores, one server at a time "
+        "(whether anything else ran on the machine: the load line below).",
         "",
         f"- Checkpoint: `make_tiny_checkpoint.py {' '.join(CHECKPOINT_FLAGS)}` (HF DeepseekV3ForCausalLM, random "
         "weights, real DeepSeek-V3 tokenizer).",
@@ -248,7 +250,7 @@ def render_markdown(results: dict[str, dict[int, dict]], references: dict[int, R
         f"VLLM_CPU_OMP_THREADS_BIND=0-{args.cores - 1} vllm serve CKPT --dtype bfloat16 --max-model-len "
         f"{MAX_MODEL_LEN}`; dsv32 with its defaults: `dsv32 serve CKPT --dtype bfloat16 --max-model-len "
         f"{MAX_MODEL_LEN}` (the engine-core process takes every core).",
-        "- Busy machine before a server started: " + ("; ".join(args.busy) if args.busy else "none (idle)") + ".",
+        "- Load before each server started: " + ("; ".join(args.busy) if args.busy else "idle for both") + ".",
         "",
         "| Concurrency | Server | Successful | Failed | Output tok/s | Total tok/s | Mean TTFT (ms) | "
         "Median TTFT (ms) | Mean TPOT (ms) | Mean ITL (ms) |",
