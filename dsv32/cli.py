@@ -23,6 +23,7 @@ from dsv32.config import (
     LOAD_FORMATS,
     ConfigError,
     EngineConfig,
+    SpeculativeConfig,
     StructuredOutputsConfig,
 )
 from dsv32.server.settings import REASONING_PARSERS, TOOL_CALL_PARSERS, ServerConfig
@@ -140,6 +141,34 @@ def add_engine_arguments(eng: argparse._ArgumentGroup) -> None:
                           'object: {"backend": "xgrammar", "max_whitespace": 16} (the defaults; backend "auto" = '
                           'xgrammar).')
 
+    # Speculative decoding: the checkpoint's MTP layer drafts.
+    eng.add_argument("--speculative-config", default=None, metavar="JSON",
+                     help='vLLM\'s form, e.g. \'{"method": "mtp", "num_speculative_tokens": 2}\' (deepseek_mtp is an '
+                          "alias of mtp).")
+    eng.add_argument("--speculative-algorithm", default=None, metavar="EAGLE|NEXTN",
+                     help="SGLang's form: EAGLE or NEXTN, with --speculative-num-steps.")
+    eng.add_argument("--speculative-num-steps", type=_positive_int, default=None,
+                     help="SGLang: number of drafted tokens per step.")
+    eng.add_argument("--speculative-eagle-topk", type=_positive_int, default=None,
+                     help="SGLang: must be 1 (a chain of drafts, no tree).")
+    eng.add_argument("--speculative-num-draft-tokens", type=_positive_int, default=None,
+                     help="SGLang: --speculative-num-steps + 1 with top-k 1.")
+
+
+def speculative_config_from_args(args: argparse.Namespace) -> SpeculativeConfig | None:
+    """vLLM's ``--speculative-config`` or SGLang's ``--speculative-*`` flags (not both)."""
+    sglang = (args.speculative_num_steps, args.speculative_eagle_topk, args.speculative_num_draft_tokens)
+    if args.speculative_config is not None:
+        if args.speculative_algorithm is not None or any(v is not None for v in sglang):
+            raise ConfigError("--speculative-config and SGLang's --speculative-* flags are alternatives; give one")
+        return SpeculativeConfig.from_json(args.speculative_config)
+    if args.speculative_algorithm is None:
+        if any(v is not None for v in sglang):
+            raise ConfigError("--speculative-num-steps/--speculative-eagle-topk/--speculative-num-draft-tokens need "
+                              "--speculative-algorithm EAGLE (or NEXTN)")
+        return None
+    return SpeculativeConfig.from_sglang(args.speculative_algorithm, *sglang)
+
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
@@ -161,6 +190,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_waiting_requests=args.max_waiting_requests,
         max_logprobs=args.max_logprobs,
         structured_outputs_config=StructuredOutputsConfig.from_json(args.structured_outputs_config),
+        speculative_config=speculative_config_from_args(args),
     )
 
 

@@ -281,6 +281,76 @@ def tiny_config() -> ModelConfig:
     )
 
 
+# vLLM's method names for DeepSeek's MTP layer; SGLang calls the same thing EAGLE (or NEXTN) with top-k 1.
+SPECULATIVE_METHODS = ("mtp", "deepseek_mtp")
+SGLANG_SPECULATIVE_ALGORITHMS = ("EAGLE", "NEXTN")
+MAX_SPECULATIVE_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding with the checkpoint's MTP layer: each decode step verifies ``num_speculative_tokens``
+    drafted tokens in one forward of the main model. Built from vLLM's ``speculative_config`` dict or SGLang's
+    ``--speculative-*`` flags."""
+
+    num_speculative_tokens: int
+    method: str = "mtp"
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative_config key 'method' = {self.method!r}: expected one of "
+                              f"{', '.join(SPECULATIVE_METHODS)}")
+        object.__setattr__(self, "method", "mtp")
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"speculative_config key 'num_speculative_tokens' = {k!r}: expected an integer in "
+                              f"[1, {MAX_SPECULATIVE_TOKENS}]")
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> SpeculativeConfig:
+        """vLLM's form: ``{"method": "mtp", "num_speculative_tokens": k}`` (``deepseek_mtp`` is an alias)."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"speculative_config must be a JSON object, got {cfg!r}")
+        unknown = sorted(set(cfg) - {"method", "num_speculative_tokens", "model"})
+        if unknown:
+            raise ConfigError(f"speculative_config has unknown key(s) {unknown}: expected 'method' and "
+                              "'num_speculative_tokens'")
+        if "num_speculative_tokens" not in cfg:
+            raise ConfigError("speculative_config is missing key 'num_speculative_tokens'")
+        if cfg.get("model") is not None:
+            raise ConfigError("speculative_config key 'model': a separate draft model is not supported; the MTP "
+                              "layer of the served checkpoint drafts")
+        return cls(num_speculative_tokens=cfg["num_speculative_tokens"], method=cfg.get("method", "mtp"))
+
+    @classmethod
+    def from_json(cls, text: str) -> SpeculativeConfig:
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--speculative-config is not valid JSON: {e}") from None
+        return cls.from_dict(cfg)
+
+    @classmethod
+    def from_sglang(cls, algorithm: str, num_steps: int | None, eagle_topk: int | None,
+                    num_draft_tokens: int | None) -> SpeculativeConfig:
+        """SGLang's ``--speculative-algorithm EAGLE|NEXTN --speculative-num-steps S --speculative-eagle-topk 1
+        --speculative-num-draft-tokens S+1``: a chain of S drafts (only top-k 1, i.e. no tree, is supported)."""
+        if algorithm.upper() not in SGLANG_SPECULATIVE_ALGORITHMS:
+            raise ConfigError(f"--speculative-algorithm {algorithm!r}: expected one of "
+                              f"{', '.join(SGLANG_SPECULATIVE_ALGORITHMS)}")
+        if eagle_topk not in (None, 1):
+            raise ConfigError(f"--speculative-eagle-topk {eagle_topk}: only 1 (a chain of drafts) is supported")
+        if num_steps is None and num_draft_tokens is None:
+            raise ConfigError("--speculative-algorithm needs --speculative-num-steps (or "
+                              "--speculative-num-draft-tokens)")
+        if num_steps is None:
+            num_steps = num_draft_tokens - 1
+        if num_draft_tokens is not None and num_draft_tokens != num_steps + 1:
+            raise ConfigError(f"--speculative-num-draft-tokens {num_draft_tokens} must be --speculative-num-steps "
+                              f"+ 1 = {num_steps + 1} with --speculative-eagle-topk 1")
+        return cls(num_speculative_tokens=num_steps)
+
+
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -341,8 +411,12 @@ class EngineConfig:
     max_waiting_requests: int = 1024
     structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     max_logprobs: int = 20  # most top alternatives a request may ask for (vLLM's --max-logprobs)
+    # None = no speculation. A dict (vLLM's ``LLM(speculative_config={...})``) is converted on construction.
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, dict):
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -362,3 +436,7 @@ class EngineConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        return self.speculative_config.num_speculative_tokens if self.speculative_config else 0

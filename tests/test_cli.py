@@ -89,6 +89,34 @@ def test_inconsistent_engine_config_is_reported_not_raised(capsys: pytest.Captur
     assert "not valid JSON" in capsys.readouterr().err
 
 
+def test_speculative_decoding_flags_in_vllm_and_sglang_form() -> None:
+    vllm = engine_config_from_args(parse("serve", "--speculative-config",
+                                         '{"method": "deepseek_mtp", "num_speculative_tokens": 2}'))
+    sglang = engine_config_from_args(parse("serve", "--speculative-algorithm", "EAGLE", "--speculative-num-steps", "2",
+                                           "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "3"))
+    assert vllm.speculative_config == sglang.speculative_config
+    assert vllm.speculative_config.method == "mtp" and vllm.num_speculative_tokens == 2
+    assert engine_config_from_args(parse("serve")).speculative_config is None
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("--speculative-config", "{nope"), "not valid JSON"),
+    (("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'), "'method'"),
+    (("--speculative-config", '{"method": "mtp"}'), "'num_speculative_tokens'"),
+    (("--speculative-config", '{"method": "mtp", "num_speculative_tokens": 0}'), "'num_speculative_tokens'"),
+    (("--speculative-algorithm", "EAGLE", "--speculative-num-steps", "2", "--speculative-eagle-topk", "4"),
+     "--speculative-eagle-topk"),
+    (("--speculative-algorithm", "EAGLE", "--speculative-num-steps", "2", "--speculative-num-draft-tokens", "5"),
+     "--speculative-num-draft-tokens"),
+    (("--speculative-algorithm", "MEDUSA", "--speculative-num-steps", "2"), "--speculative-algorithm"),
+    (("--speculative-num-steps", "2"), "--speculative-algorithm"),
+])
+def test_bad_speculative_flags_are_one_line_errors(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_bench_and_eval_subcommands_are_wired_lazily() -> None:
     from dsv32.bench.serve import run_bench_serve
     from dsv32.eval.gsm8k import run_eval_gsm8k

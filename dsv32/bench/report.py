@@ -1,5 +1,6 @@
-"""How benchmark results are shown: vLLM's "Serving Benchmark Result" block, the concurrency-sweep table with USD per
-1K tokens, and the sweep plot (matplotlib, the optional `plot` extra)."""
+"""How benchmark results are shown: vLLM's "Serving Benchmark Result" block (with its speculative-decoding section
+when the server reported acceptance counters), the concurrency-sweep table with USD per 1K tokens, and the sweep
+plot (matplotlib, the optional `plot` extra)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,16 @@ def format_result_block(result: dict[str, Any]) -> str:
         for result_key, value in result.items():
             if match := percentile.match(result_key):
                 lines.append(_line(f"P{match.group(1)} {name} (ms):", float(value)))
+    if "spec_decode_acceptance_length" in result:
+        lines.append("Speculative Decoding".center(BANNER_WIDTH, "-"))
+        lines.append(_line("Acceptance rate (%):", float(result["spec_decode_acceptance_rate"])))
+        lines.append(_line("Acceptance length:", float(result["spec_decode_acceptance_length"])))
+        lines.append(_line("Drafts:", result["spec_decode_num_drafts"]))
+        lines.append(_line("Draft tokens:", result["spec_decode_draft_tokens"]))
+        lines.append(_line("Accepted tokens:", result["spec_decode_accepted_tokens"]))
+        lines.append("Per-position acceptance (%):")
+        for position, rate in enumerate(result["spec_decode_per_position_acceptance_rates"]):
+            lines.append(_line(f"  Position {position}:", float(rate)))
     lines.append("=" * BANNER_WIDTH)
     return "\n".join(lines)
 

@@ -10,6 +10,9 @@ Metric definitions (client side, `time.perf_counter()`, identical to vLLM's):
 - throughputs divide by the wall time from the first dispatch to the last completion; peak output tokens/s counts
   chunk arrivals per 1-second bucket; peak concurrent requests is the exact maximum overlap of [start, end).
 Statistics are numpy's mean / median / std / percentile (linear interpolation) over successful requests.
+When the server exposes vLLM's speculative-decoding counters on /metrics (`vllm:spec_decode_*`), the run also
+reports what it saw between its start and end: acceptance length (1 + accepted / drafts), acceptance rate, and
+the acceptance rate per draft position.
 `--concurrency-sweep` repeats the run per concurrency level and prints the table of `dsv32.bench.report`.
 """
 
@@ -28,6 +31,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from dsv32.bench import report
@@ -39,6 +43,8 @@ DEFAULT_PERCENTILE_METRICS = "ttft,tpot,itl"
 # "errors": the reason a request failed is the first thing a user needs.
 DETAILED_KEYS = ("input_lens", "output_lens", "ttfts", "itls", "latencies", "start_times", "generated_texts")
 READY_POLL_INTERVAL_S = 0.5
+SPEC_DECODE_PREFIX = "vllm:spec_decode_"
+SPEC_DECODE_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
 
 
 @dataclass
@@ -390,6 +396,50 @@ async def wait_for_server(client: httpx.AsyncClient, root: str, timeout_s: float
             return []
 
 
+async def fetch_spec_decode_counters(client: httpx.AsyncClient, root: str) -> dict[str, float] | None:
+    """The server's ``vllm:spec_decode_*`` counters (summed over engines; per position keyed ``per_pos:<i>``), or
+    None when /metrics is missing or has none (no speculative decoding)."""
+    try:
+        response = await client.get(root + "/metrics")
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    counters: dict[str, float] = {}
+    try:
+        families = list(text_string_to_metric_families(response.text))
+    except ValueError:
+        return None
+    for family in families:
+        for sample in family.samples:
+            if not sample.name.startswith(SPEC_DECODE_PREFIX) or not sample.name.endswith("_total"):
+                continue
+            name = sample.name.removesuffix("_total")
+            key = f"per_pos:{sample.labels['position']}" if name == SPEC_DECODE_PER_POS else name
+            counters[key] = counters.get(key, 0.0) + sample.value
+    return counters if f"{SPEC_DECODE_PREFIX}num_drafts" in counters else None
+
+
+def spec_decode_result(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What this run added to the counters, with vLLM bench's result keys."""
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    drafts = delta(f"{SPEC_DECODE_PREFIX}num_drafts")
+    draft_tokens = delta(f"{SPEC_DECODE_PREFIX}num_draft_tokens")
+    accepted = delta(f"{SPEC_DECODE_PREFIX}num_accepted_tokens")
+    positions = sorted(int(key.split(":")[1]) for key in after if key.startswith("per_pos:"))
+    return {
+        "spec_decode_num_drafts": int(drafts),
+        "spec_decode_draft_tokens": int(draft_tokens),
+        "spec_decode_accepted_tokens": int(accepted),
+        "spec_decode_acceptance_length": 1.0 + accepted / drafts if drafts else 0.0,
+        "spec_decode_acceptance_rate": 100.0 * accepted / draft_tokens if draft_tokens else 0.0,
+        "spec_decode_per_position_acceptance_rates": [
+            100.0 * delta(f"per_pos:{p}") / drafts if drafts else 0.0 for p in positions],
+    }
+
+
 @dataclass
 class LevelRun:
     """One benchmark run (one concurrency level): its result dict and its metrics."""
@@ -406,6 +456,7 @@ async def _run_level(
     samples: list[SampleRequest],
     counter: TokenCounter,
     max_concurrency: int | None,
+    root: str,
 ) -> LevelRun:
     print(f"Traffic request rate: {args.request_rate}")
     distribution = "Poisson process" if args.burstiness == 1.0 else "Gamma distribution"
@@ -413,6 +464,7 @@ async def _run_level(
     print(f"Maximum request concurrency: {max_concurrency}")
     offsets = arrival_offsets(len(samples), args.request_rate, args.burstiness, np.random.default_rng(args.seed))
     semaphore = asyncio.Semaphore(max_concurrency or len(samples))
+    spec_before = await fetch_spec_decode_counters(client, root)
     progress = tqdm(total=len(samples), disable=args.disable_tqdm, file=sys.stderr)
     origin = time.perf_counter()
 
@@ -433,6 +485,9 @@ async def _run_level(
         metrics, list(outcomes), duration, _percentile_metrics(args), _percentiles(args), with_goodput=bool(goodput)
     )
     result = {**_run_header(args, settings, max_concurrency), **result}
+    spec_after = await fetch_spec_decode_counters(client, root) if spec_before is not None else None
+    if spec_before is not None and spec_after is not None:
+        result.update(spec_decode_result(spec_before, spec_after))
     print(report.format_result_block(result))
     if metrics.failed:
         print(report.format_errors(result["errors"]))
@@ -510,7 +565,7 @@ async def benchmark(args: argparse.Namespace) -> list[LevelRun]:
         runs = []
         for level in levels:
             print("Starting main benchmark run...")
-            runs.append(await _run_level(args, client, settings, samples, counter, level))
+            runs.append(await _run_level(args, client, settings, samples, counter, level, root))
     return runs
 
 

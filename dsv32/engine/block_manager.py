@@ -8,6 +8,13 @@ its tokens (see ``request.hash_block_tokens``). Blocks are shared by reference c
 goes to the free queue but keeps its hash, so a later prompt with the same prefix can take it back; allocation takes
 blocks from the front of the free queue (least recently freed first) and only then forgets their hash (LRU
 eviction). Blocks that hold nothing reusable go to the front so they are reused before any cached block.
+
+With an MTP drafter the cache also holds the MTP layer's entries, and the entry at position ``p`` is computed from
+the token at ``p + 1``: the last entry of a block depends on the first token of the *next* block, which the block's
+hash does not cover. So (``match_next_token``) each cached block remembers that token, and a hit whose last block
+was followed by another token drops that block (it is recomputed into a private block). vLLM always drops the last
+matched block; keeping it when the next token agrees keeps the whole hit for a repeated prompt, and sharing the
+drafter's entries with the blocks (same block ids) means they are there whenever the main model's are.
 """
 
 from __future__ import annotations
@@ -23,17 +30,20 @@ class _Block:
     block_id: int
     ref_cnt: int = 0
     block_hash: bytes | None = None
+    next_token: int | None = None  # the token after the block when it was registered (match_next_token)
 
 
 class BlockManager:
     """Allocates block ids to sequences and finds cached prefixes."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 match_next_token: bool = False) -> None:
         if num_blocks <= 0:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.match_next_token = match_next_token
         self._blocks = [_Block(i) for i in range(num_blocks)]
         # Blocks with ref_cnt 0, in eviction order (front first). An OrderedDict gives O(1) removal from the middle.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -70,6 +80,9 @@ class BlockManager:
             if block_id is None:
                 break
             hit.append(block_id)
+        if self.match_next_token and hit:
+            if self._blocks[hit[-1]].next_token != seq.token_ids[len(hit) * self.block_size]:
+                hit.pop()
         return hit
 
     def record_prefix_query(self, num_query_tokens: int, num_hit_tokens: int) -> None:
@@ -106,10 +119,13 @@ class BlockManager:
         return True
 
     def register_computed_blocks(self, seq: Sequence) -> None:
-        """Offer ``seq``'s newly completed full blocks to the prefix cache (call after its KV was written)."""
+        """Offer ``seq``'s newly completed full blocks to the prefix cache (call after its KV was written). Only
+        blocks of known tokens count (with speculation the accepted drafts are computed before they are appended),
+        and with ``match_next_token`` only blocks followed by a known token."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        num_known = seq.num_tokens - 1 if self.match_next_token else seq.num_tokens
+        num_full = min(min(seq.num_computed_tokens, num_known) // self.block_size, len(seq.block_ids))
         if num_full <= seq.num_registered_blocks:
             return
         hashes = seq.full_block_hashes(self.block_size)
@@ -120,6 +136,8 @@ class BlockManager:
             if block.block_hash is None and hashes[i] not in self._cached:
                 block.block_hash = hashes[i]
                 self._cached[hashes[i]] = block.block_id
+                if self.match_next_token:
+                    block.next_token = seq.token_ids[(i + 1) * self.block_size]
         seq.num_registered_blocks = num_full
 
     def free(self, seq: Sequence) -> None:

@@ -8,17 +8,18 @@ every method from one thread at a time.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from dsv32.config import TINY_PRESET, EngineConfig, ModelConfig
+from dsv32.config import TINY_PRESET, ConfigError, EngineConfig, ModelConfig
 from dsv32.engine.block_manager import BlockManager
 from dsv32.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from dsv32.engine.outputs import CompletionOutput, EngineStats, PositionLogprobs, RequestOutput
+from dsv32.engine.outputs import CompletionOutput, EngineStats, PositionLogprobs, RequestOutput, SpecDecodeStats
 from dsv32.engine.request import Request, Sequence, child_sampling_params
 from dsv32.engine.runner import ModelRunner, SampledToken, resolve_device
 from dsv32.engine.sampler import TokenLogprobs, make_generator
 from dsv32.engine.sampling_params import SamplingParams
-from dsv32.engine.scheduler import Scheduler
+from dsv32.engine.scheduler import Scheduler, SchedulerOutput
+from dsv32.engine.spec_decode import MTPProposer
 from dsv32.engine.structured_output import StructuredOutputManager
 from dsv32.engine.validation import RequestValidator
 from dsv32.model.loader import load_model
@@ -51,19 +52,27 @@ class EngineCore:
         self.device = resolve_device(engine_config.device)
         is_preset = engine_config.model == TINY_PRESET
         load_format = "dummy" if is_preset else engine_config.load_format
+        num_spec = engine_config.num_speculative_tokens
+        if num_spec and self.model_config.num_nextn_predict_layers < 1:
+            raise ConfigError("speculative_config: method 'mtp' needs the checkpoint's MTP layer, but its config.json "
+                              "has num_nextn_predict_layers = 0")
+        # The MTP layer (and its cache) only when speculation asks for it.
         model = load_model(self.model_config, None if is_preset else engine_config.model, load_format,
-                           engine_config.dtype, self.device, seed=engine_config.seed)
+                           engine_config.dtype, self.device, seed=engine_config.seed, with_mtp=num_spec > 0)
         self.structured_output = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
                                                          engine_config.structured_outputs_config)
+        proposer = MTPProposer(num_spec) if num_spec else None
         self.runner = ModelRunner(model, engine_config, self.device, self.tokenizer.eos_token_id,
-                                  self.structured_output)
+                                  self.structured_output, proposer)
         self.max_model_len = self.runner.max_model_len
         self.validator = RequestValidator(self.max_model_len, self.model_config.vocab_size, engine_config.max_logprobs,
                                           engine_config.max_num_seqs)
         self.block_manager = BlockManager(self.runner.num_blocks, engine_config.block_size,
-                                       engine_config.enable_prefix_caching)
+                                          engine_config.enable_prefix_caching, match_next_token=num_spec > 0)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
-                                   engine_config.max_num_batched_tokens, is_ready=self.structured_output.is_ready)
+                                   engine_config.max_num_batched_tokens, is_ready=self.structured_output.is_ready,
+                                   num_speculative_tokens=num_spec)
+        self.spec_decode_stats = SpecDecodeStats() if num_spec else None
         self._requests: dict[str, Request] = {}
         self._completions: dict[Sequence, _CompletionState] = {}
         self._failures: dict[str, Exception] = {}
@@ -142,13 +151,15 @@ class EngineCore:
             for request_id in dict.fromkeys(item.seq.request_id for item in sched_out.scheduled):
                 self._fail(request_id, exc)
             return []
-        self.scheduler.on_step_done(sched_out)
+        self.scheduler.on_step_done(sched_out, result.num_accepted)
+        self._observe_spec_decode(sched_out, result.num_accepted)
         touched: dict[str, Request] = {}
         for seq, chunk in result.prompt_logprobs:
             seq.prompt_logprobs.extend(self._position_logprobs(lp) for lp in chunk)
         for sampled in result.sampled:
             request_id = sampled.seq.request_id
-            if request_id not in self._requests:  # failed earlier in this loop
+            # Failed earlier in this loop, or stopped by an earlier token of this step (stop, max_tokens).
+            if request_id not in self._requests or sampled.seq.is_finished:
                 continue
             try:
                 self._append_token(sampled)
@@ -158,7 +169,17 @@ class EngineCore:
                 touched.pop(request_id, None)
                 continue
             touched[request_id] = self._requests[request_id]
+        for seq, drafts in result.drafts.items():
+            if not seq.is_finished:
+                seq.spec_token_ids = drafts
         return [out for request in touched.values() if (out := self._report(request)) is not None]
+
+    def _observe_spec_decode(self, sched_out: SchedulerOutput, num_accepted: dict[Sequence, int]) -> None:
+        if self.spec_decode_stats is None:
+            return
+        for item in sched_out.scheduled:
+            if item.spec_token_ids:
+                self.spec_decode_stats.observe(len(item.spec_token_ids), num_accepted.get(item.seq, 0))
 
     def take_failures(self) -> dict[str, Exception]:
         """Requests aborted because of an error since the last call, with the error."""
@@ -252,6 +273,8 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
+            spec_decode=replace(self.spec_decode_stats, accepted_per_pos=list(self.spec_decode_stats.accepted_per_pos))
+            if self.spec_decode_stats else None,
         )
 
     def reset_prefix_cache(self) -> bool:

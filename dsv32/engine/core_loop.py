@@ -15,7 +15,7 @@ from typing import Any
 
 from dsv32.engine.core import EngineCore
 from dsv32.engine.messages import AbortRequest, AddRequest, Command, Failure, Shutdown, StepOutputs, UtilityCall
-from dsv32.engine.outputs import RequestOutput
+from dsv32.engine.outputs import RequestOutput, SpecDecodeStats
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class EngineCoreLoop:
         self._commands = commands
         self._emit = emit
         self._last_log = (time.monotonic(), 0, 0)  # time, prompt tokens total, generation tokens total
+        self._last_spec_decode = SpecDecodeStats()
 
     def run(self) -> None:
         """Serve commands until ``Shutdown`` (then abort what is left, report it, and return)."""
@@ -104,3 +105,8 @@ class EngineCoreLoop:
                     (s.prompt_tokens_total - prompt_then) / elapsed, (s.generation_tokens_total - gen_then) / elapsed,
                     s.num_running, s.num_waiting, 100 * s.kv_cache_usage, 100 * hit_rate)
         self._last_log = (now, s.prompt_tokens_total, s.generation_tokens_total)
+        if s.spec_decode is not None:
+            interval = s.spec_decode.since(self._last_spec_decode)
+            if interval.num_drafts:
+                logger.info("%s", interval.log_line(elapsed))
+            self._last_spec_decode = s.spec_decode

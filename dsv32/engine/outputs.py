@@ -63,3 +63,45 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    spec_decode: SpecDecodeStats | None = None  # vllm:spec_decode_*, when speculative decoding is on
+
+
+@dataclass
+class SpecDecodeStats:
+    """vLLM's counters: drafts verified, draft tokens proposed, drafts accepted (in total and by position)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_pos) < num_draft_tokens:
+            self.accepted_per_pos.extend([0] * (num_draft_tokens - len(self.accepted_per_pos)))
+        for pos in range(num_accepted):
+            self.accepted_per_pos[pos] += 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens per verified draft, the bonus token included (1 + accepted / drafts)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def since(self, earlier: SpecDecodeStats) -> SpecDecodeStats:
+        """The counts added after the snapshot ``earlier``."""
+        per_pos = [n - (earlier.accepted_per_pos[i] if i < len(earlier.accepted_per_pos) else 0)
+                   for i, n in enumerate(self.accepted_per_pos)]
+        return SpecDecodeStats(self.num_drafts - earlier.num_drafts, self.num_draft_tokens - earlier.num_draft_tokens,
+                               self.num_accepted_tokens - earlier.num_accepted_tokens, per_pos)
+
+    def log_line(self, elapsed_s: float) -> str:
+        """vLLM's "SpecDecoding metrics" line for counts gathered over ``elapsed_s`` seconds."""
+        rates = ", ".join(f"{n / self.num_drafts:.3f}" for n in self.accepted_per_pos) if self.num_drafts else ""
+        draft_rate = self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+        return (f"SpecDecoding metrics: Mean acceptance length: {self.mean_acceptance_length:.2f}, Accepted "
+                f"throughput: {self.num_accepted_tokens / elapsed_s:.2f} tokens/s, Drafted throughput: "
+                f"{self.num_draft_tokens / elapsed_s:.2f} tokens/s, Accepted: {self.num_accepted_tokens} tokens, "
+                f"Drafted: {self.num_draft_tokens} tokens, Per-position acceptance rate: {rates}, Avg Draft "
+                f"acceptance rate: {100 * draft_rate:.1f}%")

@@ -56,6 +56,8 @@ class Sequence:
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache when first scheduled
     num_preemptions: int = 0
+    # Speculative decoding: the tokens drafted after the last known one, verified at the next step.
+    spec_token_ids: list[int] = field(default_factory=list)
     # This completion's own random stream (seeded requests only): advanced once per sampled token, never during a
     # recompute, so the tokens depend on the seed and the logits alone.
     generator: torch.Generator | None = None

@@ -5,6 +5,12 @@ The scheduler decides *which* tokens to compute; the runner only lays them out (
 positions, block tables, one cache slot per token) and reads back the rows that need logits: each sequence's last
 row when it has caught up with its known tokens (it samples the next one), and the prompt rows of sequences that
 asked for ``prompt_logprobs``, in the chunk where they are produced.
+
+With speculative decoding a caught-up sequence also carries drafted tokens: its last known token and the drafts are
+``1 + k`` rows, each with logits. The sampler runs over them position by position (all sequences' j-th positions
+in one call), each time with the tokens accepted before it as the sequence's output, so penalties, min_tokens and
+every other parameter see exactly what they would without speculation; it stops at the first rejected draft. Then
+the proposer drafts the next tokens (see ``dsv32.engine.spec_decode``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dsv32.engine.sampler import (
     token_logprobs,
 )
 from dsv32.engine.scheduler import ScheduledSeq
+from dsv32.engine.spec_decode import DraftInput, Proposer
 from dsv32.engine.structured_output import StructuredOutputManager
 from dsv32.model.batch import ForwardBatch
 
@@ -104,9 +111,22 @@ class SampledToken:
 
 @dataclass
 class StepResult:
+    # The new tokens, in order; with speculation a sequence has its accepted drafts and one more token.
     sampled: list[SampledToken]
     # Logprobs of the next prompt tokens still unreported whose predecessors were computed this step, in order.
     prompt_logprobs: list[tuple[Sequence, list[TokenLogprobs]]]
+    # Speculation: drafts accepted per sequence that verified some, and the next drafts.
+    num_accepted: dict[Sequence, int]
+    drafts: dict[Sequence, list[int]]
+
+
+@dataclass
+class _SampleRows:
+    """A sequence that samples this step: logits rows ``first_row ..`` for its last known token and its drafts."""
+
+    seq: Sequence
+    first_row: int
+    draft_token_ids: list[int]
 
 
 @dataclass
@@ -120,10 +140,13 @@ class ModelRunner:
     """Owns the model's KV-cache tensors and runs one scheduled step at a time."""
 
     def __init__(self, model: torch.nn.Module, engine_config: EngineConfig, device: torch.device,
-                 eos_token_id: int, structured_output: StructuredOutputManager | None = None) -> None:
-        """``structured_output`` masks the logits of its constrained rows before sampling."""
+                 eos_token_id: int, structured_output: StructuredOutputManager | None = None,
+                 proposer: Proposer | None = None) -> None:
+        """``structured_output`` masks the logits of its constrained rows before sampling; ``proposer`` drafts
+        tokens for speculative decoding."""
         self.model = model
         self.structured_output = structured_output
+        self.proposer = proposer
         self.engine_config = engine_config
         self.device = device
         self.eos_token_id = eos_token_id
@@ -150,25 +173,72 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> StepResult:
-        batch, sample_rows, sample_seqs, prompt_rows = self._prepare(scheduled)
+        batch, sample_rows, prompt_rows = self._prepare(scheduled)
         hidden = self.model(batch, self.kv_cache)
-        sampled: list[SampledToken] = []
-        if sample_seqs:
-            # Filled on the CPU while an accelerator still runs the forward pass.
-            grammar_mask = self.structured_output.fill_bitmask(sample_seqs) if self.structured_output else None
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-            if grammar_mask is not None:
-                logits = grammar_mask.apply(logits)
-            states = [SamplingRequestState(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.generator)
-                      for s in sample_seqs]
-            out = self.sampler(logits, states, self.eos_token_id)
-            for seq, token_id, logprobs in zip(sample_seqs, out.token_ids.tolist(), out.logprobs, strict=True):
-                sampled.append(SampledToken(seq, token_id, logprobs))
+        accepted_tokens = self._sample(hidden, sample_rows)
+        sampled = [token for tokens in accepted_tokens.values() for token in tokens]
+        num_accepted = {seq: len(tokens) - 1 for seq, tokens in accepted_tokens.items()}
         prompt_logprobs = [(rows.seq, self._prompt_logprobs(hidden, rows)) for rows in prompt_rows]
-        return StepResult(sampled, prompt_logprobs)
+        drafts: dict[Sequence, list[int]] = {}
+        if self.proposer is not None:
+            inputs = self._draft_inputs(batch, scheduled, accepted_tokens)
+            drafts = self.proposer.propose(self.model, self.kv_cache, batch, hidden, inputs)
+        return StepResult(sampled, prompt_logprobs, num_accepted, drafts)
+
+    def _sample(self, hidden: torch.Tensor, sample_rows: list[_SampleRows]) -> dict[Sequence, list[SampledToken]]:
+        """Each sampling sequence's new tokens: its accepted drafts, then the token drawn where the first draft was
+        rejected (or after the last). Position ``j`` of every sequence still verifying is sampled in one call."""
+        if not sample_rows:
+            return {}
+        offsets = [0]
+        for item in sample_rows:
+            offsets.append(offsets[-1] + 1 + len(item.draft_token_ids))
+        rows = [item.first_row + j for item in sample_rows for j in range(1 + len(item.draft_token_ids))]
+        # Filled on the CPU while an accelerator still runs the forward pass. Constrained sequences get no drafts
+        # (see the scheduler), so they are sampled at position 0 only, where their matcher's state applies.
+        grammar_mask = (self.structured_output.fill_bitmask([item.seq for item in sample_rows])
+                        if self.structured_output else None)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        if grammar_mask is not None:
+            position0 = torch.tensor(offsets[:-1], device=self.device)
+            logits[position0] = grammar_mask.apply(logits[position0])
+        new_tokens: dict[Sequence, list[SampledToken]] = {item.seq: [] for item in sample_rows}
+        verifying = list(range(len(sample_rows)))
+        position = 0
+        while verifying:
+            items = [sample_rows[i] for i in verifying]
+            states = [SamplingRequestState(s.seq.sampling_params, s.seq.prompt_token_ids,
+                                           s.seq.output_token_ids + [t.token_id for t in new_tokens[s.seq]],
+                                           s.seq.generator) for s in items]
+            drafts = [s.draft_token_ids[position] if position < len(s.draft_token_ids) else None for s in items]
+            index = torch.tensor([offsets[i] + position for i in verifying], device=self.device)
+            out = self.sampler(logits[index], states, self.eos_token_id, drafts)
+            still: list[int] = []
+            for i, item, token_id, logprobs, draft in zip(verifying, items, out.token_ids.tolist(), out.logprobs,
+                                                           drafts, strict=True):
+                new_tokens[item.seq].append(SampledToken(item.seq, token_id, logprobs))
+                if draft is not None and token_id == draft:
+                    still.append(i)
+            verifying = still
+            position += 1
+        return new_tokens
+
+    @staticmethod
+    def _draft_inputs(batch: ForwardBatch, scheduled: list[ScheduledSeq],
+                      accepted_tokens: dict[Sequence, list[SampledToken]]) -> list[DraftInput]:
+        """Per scheduled sequence, the rows whose input tokens were right and the token after each."""
+        inputs = []
+        for b, item in enumerate(scheduled):
+            seq, start = item.seq, item.seq.num_computed_tokens
+            new = [t.token_id for t in accepted_tokens.get(seq, [])]
+            next_ids = seq.token_ids[start + 1:start + item.num_new_tokens] + new
+            if not new:  # a prompt chunk that has not caught up: its next token is a known prompt token
+                next_ids.append(seq.token_ids[start + item.num_new_tokens])
+            inputs.append(DraftInput(seq, batch.query_start_loc[b], start, next_ids, propose=bool(new)))
+        return inputs
 
     def _prepare(self, scheduled: list[ScheduledSeq]
-                 ) -> tuple[ForwardBatch, list[int], list[Sequence], list[_PromptLogprobRows]]:
+                 ) -> tuple[ForwardBatch, list[_SampleRows], list[_PromptLogprobRows]]:
         """Lay the step out as a flat batch. Python touches each sequence once; positions and cache slots of every
         token are computed as tensors."""
         bs = self.block_size
@@ -176,20 +246,20 @@ class ModelRunner:
         starts: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
+        sample_rows: list[_SampleRows] = []
         prompt_rows: list[_PromptLogprobRows] = []
         for item in scheduled:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
             row0 = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(item.spec_token_ids)
+            end_with_drafts = end + len(item.spec_token_ids)
             starts.append(start)
             query_start_loc.append(len(input_ids))
-            seq_lens.append(end)
-            if end == seq.num_tokens:  # caught up: its last row predicts the next token
-                sample_rows.append(len(input_ids) - 1)
-                sample_seqs.append(seq)
+            seq_lens.append(end_with_drafts)
+            if end == seq.num_tokens:  # caught up: its last row predicts the next token (and verifies the drafts)
+                sample_rows.append(_SampleRows(seq, row0 + end - 1 - start, item.spec_token_ids))
             # The row at position p predicts prompt token p + 1. Tokens already reported (before a preemption made
             # this sequence recompute its prompt) are skipped.
             if seq.needs_prompt_logprobs:
@@ -220,7 +290,7 @@ class ModelRunner:
             block_tables=tables.to(device),
             slot_mapping=slot_mapping.to(device),
         )
-        return batch, sample_rows, sample_seqs, prompt_rows
+        return batch, sample_rows, prompt_rows
 
     def _prompt_logprobs(self, hidden: torch.Tensor, rows: _PromptLogprobRows) -> list[TokenLogprobs]:
         num_top = rows.seq.sampling_params.prompt_logprobs or 0

@@ -5,6 +5,11 @@ min_tokens (ban EOS and stop ids), logit_bias, and the repetition / frequency / 
 greedy rows take the argmax of those; sampled rows divide by their temperature, apply min_p, then top-k, then top-p,
 and draw by inverse CDF: one uniform number per row (cheap on a CPU, unlike one random number per vocabulary entry).
 Every step works on whole sub-batches of rows at once; rows that ask for nothing special skip it.
+
+Speculative decoding verifies a drafted token per row with the same sampler, so every parameter keeps its meaning:
+a greedy row takes its argmax as always (the draft is accepted iff it equals it); a sampled row keeps a greedy
+draft ``d`` with probability ``p(d)`` under its final distribution ``p``, else draws from ``p`` with ``d`` removed
+and renormalised, which gives each token exactly probability ``p`` (rejection sampling for a one-hot draft).
 """
 
 from __future__ import annotations
@@ -148,14 +153,17 @@ class Sampler:
         else:
             self._shared_generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: GenericSequence[SamplingRequestState],
-                 eos_token_id: int) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: GenericSequence[SamplingRequestState], eos_token_id: int,
+                 draft_token_ids: GenericSequence[int | None] | None = None) -> SamplerOutput:
+        """One token per row. ``draft_token_ids[i]`` (speculative decoding): the token a greedy drafter proposed
+        for row ``i`` (None: no draft); the draft is accepted iff the returned token equals it."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"Sampler expects logits of shape [{len(rows)}, vocab] (one row per request), "
                              f"got {tuple(logits.shape)}.")
         if all(row.params.greedy and row.params.logprobs is None and not _edits_logits(row) for row in rows):
             # The common case, one batched op: the argmax of the raw logits.
             return SamplerOutput(token_ids=logits.argmax(dim=-1), logprobs=[None] * len(rows))
+        drafts = list(draft_token_ids) if draft_token_ids is not None else [None] * len(rows)
         raw_logits = logits
         logits = self.processed_logits(logits, rows, eos_token_id)
         # The argmax of every row (cheaper than gathering the greedy ones first); sampled rows are overwritten below.
@@ -166,7 +174,8 @@ class Sampler:
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
             sampled_rows = _rows_tensor(sampled, logits.device)
-            token_ids[sampled_rows] = self._sample(logits[sampled_rows], [rows[i] for i in sampled])
+            token_ids[sampled_rows] = self._sample(logits[sampled_rows], [rows[i] for i in sampled],
+                                                   [drafts[i] for i in sampled])
 
         wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
@@ -241,8 +250,8 @@ class Sampler:
         penalized_logits -= _column([p.presence_penalty for p in params], device) * (output_counts > 0)
         return logits.index_copy(0, batch_rows, penalized_logits)
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRequestState]) -> torch.Tensor:
-        """Draw one token per row of ``logits`` (the non-greedy rows, in order)."""
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRequestState], drafts: list[int | None]) -> torch.Tensor:
+        """Draw one token per row of ``logits`` (the non-greedy rows, in order), verifying ``drafts``."""
         device, vocab_size = logits.device, logits.shape[1]
         params = [row.params for row in rows]
         logits = logits / _column([p.temperature for p in params], device)
@@ -270,8 +279,36 @@ class Sampler:
             logits = logits.index_copy(0, index, nucleus_logits.masked_fill(nucleus_logits < smallest_kept,
                                                                             float("-inf")))
 
-        # Inverse-CDF draw: one uniform number per row (drawn on the CPU), from the row's own generator if it has one.
-        cumulative = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+        probs = torch.softmax(logits, dim=-1)
+        drafted = [i for i, d in enumerate(drafts) if d is not None]
+        accepted = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        if drafted:
+            # Rejection sampling of a greedy draft d: keep it with probability p(d), else draw from p without d.
+            index = _rows_tensor(drafted, device)
+            draft_ids = _rows_tensor([drafts[i] for i in drafted], device)
+            p_draft = probs[index, draft_ids]
+            accepted[index] = self._uniform([rows[i] for i in drafted]).to(device).view(-1) < p_draft
+            rejected = ~accepted[index]
+            probs = probs.index_put((index[rejected], draft_ids[rejected]), torch.zeros((), device=device))
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
+        if drafted:
+            token_ids[index] = draft_ids
+        draw = (~accepted).nonzero().view(-1)
+        if draw.numel():
+            token_ids[draw] = self._inverse_cdf(probs[draw], [rows[i] for i in draw.tolist()])
+        return token_ids
+
+    def _inverse_cdf(self, probs: torch.Tensor, rows: list[SamplingRequestState]) -> torch.Tensor:
+        """One token per row of (unnormalised) ``probs``, by inverse CDF on one uniform number per row."""
+        cumulative = probs.cumsum(dim=-1)
+        uniform = self._uniform(rows).to(probs.device)
+        total = cumulative[:, -1:]
+        # Strictly below the total mass, so the first cumulative value above it is a token with nonzero probability.
+        target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cumulative, target, right=True).view(-1)
+
+    def _uniform(self, rows: list[SamplingRequestState]) -> torch.Tensor:
+        """One uniform number per row ``[len(rows), 1]`` (on the CPU), from the row's own generator if it has one."""
         uniform = torch.empty(len(rows), 1)
         shared = [i for i, row in enumerate(rows) if row.generator is None]
         if shared:
@@ -279,11 +316,7 @@ class Sampler:
         for i, row in enumerate(rows):
             if row.generator is not None:
                 uniform[i] = torch.rand(1, generator=row.generator)
-        uniform = uniform.to(device)
-        total = cumulative[:, -1:]
-        # Strictly below the total mass, so the first cumulative value above it is a token with nonzero probability.
-        target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
-        return torch.searchsorted(cumulative, target, right=True).view(-1)
+        return uniform
 
 
 def _top_p_smallest_kept_logit(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

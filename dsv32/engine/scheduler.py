@@ -10,12 +10,17 @@ Policy, per step:
    front of the waiting queue; its prefix blocks usually survive in the prefix cache).
 2. If nothing was preempted, waiting sequences in arrival order (FIFO), each first served what the prefix cache
    holds, until the token budget, ``max_num_seqs`` or the free blocks run out.
+
+Speculative decoding (``num_speculative_tokens`` k > 0): a decode also schedules the sequence's drafted tokens
+(as many as the budget and its ``max_tokens`` leave room for) and allocates their slots, plus the k - 1 slots past
+them that the drafter's chain writes. Only the accepted tokens advance ``num_computed_tokens``; the KV of rejected
+drafts sits in slots that later tokens overwrite.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from dsv32.engine.block_manager import BlockManager
@@ -25,7 +30,12 @@ from dsv32.engine.request import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens computed for it this step, from position seq.num_computed_tokens
+    num_new_tokens: int  # known tokens computed for it this step, from position seq.num_computed_tokens
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts verified after them
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return self.num_new_tokens + len(self.spec_token_ids)
 
 
 @dataclass
@@ -35,7 +45,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(s.num_scheduled_tokens for s in self.scheduled)
 
     @property
     def is_empty(self) -> bool:
@@ -46,13 +56,14 @@ class Scheduler:
     """Continuous batching over a ``BlockManager``: a FIFO waiting queue and a running list."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 is_ready: Callable[[Sequence], bool] | None = None) -> None:
+                 is_ready: Callable[[Sequence], bool] | None = None, num_speculative_tokens: int = 0) -> None:
         """``is_ready``: whether a waiting sequence may start (False while its structured-output grammar compiles;
         others are admitted past it meanwhile)."""
         self.block_manager = block_manager
         self.is_ready = is_ready
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_speculative_tokens = num_speculative_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -84,6 +95,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = finish_reason
         seq.stop_reason = stop_reason
+        self.block_manager.register_computed_blocks(seq)  # blocks completed by its last tokens
         self.block_manager.free(seq)
 
     # ---- one step -----------------------------------------------------------------------------------
@@ -97,15 +109,24 @@ class Scheduler:
         while i < len(order) and budget > 0:
             seq = order[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.allocate(seq, num_new):
+            drafts: list[int] = []
+            # Structured outputs are not drafted for: their grammar masks each position from the tokens before it.
+            if num_new == seq.num_tokens - seq.num_computed_tokens and seq.sampling_params.structured_outputs is None:
+                # At most max_tokens - 1 more outputs can be drafts: the step always adds one token of its own.
+                room = min(budget - num_new, seq.max_tokens - seq.num_output_tokens - 1)
+                drafts = seq.spec_token_ids[:max(0, room)]
+            seq.spec_token_ids = []
+            while not self.block_manager.allocate(seq, self._num_slots(seq, seq.num_computed_tokens, num_new,
+                                                                  len(drafts))):
                 victim = order.pop()
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is seq:
                     break
             else:
-                out.scheduled.append(ScheduledSeq(seq, num_new))
-                budget -= num_new
+                item = ScheduledSeq(seq, num_new, drafts)
+                out.scheduled.append(item)
+                budget -= item.num_scheduled_tokens
                 i += 1
         # vLLM's rule: a step that had to preempt admits nobody new (the cache is already too tight).
         if out.num_preempted == 0:
@@ -125,7 +146,7 @@ class Scheduler:
                 cached = self.block_manager.find_cached_prefix(seq)
             num_cached_tokens = len(cached) * self.block_manager.block_size
             num_new = min(seq.num_tokens - num_cached_tokens, budget)
-            if not self.block_manager.allocate(seq, num_new, cached):
+            if not self.block_manager.allocate(seq, self._num_slots(seq, num_cached_tokens, num_new, 0), cached):
                 break  # FIFO: nobody overtakes the head of the queue
             if self.block_manager.enable_prefix_caching:
                 self.block_manager.record_prefix_query(seq.num_tokens, num_cached_tokens)
@@ -139,6 +160,16 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(held_back))
         return budget
+
+    def _num_slots(self, seq: Sequence, start: int, num_new: int, num_drafts: int) -> int:
+        """Cache slots a step needs past position ``start``: its tokens and drafts and, when the sequence catches up
+        (and so drafts after the step), the k - 1 positions the drafter's chain writes past them, but never beyond
+        the last position whose KV the sequence can need (its last possible token is never computed)."""
+        num_slots = num_new + num_drafts
+        if self.num_speculative_tokens and start + num_new == seq.num_tokens:
+            last_needed = seq.num_prompt_tokens + seq.max_tokens - 1
+            num_slots = max(num_slots, min(num_slots + self.num_speculative_tokens - 1, last_needed - start))
+        return num_slots
 
     def _waits_for_leader(self, seq: Sequence) -> bool:
         """An n > 1 sibling waits until its leader has computed (and cached) the shared prompt."""
@@ -154,13 +185,15 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []  # drafted from state that is being recomputed; the recompute drafts afresh
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def on_step_done(self, out: SchedulerOutput) -> None:
-        """The model wrote the scheduled tokens' KV: advance each sequence and offer its full blocks to the cache."""
+    def on_step_done(self, out: SchedulerOutput, num_accepted: Mapping[Sequence, int]) -> None:
+        """The model wrote the scheduled tokens' KV: advance each sequence over its known tokens and its accepted
+        drafts (``num_accepted``), and offer its full blocks to the prefix cache."""
         for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
+            item.seq.num_computed_tokens += item.num_new_tokens + num_accepted.get(item.seq, 0)
             self.block_manager.register_computed_blocks(item.seq)

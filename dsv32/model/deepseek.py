@@ -17,7 +17,9 @@ final hidden ``h_i`` and the embedding of token ``t_{i+1}``::
 
     x = W_eh [RMSNorm_e(Emb(t_{i+1})) ; RMSNorm_h(h_i)];   x = DecoderLayer(x);   logits = Head(RMSNorm(x))
 
-with the embedding and head shared with the main model (as vLLM/SGLang load it).
+with the embedding and head shared with the main model (as vLLM/SGLang load it). The MTP layer is a full decoder
+layer with its own cache (layer ``num_hidden_layers + j`` of the ``KVCache``, same block tables); drafting more than
+one token reruns it with its own output ``x`` in place of ``h_i`` (as vLLM does).
 """
 
 from __future__ import annotations
@@ -150,11 +152,17 @@ class DeepseekForCausalLM(nn.Module):
     def forward_mtp(self, batch: ForwardBatch, previous_hidden: torch.Tensor, kv_cache: KVCache,
                     depth: int = 0) -> torch.Tensor:
         """MTP module ``depth``: ``batch.input_ids`` hold the *next* tokens ``t_{i+1}`` at positions ``i``, and
-        ``previous_hidden`` the main model's final hidden ``h_i``. Returns the MTP hidden states (normed, ready for
-        ``compute_logits``)."""
+        ``previous_hidden`` the main model's final hidden ``h_i`` (or this layer's own output one position back).
+        Writes the layer's cache at those positions; returns its hidden states (before the shared head's norm:
+        ``compute_mtp_logits`` applies it)."""
         mtp = self.mtp[depth]
         meta = batch.attention_metadata(kv_cache.block_size)
         rope = self.rope_tables(batch.positions)
         e = mtp.enorm(self.model.embed_tokens(batch.input_ids))
         x = mtp.eh_proj(torch.cat((e, mtp.hnorm(previous_hidden.to(self.dtype))), dim=-1))
-        return mtp.shared_head_norm.add_forward(*mtp.block(x, None, rope, meta, kv_cache))[0]
+        x, residual = mtp.block(x, None, rope, meta, kv_cache)
+        return x + residual
+
+    @torch.inference_mode()
+    def compute_mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        return self.compute_logits(self.mtp[depth].shared_head_norm(hidden))

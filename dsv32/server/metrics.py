@@ -2,9 +2,10 @@
 work unchanged.
 
 Two sources: the engine's own counters (running/waiting requests, KV-cache blocks, prefix-cache queries and hits,
-preemptions, token totals) are read from ``engine.stats()`` at scrape time by ``EngineStatsCollector``; per-request
-timings (TTFT, inter-token latency, end-to-end latency) and outcomes are observed by the serving code through
-``RequestMetrics``. Each server owns its registry, so several apps in one process (tests) do not collide.
+preemptions, token totals, speculative-decoding drafts and acceptances) are read from ``engine.stats()`` at scrape
+time by ``EngineStatsCollector``; per-request timings (TTFT, inter-token latency, end-to-end latency) and outcomes
+are observed by the serving code through ``RequestMetrics``. Each server owns its registry, so several apps in one
+process (tests) do not collide.
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ class EngineStatsCollector(Collector):
         yield self._counter("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens_total)
         yield self._counter("vllm:generation_tokens", "Number of generation tokens processed.",
                             s.generation_tokens_total)
+        spec = s.spec_decode
+        if spec is None:
+            return
+        yield self._counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", spec.num_drafts)
+        yield self._counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", spec.num_draft_tokens)
+        yield self._counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+                            spec.num_accepted_tokens)
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Accepted tokens per draft position.", labels=[*self._labels, "position"])
+        for position, count in enumerate(spec.accepted_per_pos):
+            per_pos.add_metric([*self._labels.values(), str(position)], count)
+        yield per_pos
 
 
 class ServerMetrics:

@@ -22,7 +22,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 MODEL = "fake-model"
 
@@ -37,6 +37,8 @@ class FakeServerConfig:
     token_delay_s: float = 0.0
     fail_every: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    # Prometheus text served on /metrics, called per scrape (None: no /metrics, as a server without metrics).
+    metrics: Callable[[], str] | None = None
 
 
 def _prompt_text(body: dict[str, Any]) -> str:
@@ -113,6 +115,12 @@ def make_app(config: FakeServerConfig) -> FastAPI:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        if config.metrics is None:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        return PlainTextResponse(config.metrics())
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:

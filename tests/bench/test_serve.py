@@ -169,3 +169,33 @@ def test_unknown_model_fails_before_the_run(capsys: pytest.CaptureFixture[str]) 
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert err == f"error: initial test request to {url}/v1/completions failed: HTTP 500: injected failure"
+
+
+def test_acceptance_length_is_reported_when_the_server_exposes_spec_decode_counters(capsys) -> None:
+    scrapes = iter([(10, 30, 12, (6, 4, 2)), (14, 42, 21, (10, 7, 4))])
+
+    def metrics() -> str:
+        drafts, draft_tokens, accepted, per_pos = next(scrapes)
+        lines = [f'vllm:spec_decode_num_drafts_total{{model_name="m",engine="0"}} {drafts}',
+                 f'vllm:spec_decode_num_draft_tokens_total{{model_name="m",engine="0"}} {draft_tokens}',
+                 f'vllm:spec_decode_num_accepted_tokens_total{{model_name="m",engine="0"}} {accepted}']
+        lines += [f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",engine="0",position="{i}"}} {n}'
+                  for i, n in enumerate(per_pos)]
+        return "\n".join(["# TYPE vllm:spec_decode_num_drafts counter", *lines[:1],
+                          "# TYPE vllm:spec_decode_num_draft_tokens counter", lines[1],
+                          "# TYPE vllm:spec_decode_num_accepted_tokens counter", lines[2],
+                          "# TYPE vllm:spec_decode_num_accepted_tokens_per_pos counter", *lines[3:]]) + "\n"
+
+    with running_server(FakeServerConfig(metrics=metrics)) as url:
+        [result] = run_bench(url)
+    assert result["spec_decode_num_drafts"] == 4 and result["spec_decode_accepted_tokens"] == 9
+    assert result["spec_decode_acceptance_length"] == pytest.approx(1 + 9 / 4)
+    assert result["spec_decode_acceptance_rate"] == pytest.approx(100 * 9 / 12)
+    assert result["spec_decode_per_position_acceptance_rates"] == pytest.approx([100.0, 75.0, 50.0])
+    assert "Acceptance length:" in capsys.readouterr().out
+
+
+def test_no_spec_decode_section_without_counters(healthy: tuple[str, FakeServerConfig]) -> None:
+    url, _ = healthy
+    [result] = run_bench(url)
+    assert not any(key.startswith("spec_decode") for key in result)

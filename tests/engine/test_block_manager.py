@@ -133,3 +133,27 @@ def test_reset_prefix_cache():
     manager.free(seq)
     assert manager.reset_prefix_cache()
     assert manager.find_cached_prefix(make_seq(list(range(9)))) == []
+
+
+def test_with_a_drafter_a_hit_keeps_its_last_block_only_if_the_same_token_followed_it():
+    # The drafter's cache entry at a block's last position was computed from the token after the block.
+    kv = BlockManager(num_blocks=8, block_size=BS, match_next_token=True)
+    first = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    compute(kv, first)
+    kv.free(first)
+    same = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    diverging = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 42, 10])
+    assert len(kv.find_cached_prefix(same)) == 2
+    assert len(kv.find_cached_prefix(diverging)) == 1
+    # Only blocks followed by a known token are registered: [1..4] and [5..8] here, not a block ending the tokens.
+    edge = make_seq([11, 12, 13, 14])
+    compute(kv, edge)
+    edge.append_token(15)
+    assert kv.find_cached_prefix(make_seq([11, 12, 13, 14, 15])) == []
+    kv.register_computed_blocks(edge)
+    assert len(kv.find_cached_prefix(make_seq([11, 12, 13, 14, 15]))) == 1
+    kv.free(edge)
+    # Without a drafter the whole hit is kept.
+    plain = BlockManager(num_blocks=8, block_size=BS)
+    compute(plain, make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    assert len(plain.find_cached_prefix(make_seq([1, 2, 3, 4, 5, 6, 7, 8, 42, 10]))) == 2

@@ -203,3 +203,54 @@ def test_token_logprobs_with_different_top_counts() -> None:
 def test_bad_inputs_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="one row per request"):
         Sampler()(torch.zeros(2, 5), [row()], EOS)
+# 99.9% quantiles of the chi-square distribution by degrees of freedom (a correct sampler fails 1 run in 1000).
+CHI2_999 = {3: 16.27, 4: 18.47, 5: 20.52}
+
+
+def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic of the draws against ``probs`` over the tokens it allows, and its degrees of freedom."""
+    support = probs > 0
+    assert support[tokens].all(), "drew a token of probability 0"
+    observed = torch.bincount(tokens, minlength=probs.numel()).double()[support]
+    expected = probs.double()[support] * tokens.numel()
+    return float(((observed - expected) ** 2 / expected).sum()), int(support.sum()) - 1
+
+
+@pytest.mark.parametrize(("params", "draft"), [
+    (SamplingParams(temperature=1.0), 0),  # the most likely token
+    (SamplingParams(temperature=1.0), 4),  # an unlikely one
+    (SamplingParams(temperature=0.7, top_k=5), 2),
+    (SamplingParams(temperature=1.3, top_k=5), 5),  # a draft top-k removed: always rejected
+])
+def test_rejection_sampling_of_a_draft_keeps_the_target_distribution(params, draft) -> None:
+    logits_row = torch.tensor([2.0, 1.5, 1.0, 0.5, -0.5, -1.0])
+    count = 40_000
+    logits = logits_row.repeat(count, 1)
+    out = Sampler(seed=1)(logits, [row(params)] * count, EOS, [draft] * count).token_ids
+    target = torch.softmax(logits_row / params.temperature, dim=-1)
+    if params.top_k:
+        target[target.argsort(descending=True)[params.top_k:]] = 0
+        target /= target.sum()
+    statistic, dof = chi_square(out, target)
+    assert statistic < CHI2_999[dof], (statistic, torch.bincount(out, minlength=6), target * count)
+    # A test that can fail: accepting the draft whenever the target's argmax agrees (or always) would not match.
+    assert abs(float((out == draft).double().mean()) - float(target[draft])) < 0.01
+
+
+def test_drafts_are_verified_per_row_and_greedy_rows_take_the_argmax() -> None:
+    logits = torch.tensor([[0.0, 5.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0], [30.0, 0.0, 0.0, 0.0]])
+    rows = [row(SamplingParams(temperature=0.0)), row(SamplingParams(temperature=0.0)),
+            row(SamplingParams(temperature=1.0, seed=3), generator=make_generator(3))]
+    out = Sampler(seed=0)(logits, rows, EOS, [1, 2, None]).token_ids.tolist()
+    assert out == [1, 1, 0]  # greedy: the argmax whatever the draft; a row without a draft samples as usual
+
+
+def test_seeded_verification_reproduces() -> None:
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(4))
+    params = SamplingParams(temperature=1.0, seed=9)
+
+    def run() -> list[int]:
+        generator = make_generator(9)
+        return [int(Sampler()(logits, [row(params, generator=generator)], EOS, [d]).token_ids) for d in range(20)]
+
+    assert run() == run()

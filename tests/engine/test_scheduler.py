@@ -19,7 +19,7 @@ def fake_step(sched: Scheduler) -> SchedulerOutput:
     out = sched.schedule()
     assert out.num_tokens <= sched.max_num_batched_tokens
     assert sched.num_running <= sched.max_num_seqs
-    sched.on_step_done(out)
+    sched.on_step_done(out, {})
     for item in out.scheduled:
         seq = item.seq
         if seq.num_computed_tokens == seq.num_tokens:
@@ -177,3 +177,43 @@ def test_random_workloads_never_leak_or_stall():
         run_to_completion(sched)
         assert all(s.is_finished and s.num_output_tokens == s.max_tokens for s in seqs), trial
         assert manager.num_free_blocks == num_blocks, trial
+
+
+def test_speculative_decode_schedules_drafts_and_lookahead_slots_within_budget_and_max_tokens():
+    blocks = BlockManager(num_blocks=32, block_size=BS, enable_prefix_caching=False)
+    sched = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=8, num_speculative_tokens=3)
+    seq = make_seq(prompt_len=5, max_tokens=6)
+    sched.add(seq)
+    first = sched.schedule()  # the prompt, plus k - 1 = 2 slots the drafter's chain writes past it
+    assert first.scheduled[0].num_new_tokens == 5 and first.scheduled[0].spec_token_ids == []
+    assert len(seq.block_ids) * BS >= 5 + 2
+    sched.on_step_done(first, {})
+    seq.append_token(50)
+    seq.spec_token_ids = [51, 52, 53]
+    second = sched.schedule()
+    assert second.scheduled[0].spec_token_ids == [51, 52, 53] and second.num_tokens == 4
+    assert seq.spec_token_ids == []  # handed to the step
+    assert len(seq.block_ids) * BS >= 5 + 1 + 3 + 2
+    sched.on_step_done(second, {seq: 2})  # two drafts accepted, the third rejected
+    assert seq.num_computed_tokens == 5 + 1 + 2
+    seq.token_ids.extend([51, 52, 60])
+    # Two outputs left (max_tokens 6): at most one draft, since the step adds a token of its own.
+    seq.spec_token_ids = [61, 62, 63]
+    third = sched.schedule()
+    assert third.scheduled[0].spec_token_ids == [61]
+    sched.on_step_done(third, {seq: 0})
+    sched.finish(seq, "length")
+    assert blocks.num_free_blocks == 32
+
+
+def test_speculative_drafts_are_cut_by_the_token_budget():
+    blocks = BlockManager(num_blocks=32, block_size=BS, enable_prefix_caching=False)
+    sched = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=3, num_speculative_tokens=4)
+    seq = make_seq(prompt_len=2, max_tokens=20)
+    sched.add(seq)
+    sched.on_step_done(sched.schedule(), {})
+    seq.append_token(9)
+    seq.spec_token_ids = [1, 2, 3, 4]
+    out = sched.schedule()
+    assert out.scheduled[0].spec_token_ids == [1, 2] and out.num_tokens == 3
+    sched.finish(seq, "abort")

@@ -222,8 +222,8 @@ def test_mtp_layer_is_loaded_into_mtp_module(hf_checkpoints: dict[str, str], tmp
     cache = model.allocate_kv_cache(4, 16, "auto")
     batch = single_sequence_batch(ids, 0, [0, 1], 16)
     hidden = model(batch, cache)
-    mtp_logits = model.compute_logits(model.forward_mtp(single_sequence_batch(ids.roll(-1), 0, [0, 1], 16), hidden,
-                                                        cache))
+    mtp_logits = model.compute_mtp_logits(model.forward_mtp(single_sequence_batch(ids.roll(-1), 0, [0, 1], 16),
+                                                            hidden, cache))
     assert mtp_logits.shape == (20, VOCAB) and torch.isfinite(mtp_logits).all()
 
 

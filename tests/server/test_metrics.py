@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dsv32.server.metrics import ServerMetrics
@@ -12,7 +13,7 @@ from dsv32.server.metrics import ServerMetrics
 def engine_stats(**overrides: float) -> SimpleNamespace:
     values = dict(num_running=2, num_waiting=3, num_total_blocks=100, num_free_blocks=60, kv_cache_usage=0.4,
                   prefix_cache_queries=500, prefix_cache_hits=128, num_preemptions=1, prompt_tokens_total=700,
-                  generation_tokens_total=90)
+                  generation_tokens_total=90, spec_decode=None)
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -72,3 +73,24 @@ def test_two_servers_in_one_process_do_not_share_a_registry() -> None:
     a.track(1, 1).on_finish("stop", 1, 1)
     assert samples(a)["vllm:request_success_total{finished_reason=stop}"] == 1
     assert "vllm:request_success_total{finished_reason=stop}" not in samples(b)
+
+
+def test_speculative_decoding_counters_use_vllm_names() -> None:
+    from dsv32.engine.outputs import SpecDecodeStats
+
+    spec = SpecDecodeStats()
+    spec.observe(num_draft_tokens=3, num_accepted=2)
+    spec.observe(num_draft_tokens=3, num_accepted=0)
+    spec.observe(num_draft_tokens=2, num_accepted=2)
+    values = samples(ServerMetrics("m", lambda: engine_stats(spec_decode=spec)))
+    assert values["vllm:spec_decode_num_drafts_total"] == 3
+    assert values["vllm:spec_decode_num_draft_tokens_total"] == 8
+    assert values["vllm:spec_decode_num_accepted_tokens_total"] == 4
+    per_pos = "vllm:spec_decode_num_accepted_tokens_per_pos_total{position=%d}"
+    assert [values[per_pos % i] for i in range(3)] == [2, 2, 0]
+    assert not any(name.startswith("vllm:spec_decode") for name in samples(ServerMetrics("m", engine_stats)))
+    assert spec.mean_acceptance_length == pytest.approx(1 + 4 / 3)
+    interval = spec.since(SpecDecodeStats(1, 3, 2, [1, 1, 0]))
+    assert (interval.num_drafts, interval.num_accepted_tokens, interval.accepted_per_pos) == (2, 2, [1, 1, 0])
+    line = interval.log_line(elapsed_s=2.0)
+    assert "Mean acceptance length: 2.00" in line and "Per-position acceptance rate: 0.500, 0.500, 0.000" in line

@@ -74,7 +74,7 @@ class ScriptedEngine:
     def stats(self) -> SimpleNamespace:
         return SimpleNamespace(num_running=0, num_waiting=0, num_total_blocks=1, num_free_blocks=1,
                                kv_cache_usage=0.0, prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0,
-                               prompt_tokens_total=0, generation_tokens_total=0)
+                               prompt_tokens_total=0, generation_tokens_total=0, spec_decode=None)
 
     async def shutdown(self) -> None:
         return None
