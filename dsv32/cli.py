@@ -209,13 +209,19 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def configs_from_args(args: argparse.Namespace, command: str) -> tuple[EngineConfig, ServerConfig] | None:
+    """The engine and server configs of ``serve`` / ``run-batch``; None (after a one-line error) when invalid."""
     try:
-        engine_config = engine_config_from_args(args)
-        server_config = server_config_from_args(args)
+        return engine_config_from_args(args), server_config_from_args(args)
     except (ConfigError, ValueError) as exc:
-        print(f"dsv32 serve: error: {exc}", file=sys.stderr)
+        print(f"dsv32 {command}: error: {exc}", file=sys.stderr)
+        return None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if (configs := configs_from_args(args, "serve")) is None:
         return 2
+    engine_config, server_config = configs
     from dsv32.server.launcher import serve
 
     return serve(engine_config, server_config)
@@ -236,12 +242,9 @@ def add_run_batch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_run_batch(args: argparse.Namespace) -> int:
-    try:
-        engine_config = engine_config_from_args(args)
-        server_config = server_config_from_args(args)
-    except (ConfigError, ValueError) as exc:
-        print(f"dsv32 run-batch: error: {exc}", file=sys.stderr)
+    if (configs := configs_from_args(args, "run-batch")) is None:
         return 2
+    engine_config, server_config = configs
     from dsv32.server.batch import run_batch_file
 
     return run_batch_file(engine_config, server_config, args.input_file, args.output_file, progress=args.progress)

@@ -287,6 +287,14 @@ SGLANG_SPECULATIVE_ALGORITHMS = ("EAGLE", "NEXTN")
 MAX_SPECULATIVE_TOKENS = 8
 
 
+def _json_flag_value(flag: str, text: str) -> Any:
+    """The JSON value of a command-line flag, or a ``ConfigError`` naming the flag."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag} is not valid JSON: {e}") from None
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Speculative decoding with the checkpoint's MTP layer: each decode step verifies ``num_speculative_tokens``
@@ -324,11 +332,7 @@ class SpeculativeConfig:
 
     @classmethod
     def from_json(cls, text: str) -> SpeculativeConfig:
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--speculative-config is not valid JSON: {e}") from None
-        return cls.from_dict(cfg)
+        return cls.from_dict(_json_flag_value("--speculative-config", text))
 
     @classmethod
     def from_sglang(cls, algorithm: str, num_steps: int | None, eagle_topk: int | None,
@@ -377,10 +381,7 @@ class StructuredOutputsConfig:
 
     @classmethod
     def from_json(cls, text: str) -> StructuredOutputsConfig:
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--structured-outputs-config is not valid JSON: {e}") from None
+        values = _json_flag_value("--structured-outputs-config", text)
         if not isinstance(values, dict):
             raise ConfigError("--structured-outputs-config must be a JSON object, e.g. '{\"backend\": \"xgrammar\"}'")
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
