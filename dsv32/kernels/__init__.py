@@ -22,6 +22,7 @@ import functools
 import importlib.util
 import logging
 import os
+from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -65,26 +66,27 @@ class KernelBackend(Protocol):
                    block: tuple[int, int]) -> torch.Tensor: ...
 
 
-class TorchBackend:
-    """The plain-PyTorch ops of ``dsv32.kernels.reference``."""
-
-    name = "torch"
-    indexer_topk = staticmethod(reference.indexer_topk)
-    mla_decode = staticmethod(reference.mla_decode)
-    mla_prefill = staticmethod(reference.mla_prefill)
-    fused_moe = staticmethod(reference.fused_moe)
-    rms_norm = staticmethod(reference.rms_norm)
-    fp8_linear = staticmethod(reference.fp8_linear)
+KERNEL_OPS = ("indexer_topk", "mla_decode", "mla_prefill", "fused_moe", "rms_norm", "fp8_linear")
 
 
-TORCH_BACKEND: KernelBackend = TorchBackend()
+class ModuleBackend:
+    """A ``KernelBackend`` made of one module's functions, each named as its op (``reference`` for torch,
+    ``triton_ops`` for Triton)."""
+
+    def __init__(self, name: str, module: ModuleType) -> None:
+        self.name = name
+        for op in KERNEL_OPS:
+            setattr(self, op, getattr(module, op))
+
+
+TORCH_BACKEND: KernelBackend = ModuleBackend("torch", reference)
 
 
 def triton_backend() -> KernelBackend:
     """The Triton kernels (imports ``triton``; fails if it is missing)."""
-    from dsv32.kernels.triton_ops import TritonBackend
+    from dsv32.kernels import triton_ops
 
-    return TritonBackend()
+    return ModuleBackend("triton", triton_ops)
 
 
 def triton_runs_on(device_type: str) -> bool:

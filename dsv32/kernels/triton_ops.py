@@ -1,15 +1,10 @@
-"""The Triton backend: the CUDA kernels of ``dsv32.kernels.triton_*`` behind the ``KernelBackend`` interface."""
+"""The Triton backend's ops under their interface names (see ``dsv32.kernels.KernelBackend``): the CUDA kernels of
+``dsv32.kernels.triton_*``, gathered in one module so ``ModuleBackend`` can serve them."""
 
-from __future__ import annotations
+from dsv32.kernels.triton_fp8_linear import fp8_linear
+from dsv32.kernels.triton_indexer import indexer_topk
+from dsv32.kernels.triton_mla import mla_decode, mla_prefill
+from dsv32.kernels.triton_moe import fused_moe
+from dsv32.kernels.triton_norm import rms_norm
 
-from dsv32.kernels import triton_fp8_linear, triton_indexer, triton_mla, triton_moe, triton_norm
-
-
-class TritonBackend:
-    name = "triton"
-    indexer_topk = staticmethod(triton_indexer.indexer_topk)
-    mla_decode = staticmethod(triton_mla.mla_decode)
-    mla_prefill = staticmethod(triton_mla.mla_prefill)
-    fused_moe = staticmethod(triton_moe.fused_moe)
-    rms_norm = staticmethod(triton_norm.rms_norm)
-    fp8_linear = staticmethod(triton_fp8_linear.fp8_linear)
+__all__ = ["fp8_linear", "fused_moe", "indexer_topk", "mla_decode", "mla_prefill", "rms_norm"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 
 import pytest
@@ -48,10 +49,21 @@ def test_without_triton_auto_falls_back_and_forcing_fails() -> None:
 
 def test_backends_expose_the_same_ops() -> None:
     ops = [name for name in vars(kernels.KernelBackend) if not name.startswith("_")]
-    assert ops == ["indexer_topk", "mla_decode", "mla_prefill", "fused_moe", "rms_norm", "fp8_linear"]
+    assert ops == list(kernels.KERNEL_OPS)
     for op in ops:  # the torch backend's ops take the interface's parameters (the Protocol's lead with self)
         expected = list(inspect.signature(getattr(kernels.KernelBackend, op)).parameters)[1:]
         assert list(inspect.signature(getattr(kernels.TORCH_BACKEND, op)).parameters) == expected
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+def test_triton_ops_take_the_interface_parameters_first() -> None:
+    """Each Triton op takes the interface's parameters, then only tuning knobs with defaults (tile sizes)."""
+    backend = kernels.triton_backend()
+    for op in kernels.KERNEL_OPS:
+        expected = list(inspect.signature(getattr(kernels.KernelBackend, op)).parameters)[1:]
+        params = list(inspect.signature(getattr(backend, op)).parameters.values())
+        assert [p.name for p in params[:len(expected)]] == expected, op
+        assert all(p.default is not inspect.Parameter.empty for p in params[len(expected):]), op
 
 
 def _keep_weights_in_fp8(model: torch.nn.Module) -> None:
