@@ -360,6 +360,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DEVICES = ("auto", "cpu", "cuda")  # the CLI's choices; EngineConfig also takes "cuda:N"
 STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp",)  # local workers are processes this one spawns (vLLM's "mp")
 
 
 @dataclass(frozen=True)
@@ -414,6 +415,16 @@ class EngineConfig:
     max_logprobs: int = 20  # most top alternatives a request may ask for (vLLM's --max-logprobs)
     # None = no speculation. A dict (vLLM's ``LLM(speculative_config={...})``) is converted on construction.
     speculative_config: SpeculativeConfig | None = None
+    # One model over several processes (``dsv32.distributed``): tensor parallelism over every rank, routed experts
+    # split by expert with ``enable_expert_parallel``; several machines with ``nnodes`` / ``node_rank``.
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    distributed_executor_backend: str = "mp"
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port on one node, 29500 (torchrun's) across nodes
+    distributed_timeout_s: float = 300.0  # rendezvous and per-collective limit before a silent rank is a failure
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative_config, dict):
@@ -433,6 +444,23 @@ class EngineConfig:
             raise ConfigError(f"--max-model-len must be positive, got {self.max_model_len}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        self._validate_distributed()
+
+    def _validate_distributed(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ConfigError(f"--distributed-executor-backend {self.distributed_executor_backend!r}: expected "
+                              f"{' or '.join(DISTRIBUTED_EXECUTOR_BACKENDS)}")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ConfigError(f"--tensor-parallel-size {self.tensor_parallel_size} must be a multiple of --nnodes "
+                              f"{self.nnodes} (the same number of ranks on every node)")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ConfigError(f"--master-port must be in [1, 65535], got {self.master_port}")
+        if self.distributed_timeout_s <= 0:
+            raise ConfigError(f"--distributed-timeout must be positive, got {self.distributed_timeout_s}")
 
     @property
     def model_name(self) -> str:

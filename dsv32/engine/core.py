@@ -8,9 +8,13 @@ every method from one thread at a time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import torch
+
 from dsv32.config import TINY_PRESET, ConfigError, EngineConfig, ModelConfig
+from dsv32.distributed.executor import DistributedModel, WorkerFailure, start_driver
 from dsv32.engine.block_manager import BlockManager
 from dsv32.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from dsv32.engine.outputs import CompletionOutput, EngineStats, PositionLogprobs, RequestOutput, SpecDecodeStats
@@ -43,9 +47,11 @@ class _CompletionState:
 class EngineCore:
     """Model + tokenizer + KV cache + scheduler, driven one step at a time."""
 
-    def __init__(self, engine_config: EngineConfig, model_config: ModelConfig | None = None) -> None:
+    def __init__(self, engine_config: EngineConfig, model_config: ModelConfig | None = None,
+                 on_worker_death: Callable[[str], None] | None = None) -> None:
         """``model_config`` overrides the one read from ``engine_config.model`` (a preset variant built in code,
-        e.g. the tiny model as dense-MLA V3)."""
+        e.g. the tiny model as dense-MLA V3). With ``tensor_parallel_size > 1`` this process drives the model's
+        worker processes; ``on_worker_death`` is called (from another thread) if one dies while the engine idles."""
         self.engine_config = engine_config
         self.model_config = model_config or ModelConfig.from_pretrained(engine_config.model)
         self.tokenizer = Tokenizer.from_pretrained(engine_config.tokenizer or engine_config.model)
@@ -57,8 +63,15 @@ class EngineCore:
             raise ConfigError("speculative_config: method 'mtp' needs the checkpoint's MTP layer, but its config.json "
                               "has num_nextn_predict_layers = 0")
         # The MTP layer (and its cache) only when speculation asks for it.
-        model = load_model(self.model_config, None if is_preset else engine_config.model, load_format,
-                           engine_config.dtype, self.device, seed=engine_config.seed, with_mtp=num_spec > 0)
+        self.distributed: DistributedModel | None = None
+        model: torch.nn.Module | DistributedModel
+        if engine_config.tensor_parallel_size > 1:
+            # This process is the driver (rank 0): it starts the other ranks and mirrors every model call to them.
+            model = self.distributed = start_driver(engine_config, self.model_config, self.device,
+                                                    with_mtp=num_spec > 0, on_worker_death=on_worker_death)
+        else:
+            model = load_model(self.model_config, None if is_preset else engine_config.model, load_format,
+                               engine_config.dtype, self.device, seed=engine_config.seed, with_mtp=num_spec > 0)
         self.structured_output = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
                                                          engine_config.structured_outputs_config)
         proposer = MTPProposer(num_spec) if num_spec else None
@@ -146,6 +159,8 @@ class EngineCore:
             return []
         try:
             result = self.runner.execute(sched_out.scheduled)
+        except WorkerFailure:
+            raise  # the model's ranks are out of step for good: the engine ends here
         except Exception as exc:
             logger.exception("model step over %d sequences failed; aborting their requests", len(sched_out.scheduled))
             for request_id in dict.fromkeys(item.seq.request_id for item in sched_out.scheduled):
@@ -260,6 +275,11 @@ class EngineCore:
         return out
 
     # ---- introspection ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the model's worker processes, if any (the engine is unusable afterwards)."""
+        if self.distributed is not None:
+            self.distributed.close()
+
     def stats(self) -> EngineStats:
         blocks = self.block_manager
         return EngineStats(

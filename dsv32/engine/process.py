@@ -34,7 +34,6 @@ server keeps talking to the driver alone.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -47,6 +46,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from dsv32.config import ConfigError, EngineConfig
+from dsv32.distributed.lifetime import die_with_parent
 from dsv32.engine.client import QueueEngineClient
 from dsv32.engine.messages import (
     Command,
@@ -189,7 +189,7 @@ def run_engine_core(engine_config: EngineConfig, commands_in: Connection, output
                     log_level: int) -> None:
     """Entry point of the engine-core process: load, report ready (or why not), then serve the loop until
     ``Shutdown`` or until the server process is gone."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server decides
     logging.basicConfig(level=log_level, format=_LOG_FORMAT)
     _use_every_core()
@@ -244,16 +244,6 @@ def _send_outputs(outbox: queue.SimpleQueue[StepOutputs | None], conn: Connectio
         except OSError:
             logger.error("the API server process is gone; the engine core exits")
             os._exit(1)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: SIGKILL this process when the server process dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # it died before the line above
-        os._exit(1)
 
 
 def _use_every_core() -> None:

@@ -20,6 +20,10 @@ final hidden ``h_i`` and the embedding of token ``t_{i+1}``::
 with the embedding and head shared with the main model (as vLLM/SGLang load it). The MTP layer is a full decoder
 layer with its own cache (layer ``num_hidden_layers + j`` of the ``KVCache``, same block tables); drafting more than
 one token reruns it with its own output ``x`` in place of ``h_i`` (as vLLM does).
+
+Under tensor/expert parallelism (``parallel``) every layer holds this rank's shard and joins its collectives (see
+``dsv32.distributed.parallel``); ``forward`` returns the same full hidden state on every rank and ``compute_logits``
+the full logits.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv32.config import ModelConfig
+from dsv32.distributed.parallel import SINGLE_PROCESS, ParallelContext
 from dsv32.kernels.attention import AttentionMetadata
 from dsv32.kernels.cache_format import CacheLayout, normalize_kv_cache_dtype
 from dsv32.model.batch import ForwardBatch
@@ -41,13 +46,15 @@ from dsv32.model.rope import RopeTables, rope_inv_freq
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, moe: bool) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, moe: bool,
+                 parallel: ParallelContext = SINGLE_PROCESS) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLA(config, dtype)
+        self.self_attn = MLA(config, dtype, parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: nn.Module = MoE(config, dtype) if moe else MLP(config.hidden_size, config.intermediate_size, dtype)
+        self.mlp: nn.Module = (MoE(config, dtype, parallel) if moe else
+                               MLP(config.hidden_size, config.intermediate_size, dtype, parallel))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables, meta: AttentionMetadata,
                 cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,21 +67,36 @@ class DecoderLayer(nn.Module):
 
 
 class Embedding(nn.Module):
-    def __init__(self, vocab: int, hidden: int, dtype: torch.dtype) -> None:
+    """Token embedding; vocab-parallel under TP: this rank holds rows ``[start, start + local)`` (zero-padded past the
+    vocabulary), looks up the ids that fall there (zeros for the others) and the ranks' lookups are summed."""
+
+    def __init__(self, vocab: int, hidden: int, dtype: torch.dtype,
+                 parallel: ParallelContext = SINGLE_PROCESS) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab, hidden, dtype=dtype), requires_grad=False)
+        self.parallel = parallel
+        shard = parallel.tp_shard
+        self.shard = shard if shard.size > 1 else None
+        self.shard_dim = 0
+        self.full_shape = (vocab, hidden)
+        self.vocab_start = shard.bounds(vocab)[0]
+        self.weight = nn.Parameter(torch.empty(shard.local(vocab), hidden, dtype=dtype), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        if self.shard is None:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill_(outside[:, None], 0)
+        return self.parallel.all_reduce(out)
 
 
 class DeepseekModel(nn.Module):
     """``model.*`` of the HF checkpoint: embeddings, decoder layers, final norm."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, parallel: ParallelContext = SINGLE_PROCESS) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, config.is_moe_layer(i))
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, parallel)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, config.is_moe_layer(i), parallel)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -82,26 +104,30 @@ class DeepseekModel(nn.Module):
 class MTPLayer(nn.Module):
     """One multi-token-prediction module (checkpoint prefix ``model.layers.{num_hidden_layers + j}``)."""
 
-    def __init__(self, config: ModelConfig, cache_layer: int, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, cache_layer: int, dtype: torch.dtype,
+                 parallel: ParallelContext = SINGLE_PROCESS) -> None:
         super().__init__()
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, dtype)
-        self.block = DecoderLayer(config, cache_layer, dtype, moe=config.n_routed_experts > 0)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, dtype)  # replicated (as vLLM / SGLang)
+        self.block = DecoderLayer(config, cache_layer, dtype, config.n_routed_experts > 0, parallel)
         self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class DeepseekForCausalLM(nn.Module):
     """DeepSeek-V3.2 (with indexer) or V3 (dense MLA) for causal LM, on a paged KV cache."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, with_mtp: bool = False) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, with_mtp: bool = False,
+                 parallel: ParallelContext = SINGLE_PROCESS) -> None:
         super().__init__()
         self.config = config
         self.dtype = dtype
-        self.model = DeepseekModel(config, dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype)
+        self.parallel = parallel
+        self.model = DeepseekModel(config, dtype, parallel)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype, parallel.tp_shard)
         n_mtp = config.num_nextn_predict_layers if with_mtp else 0
-        self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + j, dtype) for j in range(n_mtp))
+        self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + j, dtype, parallel)
+                                 for j in range(n_mtp))
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     @property
@@ -146,7 +172,9 @@ class DeepseekForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """fp32 logits ``[rows, vocab]`` (vocab-parallel: each rank's slice, gathered)."""
+        logits = self.parallel.all_gather(self.lm_head(hidden).float())
+        return logits[:, :self.config.vocab_size] if logits.shape[1] != self.config.vocab_size else logits
 
     @torch.inference_mode()
     def forward_mtp(self, batch: ForwardBatch, previous_hidden: torch.Tensor, kv_cache: KVCache,

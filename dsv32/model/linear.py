@@ -1,5 +1,9 @@
 """``Linear``: a bias-free projection whose weight is loaded, never initialised (DeepSeek has no linear biases).
 
+Under tensor parallelism a ``Linear`` holds one ``Shard`` of the full weight: column-parallel (``shard_dim = 0``,
+a slice of the output features) or row-parallel (``shard_dim = 1``, a slice of the input features; the caller
+all-reduces the partial outputs). ``in_features`` / ``out_features`` are the local sizes.
+
 The weight is either in the compute dtype or, loaded with ``keep_fp8``, as the checkpoint stores it: e4m3 with one
 fp32 multiplier per block, ``W[n, k] = W_fp8[n, k] * weight_scale_inv[n // b_n, k // b_k]`` (``(b_n, b_k)`` is the
 checkpoint's ``weight_block_size``, 128x128 for DeepSeek; partial edge blocks allowed).
@@ -10,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv32.distributed.parallel import Shard
 from dsv32.kernels import get_backend
 from dsv32.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8
 from dsv32.kernels.reference import matmul_wt
@@ -18,8 +23,19 @@ from dsv32.kernels.reference import matmul_wt
 class Linear(nn.Module):
     """``y = x @ W^T`` with ``W`` of shape ``[out_features, in_features]`` (HF layout, so checkpoint names match)."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype | None = None,
+                 shard: Shard | None = None, shard_dim: int = 0) -> None:
+        """``in_features`` / ``out_features``: the full sizes; with ``shard``, this rank holds part ``shard.rank``
+        of dimension ``shard_dim`` of the ``[out, in]`` weight."""
         super().__init__()
+        self.full_shape = (out_features, in_features)
+        self.shard = shard if shard is not None and shard.size > 1 else None
+        self.shard_dim = shard_dim
+        if self.shard is not None:
+            if shard_dim == 0:
+                out_features = self.shard.local(out_features)
+            else:
+                in_features = self.shard.local(in_features)
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
@@ -49,3 +65,17 @@ class Linear(nn.Module):
         if self.weight_scale_inv is not None:
             return get_backend(x.device).fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
         return matmul_wt(x, self.weight)
+
+
+def narrow_padded(full: torch.Tensor, dim: int, shard: Shard) -> torch.Tensor:
+    """Part ``shard`` of ``full`` along ``dim``, zero-padded to ``shard.local`` rows when the last part is short."""
+    start, count = shard.bounds(full.shape[dim])
+    part = full.narrow(dim, start, count)
+    local = shard.local(full.shape[dim])
+    if count == local:
+        return part
+    shape = list(full.shape)
+    shape[dim] = local
+    padded = torch.zeros(shape, dtype=full.dtype, device=full.device)
+    padded.narrow(dim, 0, count).copy_(part)
+    return padded

@@ -8,6 +8,11 @@ kept in e4m3 with those fp32 multipliers next to them (``Linear.weight_scale_inv
 ``Experts.{gate_up,down}_proj_scale_inv``): ``W[n, k] = W_fp8[n, k] * scale_inv[n // 128, k // 128]`` is then
 formed inside the GEMMs (``dsv32.kernels`` ``fp8_linear`` / ``fused_moe``), for a quarter (fp32) or half (bf16) of
 those weights' bytes. Tensors are read from the memory-mapped files one at a time.
+
+Under tensor/expert parallelism each rank reads only its slice of every tensor (the memory-mapped slice is narrowed
+before anything is copied; block scales are sliced with their weights) and skips the experts it does not hold, so a
+rank's memory is its shard plus the replicated parts. Dummy weights are drawn at full shape, in the same order for
+every layout, and then cut: TP=1 and TP=N are the same model.
 """
 
 from __future__ import annotations
@@ -16,15 +21,18 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
 from dsv32.config import ModelConfig
+from dsv32.distributed.parallel import SINGLE_PROCESS, ParallelContext, validate_layout
 from dsv32.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8
-from dsv32.model.deepseek import DeepseekForCausalLM
-from dsv32.model.linear import Linear
+from dsv32.model.deepseek import DeepseekForCausalLM, Embedding
+from dsv32.model.linear import Linear, narrow_padded
 from dsv32.model.moe import FP8_BLOCK, Experts
 
 logger = logging.getLogger(__name__)
@@ -71,8 +79,10 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
                dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", seed: int = 0,
-               with_mtp: bool = False, progress: bool = True, keep_fp8: bool | None = None) -> DeepseekForCausalLM:
-    """Instantiate ``DeepseekForCausalLM`` on ``device`` and load (or, for ``dummy``, generate) its weights.
+               with_mtp: bool = False, progress: bool = True, keep_fp8: bool | None = None,
+               parallel: ParallelContext = SINGLE_PROCESS) -> DeepseekForCausalLM:
+    """Instantiate ``DeepseekForCausalLM`` on ``device`` and load (or, for ``dummy``, generate) its weights
+    (``parallel``: this rank's shard of them).
 
     ``keep_fp8``: keep the checkpoint's e4m3 weights as they are, with their block multipliers (default: on CUDA;
     on CPU the dequantised weights are as fast and the outputs are the same). Tensors the checkpoint stores in
@@ -81,9 +91,11 @@ def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
     if keep_fp8 is None:
         keep_fp8 = device.type == "cuda"
     torch_dtype = compute_dtype(resolve_dtype(dtype, config), device)
+    dummy = load_format == "dummy" or path is None
+    validate_layout(config, parallel.tp_size, parallel.expert_parallel, fp8_weights=not dummy)
     with torch.device(device):
-        model = DeepseekForCausalLM(config, torch_dtype, with_mtp=with_mtp)
-    if load_format == "dummy" or path is None:
+        model = DeepseekForCausalLM(config, torch_dtype, with_mtp=with_mtp, parallel=parallel)
+    if dummy:
         init_dummy_weights(model, seed)
     elif load_format in ("auto", "safetensors"):
         load_safetensors(model, path, progress=progress, keep_fp8=keep_fp8)
@@ -95,7 +107,7 @@ def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
 
 def init_dummy_weights(model: DeepseekForCausalLM, seed: int) -> None:
     """Deterministic random weights (vLLM's ``--load-format dummy``): N(0, 0.02) matrices, unit norms, a small
-    random router bias so biased selection is exercised."""
+    random router bias so biased selection is exercised. Sharded parameters are drawn at full shape and cut."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -103,10 +115,22 @@ def init_dummy_weights(model: DeepseekForCausalLM, seed: int) -> None:
                 param.fill_(1.0)
             elif name.endswith("norm.bias"):
                 param.zero_()
-            elif name.endswith("e_score_correction_bias"):
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
             else:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+                owner_name, _, leaf = name.rpartition(".")
+                full_shape, narrow = _sharding(model.get_submodule(owner_name), leaf, param)
+                std = 0.1 if name.endswith("e_score_correction_bias") else 0.02
+                param.copy_(narrow(torch.randn(full_shape, generator=gen) * std))
+
+
+def _sharding(owner: torch.nn.Module, leaf: str, param: torch.Tensor
+              ) -> tuple[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]]:
+    """The full (all-ranks) shape of ``owner.leaf`` and how this rank's part is cut from a tensor of that shape."""
+    if isinstance(owner, Experts):
+        return owner.full_shape(leaf), lambda full: owner.narrow_full(leaf, full)
+    if isinstance(owner, (Linear, Embedding)) and leaf == "weight" and owner.shard is not None:
+        shard, dim = owner.shard, owner.shard_dim
+        return owner.full_shape, lambda full: narrow_padded(full, dim, shard)
+    return tuple(param.shape), lambda full: full
 
 
 def checkpoint_files(path: str) -> dict[str, str]:
@@ -131,10 +155,14 @@ def checkpoint_files(path: str) -> dict[str, str]:
 
 
 class _Target:
-    """Where a checkpoint tensor goes: a parameter, optionally one expert's slice of a stacked parameter."""
+    """Where a checkpoint tensor goes: a parameter, optionally one expert's slice of a stacked parameter, and which
+    slice of the checkpoint tensor this rank reads (``dim``: ``None`` for all of it; ``start``/``count`` along it,
+    into the first ``count`` rows of the destination, the rest being padding)."""
 
-    def __init__(self, param: torch.Tensor, name: str, expert: int | None = None, part: str | None = None) -> None:
-        self.param, self.name, self.expert, self.part = param, name, expert, part
+    def __init__(self, param: torch.Tensor, name: str, full_shape: tuple[int, ...], expert: int | None = None,
+                 part: str | None = None, dim: int | None = None, start: int = 0, count: int = 0) -> None:
+        self.param, self.name, self.full_shape, self.expert, self.part = param, name, full_shape, expert, part
+        self.dim, self.start, self.count = dim, start, count
 
     def view(self, stacked: torch.Tensor | None = None) -> torch.Tensor:
         """This tensor's part of the parameter, or of ``stacked`` (stacked like it: the experts' block scales)."""
@@ -146,6 +174,24 @@ class _Target:
             return p
         half = p.shape[0] // 2
         return p[:half] if self.part == "gate_proj" else p[half:]
+
+    def read(self, tensor_slice: Any, block: tuple[int, int] = (1, 1)) -> torch.Tensor:
+        """This rank's slice of a memory-mapped safetensors tensor (``block``: rows/columns per stored entry, for
+        the block scales of an FP8 weight)."""
+        if self.dim is None:
+            return tensor_slice[:]
+        size = block[self.dim]
+        lo, hi = self.start // size, -(-(self.start + self.count) // size)
+        return tensor_slice[lo:hi] if self.dim == 0 else tensor_slice[:, lo:hi]
+
+    def destination(self) -> torch.Tensor:
+        """Where the read slice goes (padding rows beyond it are zeroed)."""
+        dest = self.view()
+        if self.dim is None or dest.shape[self.dim] == self.count:
+            return dest
+        with torch.no_grad():
+            dest.zero_()
+        return dest.narrow(self.dim, 0, self.count)
 
 
 def _map_name(name: str, config: ModelConfig, with_mtp: bool) -> str | None:
@@ -187,12 +233,17 @@ def load_safetensors(model: DeepseekForCausalLM, path: str, progress: bool = Tru
         with safe_open(file, framework="pt") as fh:
             for name in sorted(names):
                 bar.update(1)
-                target = _resolve(name, config, with_mtp, params)
+                target = _resolve(name, model, with_mtp, params)
                 if target is None:
                     continue
-                tensor = fh.get_slice(name)[:] if name in fh.keys() else None
-                if tensor is None:
+                if name not in fh.keys():
                     raise CheckpointError(f"tensor {name!r} listed in the index is missing from {file}")
+                tensor_slice = fh.get_slice(name)
+                shape = tuple(tensor_slice.get_shape())
+                if shape != tuple(target.full_shape):
+                    raise CheckpointError(f"tensor {name!r} has shape {shape}, expected {tuple(target.full_shape)} "
+                                          "from config.json")
+                tensor = target.read(tensor_slice)
                 scale_name = name + SCALE_SUFFIX
                 kept = target.param.dtype == FP8_DTYPE
                 scale = None
@@ -200,7 +251,9 @@ def load_safetensors(model: DeepseekForCausalLM, path: str, progress: bool = Tru
                     if scale_name not in files:
                         raise CheckpointError(f"FP8 tensor {name!r} has no {scale_name!r}")
                     with safe_open(files[scale_name], framework="pt") as sf:
-                        scale = sf.get_tensor(scale_name)
+                        scale_slice = sf.get_slice(scale_name)
+                        _check_scale_shape(tuple(scale_slice.get_shape()), scale_name, shape, block)
+                        scale = target.read(scale_slice, block).float()
                     if not kept:
                         try:
                             tensor = dequantize_block_fp8(tensor, scale, block, target.param.dtype)
@@ -209,14 +262,11 @@ def load_safetensors(model: DeepseekForCausalLM, path: str, progress: bool = Tru
                 elif kept:
                     raise CheckpointError(f"tensor {name!r} is {tensor.dtype}, but {target.name!r} is kept in e4m3 "
                                           "(the checkpoint has FP8 scales for it): load with keep_fp8=False")
-                dest = target.view()
-                if tuple(tensor.shape) != tuple(dest.shape):
-                    raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                                          f"{tuple(dest.shape)} from config.json")
+                dest = target.destination()
                 with torch.no_grad():
                     dest.copy_(tensor.to(dest.dtype))
                     if kept:
-                        _scale_view(model, target).copy_(_checked_scale(scale, scale_name, dest.shape, block))
+                        _scale_view(model, target).copy_(scale)
                 filled.add((target.name, target.expert, target.part))
     bar.close()
     _check_complete(model, params, filled)
@@ -251,14 +301,14 @@ def _store_fp8(model: DeepseekForCausalLM, scales: set[str], with_mtp: bool, blo
             owner.to_fp8(block)
 
 
-def _checked_scale(scale: torch.Tensor, scale_name: str, shape: torch.Size, block: tuple[int, int]) -> torch.Tensor:
-    """``scale`` as fp32, after checking it has one entry per ``block`` of a weight of ``shape``."""
+def _check_scale_shape(scale_shape: tuple[int, ...], scale_name: str, shape: tuple[int, ...],
+                       block: tuple[int, int]) -> None:
+    """A weight of ``shape`` needs one scale per ``block``."""
     rows, cols = shape
     expected = (-(-rows // block[0]), -(-cols // block[1]))
-    if tuple(scale.shape) != expected:
-        raise CheckpointError(f"{scale_name}: weight_scale_inv has shape {tuple(scale.shape)}, expected {expected} "
+    if scale_shape != expected:
+        raise CheckpointError(f"{scale_name}: weight_scale_inv has shape {scale_shape}, expected {expected} "
                               f"for a {rows}x{cols} weight with {block[0]}x{block[1]} blocks")
-    return scale.float()
 
 
 def _scale_view(model: DeepseekForCausalLM, target: _Target) -> torch.Tensor:
@@ -271,7 +321,11 @@ def _scale_view(model: DeepseekForCausalLM, target: _Target) -> torch.Tensor:
     return target.view(getattr(owner, f"{leaf}_scale_inv"))
 
 
-def _resolve(name: str, config: ModelConfig, with_mtp: bool, params: dict[str, torch.nn.Parameter]) -> _Target | None:
+def _resolve(name: str, model: DeepseekForCausalLM, with_mtp: bool,
+             params: dict[str, torch.nn.Parameter]) -> _Target | None:
+    """Where checkpoint tensor ``name`` goes on this rank; ``None``: nowhere (skipped on purpose, or an expert
+    another rank holds)."""
+    config = model.config
     mapped = _map_name(name, config, with_mtp)
     if mapped is None:
         return None
@@ -279,25 +333,41 @@ def _resolve(name: str, config: ModelConfig, with_mtp: bool, params: dict[str, t
     if m:
         prefix, expert, part = m.group(1), int(m.group(2)), m.group(3)
         pname = f"{prefix}.{'down_proj' if part == 'down_proj' else 'gate_up_proj'}"
-        if pname not in params or expert >= params[pname].shape[0]:
+        owner = model.get_submodule(prefix) if pname in params else None
+        if not isinstance(owner, Experts) or expert >= owner.total_experts:
             raise CheckpointError(f"unexpected tensor {name!r} (expert {expert} does not exist in this config)")
-        return _Target(params[pname], pname, expert, part)
+        if not owner.experts.contains(expert):
+            return None
+        hidden = owner.gate_up_proj.shape[2]
+        dim = 1 if part == "down_proj" else 0
+        full_shape = (hidden, owner.full_inter) if part == "down_proj" else (owner.full_inter, hidden)
+        start, count = owner.inter_shard.bounds(owner.full_inter)
+        return _Target(params[pname], pname, full_shape, expert - owner.experts.first, part,
+                       dim if owner.inter_shard.size > 1 else None, start, count)
     if mapped not in params:
         raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint (not part of a "
                               f"{config.architecture} with this config.json)")
-    return _Target(params[mapped], mapped)
+    param = params[mapped]
+    owner_name, _, leaf = mapped.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if isinstance(owner, (Linear, Embedding)) and leaf == "weight" and owner.shard is not None:
+        start, count = owner.shard.bounds(owner.full_shape[owner.shard_dim])
+        return _Target(param, mapped, owner.full_shape, dim=owner.shard_dim, start=start, count=count)
+    return _Target(param, mapped, tuple(param.shape))
 
 
 def _check_complete(model: DeepseekForCausalLM, params: dict[str, torch.nn.Parameter],
                     filled: set[tuple[str, int | None, str | None]]) -> None:
+    """Every parameter (every expert this rank holds) was filled; else name what is missing."""
     done_whole = {n for n, e, _ in filled if e is None}
     missing: list[str] = []
     for name, param in params.items():
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and name not in done_whole:
-            parts = ("down_proj",) if name.endswith("down_proj") else ("gate_proj", "up_proj")
-            for e in range(param.shape[0]):
-                missing += [f"{name[:-len('gate_up_proj') if 'gate_up' in name else -len('down_proj')]}{e}.{p}.weight"
-                            for p in parts if (name, e, p) not in filled]
+            prefix, _, leaf = name.rpartition(".")
+            first = model.get_submodule(prefix).experts.first
+            parts = ("down_proj",) if leaf == "down_proj" else ("gate_proj", "up_proj")
+            missing += [f"{prefix}.{first + e}.{p}.weight" for e in range(param.shape[0]) for p in parts
+                        if (name, e, p) not in filled]
         elif name not in done_whole:
             missing.append(name)
     if "lm_head.weight" in missing and model.config.tie_word_embeddings:

@@ -21,6 +21,9 @@ Two equivalent evaluations, both in ``dsv32.kernels`` (``mla_prefill`` / ``mla_d
   form for prefill too, as DeepSeek's sparse kernels do.
 
 Sparse attention: keys the indexer did not select (and future keys) are masked before the softmax.
+
+Tensor parallelism: each rank owns ``H / tp`` heads (``q_b_proj`` / ``kv_b_proj`` column-parallel by head,
+``o_proj`` row-parallel, all-reduced); the latent projections, the indexer and the cache writes are replicated.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 from dsv32.config import ModelConfig
+from dsv32.distributed.parallel import SINGLE_PROCESS, ParallelContext
 from dsv32.kernels.attention import AttentionMetadata, MLAWeights, mla_attention
 from dsv32.model.cache import KVCache
 from dsv32.model.indexer import Indexer
@@ -38,20 +42,23 @@ from dsv32.model.rope import RopeTables
 
 
 class MLA(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, parallel: ParallelContext = SINGLE_PROCESS) -> None:
         super().__init__()
         c = config
-        self.n_heads = c.num_attention_heads
+        self.parallel = parallel
+        self.n_heads = c.num_attention_heads // parallel.tp_size  # this rank's heads
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.kv_lora_rank = c.kv_lora_rank
         self.softmax_scale = c.softmax_scale
         self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, dtype)
         self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
-        self.q_b_proj = Linear(c.q_lora_rank, self.n_heads * c.qk_head_dim, dtype)
+        shard = parallel.tp_shard
+        self.q_b_proj = Linear(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim, dtype, shard)
         self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, dtype)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
-        self.kv_b_proj = Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim), dtype)
-        self.o_proj = Linear(self.n_heads * c.v_head_dim, c.hidden_size, dtype)
+        self.kv_b_proj = Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), dtype,
+                                shard)
+        self.o_proj = Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, dtype, shard, shard_dim=1)
         self.indexer = Indexer(config, dtype) if config.has_indexer else None
         self.mla_weights: MLAWeights | None = None
 
@@ -75,4 +82,4 @@ class MLA(nn.Module):
             self.prepare_weights()
         out = mla_attention(q_nope, q_pe, self.mla_weights, cache.latent[layer], cache.layout, meta, selection,
                             self.softmax_scale)
-        return self.o_proj(out.flatten(1))
+        return self.parallel.all_reduce(self.o_proj(out.flatten(1)))

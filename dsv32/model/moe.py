@@ -13,6 +13,11 @@ MoE (``topk_method = noaux_tc``), per token ``x``::
     y      = sum_j w_j * Expert_{idx_j}(x) + SharedExpert(x)
 
 No auxiliary loss, no capacity limit, no token dropping.
+
+Tensor parallelism (see ``dsv32.distributed.parallel``): the dense MLP and the shared expert are cut along the
+intermediate size (gate/up by rows, down by columns); routed experts either the same way (MoE-TP) or whole, a range
+of experts per rank (EP: each rank runs only the (token, expert) pairs routed to its experts). The router is
+replicated, so every rank routes identically; the partial outputs are summed by one all-reduce per block.
 """
 
 from __future__ import annotations
@@ -22,20 +27,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv32.config import ModelConfig
+from dsv32.distributed.parallel import SINGLE_PROCESS, ExpertRange, ParallelContext, Shard
 from dsv32.kernels import get_backend
 from dsv32.kernels.fp8 import FP8_DTYPE
 from dsv32.model.linear import Linear
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype) -> None:
+    """SwiGLU; under TP this rank's slice of the intermediate size, its output a partial sum (``reduce``: all-reduced
+    here; the shared expert leaves it to the MoE block)."""
+
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, parallel: ParallelContext = SINGLE_PROCESS,
+                 reduce: bool = True) -> None:
         super().__init__()
-        self.gate_proj = Linear(hidden, inter, dtype)
-        self.up_proj = Linear(hidden, inter, dtype)
-        self.down_proj = Linear(inter, hidden, dtype)
+        shard = parallel.tp_shard
+        self.parallel = parallel if reduce else SINGLE_PROCESS
+        self.gate_proj = Linear(hidden, inter, dtype, shard)
+        self.up_proj = Linear(hidden, inter, dtype, shard)
+        self.down_proj = Linear(inter, hidden, dtype, shard, shard_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.parallel.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 def route(router_logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
@@ -78,11 +90,19 @@ FP8_BLOCK = 128  # the expert kernels' (square) FP8 weight block
 
 
 class Experts(nn.Module):
-    """All routed experts, stacked: ``gate_up_proj`` ``[E, 2I, H]`` (gate rows, then up rows), ``down_proj``
-    ``[E, H, I]``."""
+    """This rank's routed experts, stacked: ``gate_up_proj`` ``[E, 2I, H]`` (gate rows, then up rows), ``down_proj``
+    ``[E, H, I]``, where ``E`` is ``experts.count`` (all of them without EP) and ``I`` this rank's part
+    ``inter_shard`` of the intermediate size."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> None:
+    def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
+                 experts: ExpertRange | None = None, inter_shard: Shard | None = None) -> None:
         super().__init__()
+        self.experts = experts or ExpertRange(0, num_experts)
+        self.inter_shard = inter_shard or Shard(0, 1)
+        self.full_inter = inter
+        self.total_experts = num_experts
+        self.is_expert_slice = self.experts.count < num_experts
+        num_experts, inter = self.experts.count, self.inter_shard.local(inter)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype), requires_grad=False)
         # Experts kept in e4m3 carry their 128x128 block multipliers here ([E, 2I/128, H/128] and [E, H/128, I/128]);
@@ -104,24 +124,57 @@ class Experts(nn.Module):
         setattr(self, f"{name}_scale_inv", torch.zeros(num_experts, -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK),
                                                        dtype=torch.float32, device=param.device))
 
+    def full_shape(self, name: str) -> tuple[int, int, int]:
+        """Shape of the stacked ``name`` over every expert at the full intermediate size."""
+        _, rows, cols = getattr(self, name).shape
+        if name == "down_proj":
+            return self.total_experts, rows, self.full_inter
+        return self.total_experts, 2 * self.full_inter, cols
+
+    def narrow_full(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the full stacked ``name`` (``[n_routed_experts, 2I, H]`` or ``[.., H, I]``)."""
+        local = full.narrow(0, self.experts.first, self.experts.count)
+        shard = self.inter_shard
+        if shard.size == 1:
+            return local
+        bounds = shard.bounds(self.full_inter)
+        if name == "down_proj":
+            return local.narrow(2, *bounds)
+        gate, up = local.split(self.full_inter, dim=1)
+        return torch.cat((gate.narrow(1, *bounds), up.narrow(1, *bounds)), dim=1)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Routed-expert output ``[T, hidden]`` fp32: grouped GEMMs over the tokens each expert got
-        (``dsv32.kernels``: fused Triton kernels on CUDA, a per-expert loop in torch elsewhere)."""
-        return get_backend(x.device).fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids,
-                                               self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
+        """Routed-expert output ``[T, hidden]`` fp32 (this rank's experts' share): grouped GEMMs over the tokens each
+        expert got (``dsv32.kernels``: fused Triton kernels on CUDA, a per-expert loop in torch elsewhere)."""
+        backend = get_backend(x.device)
+        if not self.is_expert_slice:
+            return backend.fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids,
+                                     self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
+        # Expert parallel: only the (token, slot) pairs routed to this rank's experts, then summed per token.
+        local_ids = ids - self.experts.first
+        tokens, slots = ((local_ids >= 0) & (local_ids < self.experts.count)).nonzero(as_tuple=True)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        if tokens.numel():
+            pairs = backend.fused_moe(x[tokens], self.gate_up_proj, self.down_proj, weights[tokens, slots, None],
+                                      local_ids[tokens, slots, None], self.gate_up_proj_scale_inv,
+                                      self.down_proj_scale_inv)
+            out.index_add_(0, tokens, pairs)
+        return out
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, parallel: ParallelContext = SINGLE_PROCESS) -> None:
         super().__init__()
+        self.parallel = parallel
         self.gate = Gate(config)
-        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, dtype)
-        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype)
-                               if config.n_shared_experts else None)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, dtype,
+                               parallel.expert_range(config.n_routed_experts), parallel.moe_shard)
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype,
+                                   parallel, reduce=False) if config.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
         y = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x).float()
-        return y.to(x.dtype)
+        return self.parallel.all_reduce(y).to(x.dtype)
