@@ -15,14 +15,17 @@ import os
 import sys
 from collections.abc import Callable
 from collections.abc import Sequence as GenericSequence
+from typing import Any
 
 from dsv32.config import (
     DEVICES,
+    DISTRIBUTED_EXECUTOR_BACKENDS,
     DTYPES,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
     ConfigError,
     EngineConfig,
+    ModelConfig,
     SpeculativeConfig,
     StructuredOutputsConfig,
 )
@@ -73,6 +76,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"Log level of uvicorn's own messages (default {server.uvicorn_log_level}).")
     add_api_arguments(parser.add_argument_group("API"))
     add_engine_arguments(parser.add_argument_group("engine"))
+    add_parallel_arguments(parser.add_argument_group("parallelism (one model over several processes / machines)"))
 
 
 def add_api_arguments(api: argparse._ArgumentGroup) -> None:
@@ -155,6 +159,65 @@ def add_engine_arguments(eng: argparse._ArgumentGroup) -> None:
                      help="SGLang: --speculative-num-steps + 1 with top-k 1.")
 
 
+def add_parallel_arguments(par: argparse._ArgumentGroup) -> None:
+    """vLLM's flags, with SGLang's names as aliases."""
+    engine = EngineConfig()
+    par.add_argument("-tp", "--tensor-parallel-size", "--tp", "--tp-size", dest="tensor_parallel_size",
+                     type=_positive_int, default=engine.tensor_parallel_size,
+                     help="Ranks (devices) the model is split over: attention by head, dense layers and experts by "
+                          "their intermediate size, vocabulary by rows.")
+    par.add_argument("--enable-expert-parallel", "-ep", action="store_true", default=engine.enable_expert_parallel,
+                     help="Split the routed experts by expert (n_routed_experts / tp whole experts per rank) instead "
+                          "of cutting every expert.")
+    par.add_argument("--ep", "--ep-size", "--expert-parallel-size", dest="ep_size", type=_positive_int, default=None,
+                     help="SGLang: expert-parallel size; equal to --tp it means --enable-expert-parallel.")
+    par.add_argument("--distributed-executor-backend", default=engine.distributed_executor_backend,
+                     choices=DISTRIBUTED_EXECUTOR_BACKENDS,
+                     help="mp: this process spawns the node's other ranks (torchrun's environment is used when set).")
+    par.add_argument("--nnodes", type=_positive_int, default=engine.nnodes, help="Machines the ranks span.")
+    par.add_argument("--node-rank", type=int, default=engine.node_rank,
+                     help="This machine's index (0 runs the API server and the driver).")
+    par.add_argument("--master-addr", default=None, help=f"Address of node 0 (default {engine.master_addr}).")
+    par.add_argument("--master-port", type=int, default=None,
+                     help="Port where the ranks meet on node 0 (default: a free port on one node, 29500 across "
+                          "nodes).")
+    par.add_argument("--dist-init-addr", default=None, metavar="HOST:PORT",
+                     help="SGLang: --master-addr and --master-port in one.")
+    par.add_argument("--headless", action="store_true",
+                     help="Run only this node's model workers (no API server): the nodes other than node 0.")
+    par.add_argument("--distributed-timeout", type=float, default=engine.distributed_timeout_s, metavar="SECONDS",
+                     help="How long the ranks wait for each other (start-up, and any one collective) before failing.")
+    par.add_argument("--data-parallel-size", "-dp", "--dp", "--dp-size", dest="data_parallel_size",
+                     type=_positive_int, default=1, help="Data-parallel attention ranks (not supported yet: 1).")
+    par.add_argument("--enable-dp-attention", action="store_true", help="SGLang: data-parallel attention (not "
+                                                                        "supported yet).")
+
+
+def parallel_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``EngineConfig`` fields of the parallelism flags (SGLang's aliases folded into vLLM's)."""
+    if args.data_parallel_size > 1 or args.enable_dp_attention:
+        raise ConfigError("--data-parallel-size / --enable-dp-attention: data-parallel attention is not supported "
+                          "yet; use --tensor-parallel-size N [--enable-expert-parallel]")
+    expert_parallel = args.enable_expert_parallel
+    if args.ep_size is not None and args.ep_size > 1:
+        if args.ep_size != args.tensor_parallel_size:
+            raise ConfigError(f"--ep {args.ep_size}: expert parallelism spans every rank, so it must equal --tp "
+                              f"{args.tensor_parallel_size}")
+        expert_parallel = True
+    master_addr, master_port = args.master_addr, args.master_port
+    if args.dist_init_addr is not None:
+        if master_addr is not None or master_port is not None:
+            raise ConfigError("--dist-init-addr and --master-addr/--master-port are alternatives; give one")
+        host, sep, port = args.dist_init_addr.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"--dist-init-addr {args.dist_init_addr!r}: expected HOST:PORT")
+        master_addr, master_port = host.strip("[]"), int(port)
+    return {"tensor_parallel_size": args.tensor_parallel_size, "enable_expert_parallel": expert_parallel,
+            "distributed_executor_backend": args.distributed_executor_backend, "nnodes": args.nnodes,
+            "node_rank": args.node_rank, "master_addr": master_addr or EngineConfig().master_addr,
+            "master_port": master_port, "distributed_timeout_s": args.distributed_timeout}
+
+
 def speculative_config_from_args(args: argparse.Namespace) -> SpeculativeConfig | None:
     """vLLM's ``--speculative-config`` or SGLang's ``--speculative-*`` flags (not both)."""
     sglang = (args.speculative_num_steps, args.speculative_eagle_topk, args.speculative_num_draft_tokens)
@@ -191,6 +254,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_logprobs=args.max_logprobs,
         structured_outputs_config=StructuredOutputsConfig.from_json(args.structured_outputs_config),
         speculative_config=speculative_config_from_args(args),
+        **(parallel_config_from_args(args) if hasattr(args, "tensor_parallel_size") else {}),
     )
 
 
@@ -222,9 +286,29 @@ def run_serve(args: argparse.Namespace) -> int:
     if (configs := configs_from_args(args, "serve")) is None:
         return 2
     engine_config, server_config = configs
+    if args.headless or _is_torchrun_worker():
+        return run_workers(engine_config)
     from dsv32.server.launcher import serve
 
     return serve(engine_config, server_config)
+
+
+def _is_torchrun_worker() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+
+
+def run_workers(engine_config: EngineConfig) -> int:
+    """``serve --headless`` (a node that only runs model workers) or a torchrun rank other than 0."""
+    from dsv32.distributed.executor import run_headless
+    from dsv32.distributed.groups import DistributedInitError
+    from dsv32.engine.runner import resolve_device
+
+    try:
+        return run_headless(engine_config, ModelConfig.from_pretrained(engine_config.model),
+                            resolve_device(engine_config.device))
+    except (ConfigError, DistributedInitError) as exc:
+        print(f"dsv32 serve: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def add_run_batch_arguments(parser: argparse.ArgumentParser) -> None:

@@ -195,14 +195,19 @@ def _stop_all(workers: list[BaseProcess]) -> None:
 
 
 def run_headless(engine_config: EngineConfig, model_config: ModelConfig, device: torch.device) -> int:
-    """A node that only runs workers (``--headless``): start its ranks, wait for them; exit with the first failure's
-    code. SIGTERM / Ctrl-C stop them."""
+    """A node that only runs workers (``--headless``): start its ranks and wait for them; exit with the first
+    failure's code. SIGTERM / Ctrl-C stop them. Under torchrun (a rank other than 0) this process is the worker."""
     specs = world_specs(engine_config, engine_config.model)
     if specs[0].rank == 0:
         raise DistributedInitError("--headless on node 0: node 0 runs the driver (the API server); give the worker "
                                    "nodes --node-rank 1 and up")
-    workers = _spawn_workers(specs, engine_config, model_config, device, engine_config.num_speculative_tokens > 0,
-                             threads_per_rank(len(specs)))
+    with_mtp = engine_config.num_speculative_tokens > 0
+    threads = threads_per_rank(len(specs))
+    if torchrun_env() is not None:
+        run_worker(WorkerArgs(specs[0], engine_config, model_config, device, with_mtp, threads, os.getppid(),
+                              logging.getLogger().getEffectiveLevel()))
+        return 0
+    workers = _spawn_workers(specs, engine_config, model_config, device, with_mtp, threads)
     logger.info("headless node %d: started ranks %s", engine_config.node_rank, [s.rank for s in specs])
 
     def stop(signum: int, frame: object) -> None:
@@ -358,7 +363,8 @@ class DistributedModel:
         from multiprocessing.connection import wait
 
         sentinels = {process.sentinel: process for process in self._workers}
-        wait(list(sentinels))
+        for sentinel in wait(list(sentinels)):
+            sentinels[sentinel].join(_JOIN_TIMEOUT_S)  # reaped, so its exit code is known
         if self._closed:
             return
         dead = _first_dead(self._workers) or "a worker exited"

@@ -55,4 +55,5 @@ class AsyncLLM(QueueEngineClient):
                 self._core.abort_request(request_id)
             raise
         finally:
+            self._core.close()
             self._on_engine_dead(reason)

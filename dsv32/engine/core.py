@@ -7,6 +7,7 @@ every method from one thread at a time.
 
 from __future__ import annotations
 
+import atexit
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -69,6 +70,7 @@ class EngineCore:
             # This process is the driver (rank 0): it starts the other ranks and mirrors every model call to them.
             model = self.distributed = start_driver(engine_config, self.model_config, self.device,
                                                     with_mtp=num_spec > 0, on_worker_death=on_worker_death)
+            atexit.register(self.distributed.close)  # the offline LLM has no shutdown call: stop them at exit
         else:
             model = load_model(self.model_config, None if is_preset else engine_config.model, load_format,
                                engine_config.dtype, self.device, seed=engine_config.seed, with_mtp=num_spec > 0)

@@ -194,10 +194,12 @@ def run_engine_core(engine_config: EngineConfig, commands_in: Connection, output
     logging.basicConfig(level=log_level, format=_LOG_FORMAT)
     _use_every_core()
     try:
-        from dsv32.engine.core import EngineCore  # torch: only in this process
+        from dsv32.distributed.executor import WorkerFailure  # torch: only in this process
+        from dsv32.distributed.groups import DistributedInitError
+        from dsv32.engine.core import EngineCore
 
-        core = EngineCore(engine_config)
-    except (ConfigError, OSError, ValueError) as exc:
+        core = EngineCore(engine_config, on_worker_death=_worker_died)
+    except (ConfigError, OSError, ValueError, DistributedInitError, WorkerFailure) as exc:
         outputs_out.send(EngineStartupFailed(str(exc)))
         sys.exit(1)
     except Exception as exc:
@@ -218,8 +220,16 @@ def run_engine_core(engine_config: EngineConfig, commands_in: Connection, output
     except BaseException:
         logger.exception("the engine core loop crashed")
         os._exit(1)
+    core.close()
     outbox.put(None)
     sender.join()
+
+
+def _worker_died(message: str) -> None:
+    """A model worker died while the engine idled: end this process, as a crash mid-step would (the server fails
+    what is in flight and turns unhealthy; the other workers die with it)."""
+    logger.error("the engine core exits: %s", message)
+    os._exit(1)
 
 
 def _receive_commands(conn: Connection, commands: queue.SimpleQueue[Command]) -> None:
