@@ -1,0 +1,180 @@
+"""Launching one model over several processes with `dsv32 serve`: two "nodes" on 127.0.0.1 (one --headless), a
+killed worker (local, and on the other node) ending everything cleanly, and one clear line for each launch
+mistake (port in use, another layout on the other node, an unreachable master)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.conftest import (
+    BASE_ARGS,
+    ServerProcess,
+    free_port,
+    server_factory,  # noqa: F401 - the fixture
+    spawn_server,
+    start_server,
+    wait_until_gone,
+)
+
+# Everything ends within this many seconds of a worker's death (stated in the README).
+FAULT_DEADLINE_S = 10.0
+PROMPT = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0.0,
+          "ignore_eos": True}
+
+
+def children(pid: int) -> list[int]:
+    """The model worker processes ``pid`` started (multiprocessing's resource tracker left out)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(int(child))
+    return found
+
+
+def complete(server: ServerProcess, **overrides: object) -> list[str]:
+    reply = httpx.post(f"{server.base_url}/v1/completions", json={**PROMPT, **overrides, "logprobs": 0},
+                       timeout=120).json()
+    return reply["choices"][0]["logprobs"]["tokens"]
+
+
+def spawn_headless(log_dir: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log_path = log_dir / f"headless-{time.monotonic_ns()}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "dsv32.cli", "serve", *BASE_ARGS, "--headless", *args],
+                                   stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return process, log_path
+
+
+def stream_until_failure(server: ServerProcess, kill: int) -> tuple[list[str], float]:
+    """Start a long streamed completion, SIGKILL ``kill`` once tokens flow; the stream's lines and the seconds from
+    the kill to its end."""
+    lines: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        body = {**PROMPT, "max_tokens": 1000, "stream": True}  # max_model_len is 1024
+        with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=120) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    started.set()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert started.wait(60), server.log()[-3000:]
+    os.kill(kill, signal.SIGKILL)
+    killed_at = time.monotonic()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the stream hung after a worker died"
+    return lines, time.monotonic() - killed_at
+
+
+def assert_failed_cleanly(server: ServerProcess, lines: list[str], seconds: float, pids: list[int]) -> None:
+    assert seconds < FAULT_DEADLINE_S, seconds
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["error"]["code"] == 503
+    assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 503
+    for pid in pids:
+        assert wait_until_gone(pid, FAULT_DEADLINE_S), f"process {pid} outlived the failure"
+    assert server.stop(timeout_s=30) == 0
+
+
+@pytest.fixture(scope="module")
+def tp1_tokens(server_factory) -> list[str]:  # noqa: F811 - the fixture
+    server = server_factory()
+    tokens = complete(server)
+    server.stop()
+    return tokens
+
+
+def test_local_worker_killed_mid_request_ends_everything(server_factory, tp1_tokens) -> None:  # noqa: F811
+    server = server_factory("-tp", "2")
+    engine = server.engine_pid()
+    assert complete(server) == tp1_tokens
+    (worker,) = children(engine)
+    lines, seconds = stream_until_failure(server, kill=worker)
+    assert_failed_cleanly(server, lines, seconds, [engine, worker])
+    assert "exited with code -9" in server.log()
+
+
+def test_two_nodes_on_localhost_then_the_remote_worker_dies(tmp_path: Path, tp1_tokens) -> None:
+    port = str(free_port())
+    multi = ("-tp", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port)
+    headless, headless_log = spawn_headless(tmp_path, *multi, "--node-rank", "1")
+    try:
+        server = start_server(tmp_path, *multi, "--node-rank", "0")
+        engine = server.engine_pid()
+        assert children(engine) == [], "node 0 must not start node 1's rank"
+        assert complete(server) == tp1_tokens
+        (worker,) = children(headless.pid)
+        lines, seconds = stream_until_failure(server, kill=worker)
+        # The driver learns it from the collective that broke (no process of its own died).
+        assert_failed_cleanly(server, lines, seconds, [engine])
+        assert headless.wait(timeout=FAULT_DEADLINE_S) != 0
+        assert "a model worker failed" in server.log()
+    finally:
+        if headless.poll() is None:
+            headless.kill()
+    assert "Traceback" not in headless_log.read_text()
+
+
+def test_stopping_node_0_stops_the_headless_node(tmp_path: Path) -> None:
+    port = str(free_port())
+    multi = ("-tp", "2", "--nnodes", "2", "--master-port", port)
+    headless, _ = spawn_headless(tmp_path, *multi, "--node-rank", "1")
+    try:
+        server = start_server(tmp_path, *multi, "--node-rank", "0")
+        worker = children(headless.pid)[0]
+        assert server.stop() == 0
+        assert headless.wait(timeout=FAULT_DEADLINE_S) == 0
+        assert wait_until_gone(worker, FAULT_DEADLINE_S)
+    finally:
+        if headless.poll() is None:
+            headless.kill()
+
+
+def _fails_with(process: subprocess.Popen[bytes], log: Path, text: str, within_s: float) -> None:
+    try:
+        code = process.wait(timeout=within_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"still running after {within_s}s; log:\n{log.read_text()[-3000:]}") from None
+    output = log.read_text()
+    assert code != 0 and text in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
+def test_master_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = spawn_server(tmp_path, "-tp", "2", "--master-port", str(port))
+        _fails_with(server.process, server.log_path, f"--master-port {port} is already in use", 120)
+
+
+def test_unreachable_master_is_one_line(tmp_path: Path) -> None:
+    process, log = spawn_headless(tmp_path, "-tp", "2", "--nnodes", "2", "--node-rank", "1", "--master-port",
+                                  str(free_port()), "--distributed-timeout", "3")
+    _fails_with(process, log, "cannot reach the master at 127.0.0.1:", 60)
+
+
+def test_other_layout_on_another_node_is_one_line_on_both(tmp_path: Path) -> None:
+    port = str(free_port())
+    server = spawn_server(tmp_path, "-tp", "2", "--nnodes", "2", "--master-port", port, "--distributed-timeout", "60")
+    headless, log = spawn_headless(tmp_path, "-tp", "4", "--nnodes", "2", "--node-rank", "1", "--master-port", port)
+    _fails_with(headless, log, "this node's launch does not match node 0's: world_size 4 here but 2 on node 0", 90)
+    _fails_with(server.process, server.log_path, "a node was launched with another layout", 90)
