@@ -82,7 +82,8 @@ def world_specs(config: EngineConfig, model_name: str) -> list[WorldSpec]:
                                        f"{world}: they must match")
         return [WorldSpec(int(env["RANK"]), world, int(env["LOCAL_RANK"]), env["MASTER_ADDR"],
                           int(env["MASTER_PORT"]), world, config.enable_expert_parallel, 1, model_name,
-                          config.distributed_timeout_s)]
+                          config.distributed_timeout_s,
+                          agent_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")]
     if world % config.nnodes:
         raise DistributedInitError(f"--tensor-parallel-size {world} is not divisible by --nnodes {config.nnodes}")
     per_node = world // config.nnodes

@@ -47,6 +47,7 @@ class WorldSpec:
     nnodes: int
     model: str
     timeout_s: float  # rendezvous and collective timeout
+    agent_store: bool = False  # torchrun's agent already serves the store at master_addr:master_port
 
     def layout(self) -> dict[str, object]:
         """What every rank must agree on."""
@@ -84,7 +85,8 @@ class World:
 
 
 def torchrun_env() -> dict[str, str] | None:
-    """torchrun's variables when this process was started by it with more than one rank."""
+    """torchrun's variables when this process was started by it with more than one rank
+    (``TORCHELASTIC_USE_AGENT_STORE``: its agent hosts the store, every rank connects to it)."""
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and all(k in os.environ for k in keys):
         return {k: os.environ[k] for k in keys}
@@ -97,8 +99,9 @@ def join_world(spec: WorldSpec, backend: str, alive: Callable[[], str | None] = 
     timeout = timedelta(seconds=spec.timeout_s)
     where = f"{spec.master_addr}:{spec.master_port}"
     try:
-        store = dist.TCPStore(spec.master_addr, spec.master_port, spec.world_size, is_master=spec.rank == 0,
-                              timeout=timeout, wait_for_workers=False, use_libuv=True)
+        store = dist.TCPStore(spec.master_addr, spec.master_port, spec.world_size,
+                              is_master=spec.rank == 0 and not spec.agent_store, timeout=timeout,
+                              wait_for_workers=False, use_libuv=True)
     except (RuntimeError, dist.DistStoreError) as exc:
         text = str(exc).lower()
         if spec.rank == 0 and ("address already in use" in text or "errno: 98" in text):

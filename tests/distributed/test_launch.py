@@ -114,6 +114,7 @@ def test_two_nodes_on_localhost_then_the_remote_worker_dies(tmp_path: Path, tp1_
     port = str(free_port())
     multi = ("-tp", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port)
     headless, headless_log = spawn_headless(tmp_path, *multi, "--node-rank", "1")
+    server = None
     try:
         server = start_server(tmp_path, *multi, "--node-rank", "0")
         engine = server.engine_pid()
@@ -126,8 +127,7 @@ def test_two_nodes_on_localhost_then_the_remote_worker_dies(tmp_path: Path, tp1_
         assert headless.wait(timeout=FAULT_DEADLINE_S) != 0
         assert "a model worker failed" in server.log()
     finally:
-        if headless.poll() is None:
-            headless.kill()
+        stop_all(server, headless)
     assert "Traceback" not in headless_log.read_text()
 
 
@@ -135,6 +135,7 @@ def test_stopping_node_0_stops_the_headless_node(tmp_path: Path) -> None:
     port = str(free_port())
     multi = ("-tp", "2", "--nnodes", "2", "--master-port", port)
     headless, _ = spawn_headless(tmp_path, *multi, "--node-rank", "1")
+    server = None
     try:
         server = start_server(tmp_path, *multi, "--node-rank", "0")
         worker = children(headless.pid)[0]
@@ -142,15 +143,25 @@ def test_stopping_node_0_stops_the_headless_node(tmp_path: Path) -> None:
         assert headless.wait(timeout=FAULT_DEADLINE_S) == 0
         assert wait_until_gone(worker, FAULT_DEADLINE_S)
     finally:
-        if headless.poll() is None:
-            headless.kill()
+        stop_all(server, headless)
+
+
+def stop_all(server: ServerProcess | None, *processes: subprocess.Popen[bytes]) -> None:
+    """However a test ends, none of its processes outlives it (SIGTERM, then SIGKILL)."""
+    for process in ([server.process] if server is not None else []) + list(processes):
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _fails_with(process: subprocess.Popen[bytes], log: Path, text: str, within_s: float) -> None:
     try:
         code = process.wait(timeout=within_s)
     except subprocess.TimeoutExpired:
-        process.kill()
         raise AssertionError(f"still running after {within_s}s; log:\n{log.read_text()[-3000:]}") from None
     output = log.read_text()
     assert code != 0 and text in output, output[-3000:]
@@ -163,18 +174,60 @@ def test_master_port_in_use_is_one_line(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         server = spawn_server(tmp_path, "-tp", "2", "--master-port", str(port))
-        _fails_with(server.process, server.log_path, f"--master-port {port} is already in use", 120)
+        try:
+            _fails_with(server.process, server.log_path, f"--master-port {port} is already in use", 120)
+        finally:
+            stop_all(server)
 
 
 def test_unreachable_master_is_one_line(tmp_path: Path) -> None:
     process, log = spawn_headless(tmp_path, "-tp", "2", "--nnodes", "2", "--node-rank", "1", "--master-port",
                                   str(free_port()), "--distributed-timeout", "3")
-    _fails_with(process, log, "cannot reach the master at 127.0.0.1:", 60)
+    try:
+        _fails_with(process, log, "cannot reach the master at 127.0.0.1:", 60)
+    finally:
+        stop_all(None, process)
 
 
 def test_other_layout_on_another_node_is_one_line_on_both(tmp_path: Path) -> None:
     port = str(free_port())
     server = spawn_server(tmp_path, "-tp", "2", "--nnodes", "2", "--master-port", port, "--distributed-timeout", "60")
     headless, log = spawn_headless(tmp_path, "-tp", "4", "--nnodes", "2", "--node-rank", "1", "--master-port", port)
-    _fails_with(headless, log, "this node's launch does not match node 0's: world_size 4 here but 2 on node 0", 90)
-    _fails_with(server.process, server.log_path, "a node was launched with another layout", 90)
+    try:
+        _fails_with(headless, log, "this node's launch does not match node 0's: world_size 4 here but 2 on node 0",
+                    90)
+        _fails_with(server.process, server.log_path, "a node was launched with another layout", 90)
+    finally:
+        stop_all(server, headless)
+
+
+def test_torchrun_launch(tmp_path: Path, tp1_tokens) -> None:
+    """torchrun's environment instead of flags: rank 0 serves (its engine process drives), rank 1 is the worker."""
+    port, master = free_port(), free_port()
+    log_path = tmp_path / "torchrun.log"
+    with log_path.open("wb") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(master),
+             "-m", "dsv32.cli", "serve", "--port", str(port), *BASE_ARGS, "-tp", "2"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = ServerProcess(launcher, f"http://127.0.0.1:{port}", log_path)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert launcher.poll() is None, server.log()[-3000:]
+            try:
+                if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.3)
+        assert complete(server) == tp1_tokens
+        assert "model loaded on 2 ranks" in server.log()
+        ranks = [int(c) for task in Path(f"/proc/{launcher.pid}/task").iterdir()
+                 for c in (task / "children").read_text().split()]
+        assert len(ranks) == 2
+    finally:
+        stop_all(server)
+    for pid in ranks:
+        assert wait_until_gone(pid, FAULT_DEADLINE_S), f"rank process {pid} outlived torchrun"
