@@ -188,21 +188,31 @@ def add_parallel_arguments(par: argparse._ArgumentGroup) -> None:
     par.add_argument("--distributed-timeout", type=float, default=engine.distributed_timeout_s, metavar="SECONDS",
                      help="How long the ranks wait for each other (start-up, and any one collective) before failing.")
     par.add_argument("--data-parallel-size", "-dp", "--dp", "--dp-size", dest="data_parallel_size",
-                     type=_positive_int, default=1, help="Data-parallel attention ranks (not supported yet: 1).")
-    par.add_argument("--enable-dp-attention", action="store_true", help="SGLang: data-parallel attention (not "
-                                                                        "supported yet).")
+                     type=_positive_int, default=engine.data_parallel_size,
+                     help="Data-parallel attention ranks: attention replicated, each rank its own requests and KV "
+                          "cache, the MoE shared by all ranks (with --enable-expert-parallel: experts split by "
+                          "expert). SGLang's --tp N --dp N --enable-dp-attention is the same layout.")
+    par.add_argument("--enable-dp-attention", action="store_true",
+                     help="SGLang: with --tp N --dp N, data-parallel attention over N ranks.")
 
 
 def parallel_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The ``EngineConfig`` fields of the parallelism flags (SGLang's aliases folded into vLLM's)."""
-    if args.data_parallel_size > 1 or args.enable_dp_attention:
-        raise ConfigError("--data-parallel-size / --enable-dp-attention: data-parallel attention is not supported "
-                          "yet; use --tensor-parallel-size N [--enable-expert-parallel]")
+    tp, dp = args.tensor_parallel_size, args.data_parallel_size
+    if args.enable_dp_attention:
+        # SGLang: --tp is every rank, --dp the attention replicas among them; one replica per rank is supported.
+        if dp != tp:
+            raise ConfigError(f"--enable-dp-attention with --tp {tp} --dp {dp}: only --dp equal to --tp (one "
+                              "attention replica per rank) is supported")
+        tp = 1
+    elif dp > 1 and tp > 1:
+        raise ConfigError(f"--data-parallel-size {dp} with --tensor-parallel-size {tp}: give one of them (SGLang's "
+                          "--tp N --dp N needs --enable-dp-attention)")
     expert_parallel = args.enable_expert_parallel
     if args.ep_size is not None and args.ep_size > 1:
-        if args.ep_size != args.tensor_parallel_size:
-            raise ConfigError(f"--ep {args.ep_size}: expert parallelism spans every rank, so it must equal --tp "
-                              f"{args.tensor_parallel_size}")
+        if args.ep_size != tp * dp:
+            raise ConfigError(f"--ep {args.ep_size}: expert parallelism spans every rank, so it must equal the "
+                              f"number of ranks ({tp * dp})")
         expert_parallel = True
     master_addr, master_port = args.master_addr, args.master_port
     if args.dist_init_addr is not None:
@@ -212,7 +222,7 @@ def parallel_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"--dist-init-addr {args.dist_init_addr!r}: expected HOST:PORT")
         master_addr, master_port = host.strip("[]"), int(port)
-    return {"tensor_parallel_size": args.tensor_parallel_size, "enable_expert_parallel": expert_parallel,
+    return {"tensor_parallel_size": tp, "data_parallel_size": dp, "enable_expert_parallel": expert_parallel,
             "distributed_executor_backend": args.distributed_executor_backend, "nnodes": args.nnodes,
             "node_rank": args.node_rank, "master_addr": master_addr or EngineConfig().master_addr,
             "master_port": master_port, "distributed_timeout_s": args.distributed_timeout}

@@ -418,6 +418,9 @@ class EngineConfig:
     # One model over several processes (``dsv32.distributed``): tensor parallelism over every rank, routed experts
     # split by expert with ``enable_expert_parallel``; several machines with ``nnodes`` / ``node_rank``.
     tensor_parallel_size: int = 1
+    # Data-parallel attention (SGLang's --enable-dp-attention): attention replicated, each rank its own sequences and
+    # cache, the MoE shared by all ranks. The model then runs over data_parallel_size ranks (tensor_parallel_size 1).
+    data_parallel_size: int = 1
     enable_expert_parallel: bool = False
     distributed_executor_backend: str = "mp"
     nnodes: int = 1
@@ -446,17 +449,29 @@ class EngineConfig:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         self._validate_distributed()
 
+    @property
+    def world_size(self) -> int:
+        """Processes (devices) the model runs over."""
+        return self.tensor_parallel_size * self.data_parallel_size
+
     def _validate_distributed(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.data_parallel_size < 1:
+            raise ConfigError(f"--data-parallel-size must be >= 1, got {self.data_parallel_size}")
+        if self.data_parallel_size > 1 and self.tensor_parallel_size > 1:
+            raise ConfigError(f"--data-parallel-size {self.data_parallel_size} with --tensor-parallel-size "
+                              f"{self.tensor_parallel_size}: data-parallel attention runs one rank per attention "
+                              "replica (attention tensor parallelism inside a replica is not supported); use "
+                              "--data-parallel-size N alone (SGLang: --tp N --dp N --enable-dp-attention)")
         if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
             raise ConfigError(f"--distributed-executor-backend {self.distributed_executor_backend!r}: expected "
                               f"{' or '.join(DISTRIBUTED_EXECUTOR_BACKENDS)}")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
-        if self.tensor_parallel_size % self.nnodes:
-            raise ConfigError(f"--tensor-parallel-size {self.tensor_parallel_size} must be a multiple of --nnodes "
-                              f"{self.nnodes} (the same number of ranks on every node)")
+        if self.world_size % self.nnodes:
+            raise ConfigError(f"{self.world_size} ranks (--tensor-parallel-size x --data-parallel-size) must be a "
+                              f"multiple of --nnodes {self.nnodes} (the same number of ranks on every node)")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ConfigError(f"--master-port must be in [1, 65535], got {self.master_port}")
         if self.distributed_timeout_s <= 0:

@@ -74,22 +74,21 @@ def free_port() -> int:
 
 def world_specs(config: EngineConfig, model_name: str) -> list[WorldSpec]:
     """This node's ranks (from the flags, or this one rank under torchrun)."""
-    world = config.tensor_parallel_size
+    world = config.world_size
+    data_parallel = config.data_parallel_size > 1
     env = torchrun_env()
     if env is not None:
         if int(env["WORLD_SIZE"]) != world:
-            raise DistributedInitError(f"torchrun started {env['WORLD_SIZE']} processes but --tensor-parallel-size is "
-                                       f"{world}: they must match")
+            raise DistributedInitError(f"torchrun started {env['WORLD_SIZE']} processes but the model runs over "
+                                       f"{world} (--tensor-parallel-size x --data-parallel-size): they must match")
         return [WorldSpec(int(env["RANK"]), world, int(env["LOCAL_RANK"]), env["MASTER_ADDR"],
-                          int(env["MASTER_PORT"]), world, config.enable_expert_parallel, 1, model_name,
+                          int(env["MASTER_PORT"]), data_parallel, config.enable_expert_parallel, 1, model_name,
                           config.distributed_timeout_s,
                           agent_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")]
-    if world % config.nnodes:
-        raise DistributedInitError(f"--tensor-parallel-size {world} is not divisible by --nnodes {config.nnodes}")
     per_node = world // config.nnodes
     port = config.master_port or (DEFAULT_MASTER_PORT if config.nnodes > 1 else free_port())
     first = config.node_rank * per_node
-    return [WorldSpec(first + i, world, i, config.master_addr, port, world, config.enable_expert_parallel,
+    return [WorldSpec(first + i, world, i, config.master_addr, port, data_parallel, config.enable_expert_parallel,
                       config.nnodes, model_name, config.distributed_timeout_s) for i in range(per_node)]
 
 
@@ -138,7 +137,7 @@ def build_shard(world: World, engine_config: EngineConfig, model_config: ModelCo
     from dsv32.model.loader import load_model
 
     spec = world.spec
-    parallel = ParallelContext(spec.rank, spec.tp_size, spec.expert_parallel, world.compute)
+    parallel = ParallelContext(spec.rank, spec.world_size, spec.expert_parallel, world.compute, spec.data_parallel)
     is_preset = engine_config.model == TINY_PRESET
     return load_model(model_config, None if is_preset else engine_config.model,
                       "dummy" if is_preset else engine_config.load_format, engine_config.dtype, device,
@@ -148,8 +147,9 @@ def build_shard(world: World, engine_config: EngineConfig, model_config: ModelCo
 def start_driver(engine_config: EngineConfig, model_config: ModelConfig, device: torch.device, with_mtp: bool,
                  on_worker_death: Callable[[str], None] | None = None) -> DistributedModel:
     """Rank 0: start this node's workers, meet the other ranks, load the driver's shard, wait for every rank."""
-    validate_layout(model_config, engine_config.tensor_parallel_size, engine_config.enable_expert_parallel,
-                    fp8_weights=engine_config.model != TINY_PRESET and engine_config.load_format != "dummy")
+    validate_layout(model_config, engine_config.world_size, engine_config.enable_expert_parallel,
+                    fp8_weights=engine_config.model != TINY_PRESET and engine_config.load_format != "dummy",
+                    data_parallel=engine_config.data_parallel_size > 1)
     specs = world_specs(engine_config, engine_config.model)
     if specs[0].rank != 0:
         raise DistributedInitError("this process is not rank 0: start it with --headless (or as torchrun rank 0)")
@@ -164,8 +164,9 @@ def start_driver(engine_config: EngineConfig, model_config: ModelConfig, device:
     except BaseException:
         _stop_all(workers)
         raise
-    logger.info("model loaded on %d ranks (%s, %d thread(s) per rank on this node)", specs[0].world_size,
-                "TP + EP" if engine_config.enable_expert_parallel else "TP", threads)
+    layout = ("DP-attention" if specs[0].data_parallel else "TP") + (" + EP" if specs[0].expert_parallel else "")
+    logger.info("model loaded on %d ranks (%s, %d thread(s) per rank on this node)", specs[0].world_size, layout,
+                threads)
     return DistributedModel(model, world, workers, on_worker_death)
 
 
@@ -321,12 +322,16 @@ class DistributedModel:
         return self._call("forward", batch, kv_cache)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.world.spec.data_parallel:  # the head is replicated: the driver alone computes what it samples
+            return self.model.compute_logits(hidden)
         return self._call("compute_logits", hidden)
 
     def forward_mtp(self, batch: Any, previous_hidden: torch.Tensor, kv_cache: Any, depth: int = 0) -> torch.Tensor:
         return self._call("forward_mtp", batch, previous_hidden, kv_cache, depth)
 
     def compute_mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        if self.world.spec.data_parallel:
+            return self.model.compute_mtp_logits(hidden, depth)
         return self._call("compute_mtp_logits", hidden, depth)
 
     def _release(self, object_id: int, cache_id: int) -> None:

@@ -42,7 +42,7 @@ class WorldSpec:
     local_rank: int
     master_addr: str
     master_port: int
-    tp_size: int
+    data_parallel: bool  # data-parallel attention (else tensor parallel over every rank)
     expert_parallel: bool
     nnodes: int
     model: str
@@ -51,8 +51,8 @@ class WorldSpec:
 
     def layout(self) -> dict[str, object]:
         """What every rank must agree on."""
-        return {k: v for k, v in asdict(self).items() if k in ("world_size", "tp_size", "expert_parallel", "nnodes",
-                                                                 "model")}
+        agreed = ("world_size", "data_parallel", "expert_parallel", "nnodes", "model")
+        return {k: v for k, v in asdict(self).items() if k in agreed}
 
 
 @dataclass

@@ -1,18 +1,29 @@
 """The model's view of parallelism: which part of each weight this rank holds, and the collectives that join the
 parts' partial results.
 
-One model runs over ``world_size`` ranks (one per device). Attention and the dense layers are tensor-parallel over
-all of them (``tp_size = world_size``), as vLLM and SGLang shard DeepSeek:
+One model runs over ``world_size`` ranks (one per device), in one of two layouts (as vLLM and SGLang run DeepSeek):
+
+Tensor parallel (``-tp N``): attention and the dense layers are split over every rank (``tp_size = world_size``)
+and every rank runs every token.
 
 * ``q_b_proj`` / ``kv_b_proj`` column-parallel by head, ``o_proj`` row-parallel (its partial sums all-reduced);
   ``q_a_proj``, ``kv_a_proj_with_mqa``, their norms and the lightning indexer replicated; every rank writes and
   keeps the whole latent cache (the latent is shared by every head).
 * dense MLP and shared expert: gate/up column-parallel, down row-parallel.
-* routed experts: with ``ep_size == 1`` every rank holds every expert cut along ``moe_intermediate_size``
-  (MoE-TP); with expert parallelism (``ep_size == world_size``) ``n_routed_experts / ep_size`` whole experts. Either
-  way each rank's MoE output (routed + shared) is a partial sum, joined by one all-reduce.
 * embedding and LM head vocab-parallel (``ceil(vocab / tp_size)`` rows each, the last part zero-padded): the
   embedding's partial lookups are all-reduced, the logits all-gathered (every rank gets them; the driver samples).
+
+Data-parallel attention (``-dp N``; SGLang's ``--tp N --dp N --enable-dp-attention``): attention, indexer, dense
+layers, shared expert, embedding and head replicated (``tp_size = 1``); each rank runs only the tokens of its own
+sequences and keeps only their cache, so the ranks together hold N times the tokens. Around each MoE the ranks'
+tokens are gathered (padded to the largest count), every rank runs its part of the experts on all of them, and the
+all-reduced sums are cut back to each rank's rows. A rank with no sequence this step runs the MoE on nothing of its
+own and still joins every collective.
+
+Routed experts, in both: either cut along ``moe_intermediate_size`` over every rank (MoE-TP), or with expert
+parallelism (``--enable-expert-parallel``) ``n_routed_experts / world_size`` whole experts per rank, each rank running
+only the (token, expert) pairs routed to its experts. Each rank's MoE output is a partial sum; one all-reduce joins
+them.
 
 A ``Shard`` says which slice of the full (checkpoint-layout) tensor a parameter holds; the loader reads exactly that
 slice and dummy weights are generated at full shape and then cut the same way, so every layout is the same model.
@@ -60,70 +71,111 @@ class ExpertRange:
 class ParallelContext:
     """This rank's place in the model's parallel layout and the collectives over its group.
 
-    ``group`` is the ``torch.distributed`` process group of the model's ranks (``None``: one process, every collective
-    is the identity)."""
+    ``world_size`` ranks (``group``: their ``torch.distributed`` process group; ``None``: one process, every collective
+    is the identity). Two layouts:
 
-    def __init__(self, tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False,
-                 group: dist.ProcessGroup | None = None) -> None:
-        if not 0 <= tp_rank < tp_size:
-            raise ValueError(f"rank {tp_rank} outside a tensor-parallel group of {tp_size}")
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.expert_parallel = expert_parallel and tp_size > 1
+    * tensor parallel (default): attention, dense layers, embedding and head split over all ranks (``tp_size`` =
+      ``world_size``), every rank runs every token;
+    * data-parallel attention (``data_parallel``, SGLang's ``--enable-dp-attention``): attention, dense layers,
+      embedding and head replicated (``tp_size`` = 1), each rank runs only its own sequences' tokens and keeps only
+      their cache; for the MoE the ranks' tokens are gathered, every rank runs its experts' part on all of them, and
+      the sums are split back.
+
+    Either way the routed experts are split over all ranks: whole experts with ``expert_parallel``, else along
+    ``moe_intermediate_size``.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, expert_parallel: bool = False,
+                 group: dist.ProcessGroup | None = None, data_parallel: bool = False) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a group of {world_size}")
+        self.rank, self.world_size = rank, world_size
+        self.expert_parallel = expert_parallel and world_size > 1
+        self.data_parallel = data_parallel and world_size > 1
+        self.tp_rank, self.tp_size = (0, 1) if self.data_parallel else (rank, world_size)
         self.group = group
+        self._token_counts: list[int] = []
 
     @property
     def tp_shard(self) -> Shard:
+        """How attention, dense layers, embedding and head are cut (not at all under data-parallel attention)."""
         return Shard(self.tp_rank, self.tp_size)
-
-    @property
-    def ep_size(self) -> int:
-        return self.tp_size if self.expert_parallel else 1
 
     def expert_range(self, num_experts: int) -> ExpertRange:
         if not self.expert_parallel:
             return ExpertRange(0, num_experts)
-        count = num_experts // self.tp_size
-        return ExpertRange(self.tp_rank * count, count)
+        count = num_experts // self.world_size
+        return ExpertRange(self.rank * count, count)
 
     @property
     def moe_shard(self) -> Shard:
-        """How routed experts are cut along ``moe_intermediate_size``: whole under EP, else like the dense layers."""
-        return Shard(0, 1) if self.expert_parallel else self.tp_shard
+        """How routed experts are cut along ``moe_intermediate_size``: whole under EP, else over every rank."""
+        return Shard(0, 1) if self.expert_parallel else Shard(self.rank, self.world_size)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of ``x`` over the ranks, in place."""
+        """Sum of ``x`` over the tensor-parallel ranks, in place (the partial results of a split layer)."""
         if self.tp_size > 1:
             dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The ranks' ``x`` concatenated along the last dimension, in rank order."""
+        """The tensor-parallel ranks' ``x`` concatenated along the last dimension, in rank order."""
         if self.tp_size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
+    # ---- data-parallel attention: the MoE sees every rank's tokens ------------------------------------------------
+    def begin_step(self, token_counts: list[int]) -> None:
+        """Data-parallel attention: how many tokens each rank runs in this forward (every rank knows all of them)."""
+        self._token_counts = token_counts
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``x`` (this rank's ``[T_r, ...]``), rank after rank: ``[sum T, ...]``. Without
+        data-parallel attention every rank has every token already: ``x`` itself."""
+        if not self.data_parallel:
+            return x
+        counts = self._token_counts
+        padded = x.new_zeros((max(counts), *x.shape[1:]))
+        padded[:x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+    def reduce_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of per-token partial results ``y`` (of ``gather_tokens``' rows), this rank's rows."""
+        if not self.data_parallel:
+            if self.world_size > 1:
+                dist.all_reduce(y, group=self.group)
+            return y
+        dist.all_reduce(y, group=self.group)
+        start = sum(self._token_counts[:self.rank])
+        return y[start:start + self._token_counts[self.rank]]
+
 
 SINGLE_PROCESS = ParallelContext()
 
 TP_FLAG = "--tensor-parallel-size"
+DP_FLAG = "--data-parallel-size"
 
 
-def validate_layout(config: ModelConfig, tp_size: int, expert_parallel: bool, fp8_weights: bool) -> None:
+def validate_layout(config: ModelConfig, world_size: int, expert_parallel: bool, fp8_weights: bool,
+                    data_parallel: bool = False) -> None:
     """Refuse a layout that does not split the model evenly, naming the flag: heads and intermediate sizes must
-    divide by ``tp_size``, experts by the EP size, and with FP8 weights (a checkpoint with a
+    divide by the tensor-parallel size, experts by the EP size, and with FP8 weights (a checkpoint with a
     ``quantization_config``) every shard must hold whole 128x128 blocks (its block scales then split with it)."""
-    if tp_size < 1:
-        raise ConfigError(f"{TP_FLAG} must be >= 1, got {tp_size}")
-    if tp_size == 1:
+    if world_size < 1:
+        raise ConfigError(f"{TP_FLAG} must be >= 1, got {world_size}")
+    if world_size == 1:
         return
     c = config
+    flag = f"{DP_FLAG if data_parallel else TP_FLAG} {world_size}"
+    tp_size = 1 if data_parallel else world_size
 
     def need(ok: bool, what: str) -> None:
         if not ok:
-            raise ConfigError(f"{TP_FLAG} {tp_size}{' with --enable-expert-parallel' if expert_parallel else ''}: "
-                              f"{what}")
+            raise ConfigError(f"{flag}{' with --enable-expert-parallel' if expert_parallel else ''}: {what}")
 
     need(c.num_attention_heads % tp_size == 0,
          f"num_attention_heads = {c.num_attention_heads} is not divisible by {tp_size}")
@@ -132,23 +184,25 @@ def validate_layout(config: ModelConfig, tp_size: int, expert_parallel: bool, fp
     if c.n_routed_experts:
         need(shared % tp_size == 0, f"the shared expert's {shared} intermediate rows are not divisible by {tp_size}")
         if expert_parallel:
-            need(c.n_routed_experts % tp_size == 0,
-                 f"n_routed_experts = {c.n_routed_experts} is not divisible by {tp_size} expert-parallel ranks")
+            need(c.n_routed_experts % world_size == 0,
+                 f"n_routed_experts = {c.n_routed_experts} is not divisible by {world_size} expert-parallel ranks")
         else:
-            need(c.moe_intermediate_size % tp_size == 0,
-                 f"moe_intermediate_size = {c.moe_intermediate_size} is not divisible by {tp_size}")
+            need(c.moe_intermediate_size % world_size == 0,
+                 f"moe_intermediate_size = {c.moe_intermediate_size} is not divisible by {world_size}")
     if c.quantization is None or not fp8_weights:
         return
     block_rows, block_cols = c.quantization.weight_block_size
     heads = c.num_attention_heads // tp_size
-    splits = {"q_b_proj rows (heads x qk_head_dim)": (heads * c.qk_head_dim, block_rows),
-              "kv_b_proj rows (heads x (nope + v))": (heads * (c.qk_nope_head_dim + c.v_head_dim), block_rows),
-              "o_proj columns (heads x v_head_dim)": (heads * c.v_head_dim, block_cols),
-              "intermediate_size": (c.intermediate_size // tp_size, min(block_rows, block_cols))}
-    if c.n_routed_experts:
-        splits["shared expert intermediate"] = (shared // tp_size, min(block_rows, block_cols))
-        if not expert_parallel:
-            splits["moe_intermediate_size"] = (c.moe_intermediate_size // tp_size, min(block_rows, block_cols))
+    splits = {}
+    if tp_size > 1:
+        splits = {"q_b_proj rows (heads x qk_head_dim)": (heads * c.qk_head_dim, block_rows),
+                  "kv_b_proj rows (heads x (nope + v))": (heads * (c.qk_nope_head_dim + c.v_head_dim), block_rows),
+                  "o_proj columns (heads x v_head_dim)": (heads * c.v_head_dim, block_cols),
+                  "intermediate_size": (c.intermediate_size // tp_size, min(block_rows, block_cols))}
+        if c.n_routed_experts:
+            splits["shared expert intermediate"] = (shared // tp_size, min(block_rows, block_cols))
+    if c.n_routed_experts and not expert_parallel:
+        splits["moe_intermediate_size"] = (c.moe_intermediate_size // world_size, min(block_rows, block_cols))
     for what, (size, block) in splits.items():
         need(size % block == 0, f"each rank's {what} = {size} is not a multiple of the FP8 weight block ({block}), "
                                 "so the block scales cannot be split with the weights")

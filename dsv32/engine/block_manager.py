@@ -15,6 +15,10 @@ hash does not cover. So (``match_next_token``) each cached block remembers that 
 was followed by another token drops that block (it is recomputed into a private block). vLLM always drops the last
 matched block; keeping it when the next token agrees keeps the whole hit for a repeated prompt, and sharing the
 drafter's entries with the blocks (same block ids) means they are there whenever the main model's are.
+
+Data-parallel attention (``DataParallelBlockManager``): each rank has its own cache, so each has its own
+``BlockManager``; a sequence is placed on one rank when it is first admitted (the one with its longest cached prefix,
+else the one with the most free blocks) and its block ids are that rank's.
 """
 
 from __future__ import annotations
@@ -161,8 +165,78 @@ class BlockManager:
         self._cached.clear()
         return True
 
+    def shares_pool(self, a: Sequence, b: Sequence) -> bool:
+        """Whether freeing ``b``'s blocks can make room for ``a`` (always: one pool)."""
+        return True
+
     def _ref(self, block_id: int) -> None:
         block = self._blocks[block_id]
         if block.ref_cnt == 0:
             del self._free[block_id]
         block.ref_cnt += 1
+
+
+class DataParallelBlockManager:
+    """One ``BlockManager`` per data-parallel attention rank behind the ``BlockManager`` interface the scheduler
+    uses; ``Sequence.dp_rank`` says whose blocks a sequence holds."""
+
+    def __init__(self, dp_size: int, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 match_next_token: bool = False) -> None:
+        self.ranks = [BlockManager(num_blocks, block_size, enable_prefix_caching, match_next_token)
+                      for _ in range(dp_size)]
+        self.num_blocks = dp_size * num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(rank.num_free_blocks for rank in self.ranks)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        return sum(rank.prefix_cache_queries for rank in self.ranks)
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        return sum(rank.prefix_cache_hits for rank in self.ranks)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return self.ranks[0].blocks_needed(num_tokens)
+
+    def _place(self, seq: Sequence) -> BlockManager:
+        """``seq``'s rank, chosen on its first admission: the longest cached prefix, then the most free blocks."""
+        if seq.dp_rank is None:
+            hits = [len(rank.find_cached_prefix(seq)) for rank in self.ranks]
+            seq.dp_rank = max(range(len(self.ranks)), key=lambda r: (hits[r], self.ranks[r].num_free_blocks, -r))
+        return self.ranks[seq.dp_rank]
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        return self._place(seq).find_cached_prefix(seq)
+
+    def record_prefix_query(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+        self.ranks[0].record_prefix_query(num_query_tokens, num_hit_tokens)
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
+        return self._place(seq).allocate(seq, num_new_tokens, cached_block_ids)
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        if seq.dp_rank is not None:
+            self.ranks[seq.dp_rank].register_computed_blocks(seq)
+
+    def free(self, seq: Sequence) -> None:
+        """Release ``seq``'s blocks; a sequence that holds none may be placed anew when it comes back."""
+        if seq.dp_rank is not None:
+            self.ranks[seq.dp_rank].free(seq)
+            seq.dp_rank = None
+
+    def reset_prefix_cache(self) -> bool:
+        if any(rank.num_free_blocks != rank.num_blocks for rank in self.ranks):
+            return False
+        return all(rank.reset_prefix_cache() for rank in self.ranks)
+
+    def shares_pool(self, a: Sequence, b: Sequence) -> bool:
+        return a.dp_rank == b.dp_rank

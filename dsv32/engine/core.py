@@ -16,7 +16,7 @@ import torch
 
 from dsv32.config import TINY_PRESET, ConfigError, EngineConfig, ModelConfig
 from dsv32.distributed.executor import DistributedModel, WorkerFailure, start_driver
-from dsv32.engine.block_manager import BlockManager
+from dsv32.engine.block_manager import BlockManager, DataParallelBlockManager
 from dsv32.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from dsv32.engine.outputs import CompletionOutput, EngineStats, PositionLogprobs, RequestOutput, SpecDecodeStats
 from dsv32.engine.request import Request, Sequence, child_sampling_params
@@ -66,7 +66,7 @@ class EngineCore:
         # The MTP layer (and its cache) only when speculation asks for it.
         self.distributed: DistributedModel | None = None
         model: torch.nn.Module | DistributedModel
-        if engine_config.tensor_parallel_size > 1:
+        if engine_config.world_size > 1:
             # This process is the driver (rank 0): it starts the other ranks and mirrors every model call to them.
             model = self.distributed = start_driver(engine_config, self.model_config, self.device,
                                                     with_mtp=num_spec > 0, on_worker_death=on_worker_death)
@@ -82,8 +82,15 @@ class EngineCore:
         self.max_model_len = self.runner.max_model_len
         self.validator = RequestValidator(self.max_model_len, self.model_config.vocab_size, engine_config.max_logprobs,
                                           engine_config.max_num_seqs)
-        self.block_manager = BlockManager(self.runner.num_blocks, engine_config.block_size,
-                                          engine_config.enable_prefix_caching, match_next_token=num_spec > 0)
+        self.block_manager: BlockManager | DataParallelBlockManager
+        if engine_config.data_parallel_size > 1:  # every attention rank has a cache of its own
+            self.block_manager = DataParallelBlockManager(engine_config.data_parallel_size, self.runner.num_blocks,
+                                                          engine_config.block_size,
+                                                          engine_config.enable_prefix_caching,
+                                                          match_next_token=num_spec > 0)
+        else:
+            self.block_manager = BlockManager(self.runner.num_blocks, engine_config.block_size,
+                                              engine_config.enable_prefix_caching, match_next_token=num_spec > 0)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
                                    engine_config.max_num_batched_tokens, is_ready=self.structured_output.is_ready,
                                    num_speculative_tokens=num_spec)

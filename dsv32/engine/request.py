@@ -52,6 +52,8 @@ class Sequence:
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # Data-parallel attention: the rank whose cache holds this sequence (``block_ids`` are that rank's blocks).
+    dp_rank: int | None = None
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache when first scheduled

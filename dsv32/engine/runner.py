@@ -289,6 +289,7 @@ class ModelRunner:
             seq_lens=seq_lens,
             block_tables=tables.to(device),
             slot_mapping=slot_mapping.to(device),
+            dp_ranks=[item.seq.dp_rank for item in scheduled] if self.engine_config.data_parallel_size > 1 else None,
         )
         return batch, sample_rows, prompt_rows
 

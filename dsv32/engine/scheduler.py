@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from dsv32.engine.block_manager import BlockManager
+from dsv32.engine.block_manager import BlockManager, DataParallelBlockManager
 from dsv32.engine.request import Sequence, SequenceStatus
 
 
@@ -55,8 +55,9 @@ class SchedulerOutput:
 class Scheduler:
     """Continuous batching over a ``BlockManager``: a FIFO waiting queue and a running list."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 is_ready: Callable[[Sequence], bool] | None = None, num_speculative_tokens: int = 0) -> None:
+    def __init__(self, block_manager: BlockManager | DataParallelBlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int, is_ready: Callable[[Sequence], bool] | None = None,
+                 num_speculative_tokens: int = 0) -> None:
         """``is_ready``: whether a waiting sequence may start (False while its structured-output grammar compiles;
         others are admitted past it meanwhile)."""
         self.block_manager = block_manager
@@ -118,7 +119,7 @@ class Scheduler:
             seq.spec_token_ids = []
             while not self.block_manager.allocate(seq, self._num_slots(seq, seq.num_computed_tokens, num_new,
                                                                   len(drafts))):
-                victim = order.pop()
+                victim = self._victim(seq, order)
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is seq:
@@ -180,6 +181,14 @@ class Scheduler:
             and not leader.is_finished
             and leader.num_computed_tokens < leader.num_prompt_tokens
         )
+
+    def _victim(self, seq: Sequence, order: list[Sequence]) -> Sequence:
+        """The last sequence in ``order`` whose blocks ``seq`` could use (with data-parallel attention: one on the
+        same rank), taken out of ``order``; ``seq`` itself when there is none before it."""
+        for i in range(len(order) - 1, -1, -1):
+            if order[i] is seq or self.block_manager.shares_pool(seq, order[i]):
+                return order.pop(i)
+        raise AssertionError("a scheduled sequence is missing from the step's order")
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -72,7 +72,7 @@ class MTPProposer(Proposer):
         # Every computed position whose input was right: fills the MTP layer's cache, prompt chunks included.
         mtp_batch = ForwardBatch(torch.tensor(next_ids, dtype=torch.long, device=device), batch.positions[index],
                                  query_start_loc, [item.start + item.num_rows for item in inputs],
-                                 batch.block_tables, batch.slot_mapping[index])
+                                 batch.block_tables, batch.slot_mapping[index], batch.dp_ranks)
         x = model.forward_mtp(mtp_batch, hidden[index], kv_cache)
         alive = [b for b, item in enumerate(inputs) if item.propose]
         if not alive:
@@ -100,6 +100,7 @@ class MTPProposer(Proposer):
                 block_tables=tables,
                 slot_mapping=torch.tensor([inputs[b].seq.block_ids[p // bs] * bs + p % bs
                                            for b, p in zip(alive, pos, strict=True)], dtype=torch.long, device=device),
+                dp_ranks=[batch.dp_ranks[b] for b in alive] if batch.dp_ranks is not None else None,
             )
             x = model.forward_mtp(step, x, kv_cache)
             tokens = model.compute_mtp_logits(x).argmax(dim=-1)

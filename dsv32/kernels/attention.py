@@ -115,9 +115,10 @@ def indexer_select(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Te
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
                   layout: CacheLayout, meta: AttentionMetadata, selection: IndexSelection | None,
                   softmax_scale: float) -> torch.Tensor:
-    """MLA of every query of the step ``[T, H, d_v]``: each prefill chunk on its own, all decodes at once."""
+    """MLA of every query of the step ``[T, H, d_v]``: each prefill chunk on its own, all decodes at once (no query:
+    an empty result, for a data-parallel rank with nothing of its own this step)."""
     backend = get_backend(q_nope.device)
-    if not meta.prefills:  # decode-only step: no scatter into an output buffer
+    if not meta.prefills and meta.num_decodes:  # decode-only step: no scatter into an output buffer
         return backend.mla_decode(q_nope, q_pe, weights, latent_cache, layout, meta.decode_slots, meta.decode_lens,
                                   selection.decode if selection else None, softmax_scale)
     out = q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], weights.w_uv.shape[2])

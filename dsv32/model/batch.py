@@ -25,6 +25,8 @@ class ForwardBatch:
     seq_lens: list[int]  # [B]: context length after this step
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     slot_mapping: torch.Tensor  # [T] int64
+    # Data-parallel attention: the rank that holds each sequence's cache (its block ids are that rank's).
+    dp_ranks: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -42,3 +44,24 @@ class ForwardBatch:
     def last_token_indices(self) -> torch.Tensor:
         """Index of each sequence's last token in the flat batch (where its next-token logits come from)."""
         return torch.tensor(self.query_start_loc[1:], dtype=torch.long) - 1
+
+    def rank_rows(self, world_size: int) -> list[list[int]]:
+        """Data-parallel attention: the token rows of each rank's sequences, in batch order."""
+        assert self.dp_ranks is not None
+        rows: list[list[int]] = [[] for _ in range(world_size)]
+        for b, rank in enumerate(self.dp_ranks):
+            rows[rank].extend(range(self.query_start_loc[b], self.query_start_loc[b + 1]))
+        return rows
+
+    def for_rank(self, rank: int) -> ForwardBatch:
+        """The sub-batch of the sequences ``rank`` holds (possibly empty)."""
+        assert self.dp_ranks is not None
+        seqs = [b for b, r in enumerate(self.dp_ranks) if r == rank]
+        rows = [t for b in seqs for t in range(self.query_start_loc[b], self.query_start_loc[b + 1])]
+        index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        starts = [0]
+        for b in seqs:
+            starts.append(starts[-1] + self.query_start_loc[b + 1] - self.query_start_loc[b])
+        return ForwardBatch(self.input_ids[index], self.positions[index], starts, [self.seq_lens[b] for b in seqs],
+                            self.block_tables[torch.tensor(seqs, dtype=torch.long, device=index.device)],
+                            self.slot_mapping[index], [rank] * len(seqs))

@@ -163,12 +163,33 @@ class DeepseekForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Final-normed hidden states ``[T, hidden]`` of every token in the batch; writes their KV to the cache."""
-        meta = batch.attention_metadata(kv_cache.block_size)
-        rope = self.rope_tables(batch.positions)
-        x, residual = self.model.embed_tokens(batch.input_ids), None
+        local, mine, order = self._split(batch)
+        meta = local.attention_metadata(kv_cache.block_size)
+        rope = self.rope_tables(local.positions)
+        x, residual = self.model.embed_tokens(local.input_ids), None
         for layer in self.model.layers:
             x, residual = layer(x, residual, rope, meta, kv_cache)
-        return self.model.norm.add_forward(x, residual)[0]
+        return self._join(self.model.norm.add_forward(x, residual)[0], batch, order)
+
+    def _split(self, batch: ForwardBatch) -> tuple[ForwardBatch, torch.Tensor | None, torch.Tensor | None]:
+        """Data-parallel attention: this rank's part of the batch, its token rows, and every rank's rows in rank
+        order (the MoE is told each rank's token count). Otherwise the whole batch."""
+        if not self.parallel.data_parallel:
+            return batch, None, None
+        rows = batch.rank_rows(self.parallel.world_size)
+        self.parallel.begin_step([len(r) for r in rows])
+        device = batch.input_ids.device
+        mine = torch.tensor(rows[self.parallel.rank], dtype=torch.long, device=device)
+        order = torch.tensor([t for rank_rows in rows for t in rank_rows], dtype=torch.long, device=device)
+        return batch.for_rank(self.parallel.rank), mine, order
+
+    def _join(self, hidden: torch.Tensor, batch: ForwardBatch, order: torch.Tensor | None) -> torch.Tensor:
+        """Every token's hidden state in batch order, on every rank (data-parallel attention: gathered)."""
+        if order is None:
+            return hidden
+        out = hidden.new_empty((batch.num_tokens, hidden.shape[1]))
+        out[order] = self.parallel.gather_tokens(hidden)
+        return out
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -184,12 +205,15 @@ class DeepseekForCausalLM(nn.Module):
         Writes the layer's cache at those positions; returns its hidden states (before the shared head's norm:
         ``compute_mtp_logits`` applies it)."""
         mtp = self.mtp[depth]
-        meta = batch.attention_metadata(kv_cache.block_size)
-        rope = self.rope_tables(batch.positions)
-        e = mtp.enorm(self.model.embed_tokens(batch.input_ids))
+        local, mine, order = self._split(batch)
+        if mine is not None:
+            previous_hidden = previous_hidden[mine]
+        meta = local.attention_metadata(kv_cache.block_size)
+        rope = self.rope_tables(local.positions)
+        e = mtp.enorm(self.model.embed_tokens(local.input_ids))
         x = mtp.eh_proj(torch.cat((e, mtp.hnorm(previous_hidden.to(self.dtype))), dim=-1))
         x, residual = mtp.block(x, None, rope, meta, kv_cache)
-        return x + residual
+        return self._join(x + residual, batch, order)
 
     @torch.inference_mode()
     def compute_mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:

@@ -92,7 +92,8 @@ def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
         keep_fp8 = device.type == "cuda"
     torch_dtype = compute_dtype(resolve_dtype(dtype, config), device)
     dummy = load_format == "dummy" or path is None
-    validate_layout(config, parallel.tp_size, parallel.expert_parallel, fp8_weights=not dummy)
+    validate_layout(config, parallel.world_size, parallel.expert_parallel, fp8_weights=not dummy,
+                    data_parallel=parallel.data_parallel)
     with torch.device(device):
         model = DeepseekForCausalLM(config, torch_dtype, with_mtp=with_mtp, parallel=parallel)
     if dummy:

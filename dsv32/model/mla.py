@@ -71,7 +71,7 @@ class MLA(nn.Module):
                 layer: int) -> torch.Tensor:
         num_tokens = x.shape[0]
         qr = self.q_a_layernorm(self.q_a_proj(x))
-        q = self.q_b_proj(qr).view(num_tokens, self.n_heads, -1)
+        q = self.q_b_proj(qr).view(num_tokens, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q[..., :self.nope_dim], rope.mla(q[..., self.nope_dim:])
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_pe = rope.mla(k_pe)

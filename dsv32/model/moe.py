@@ -57,7 +57,7 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_gr
     choice = scores + bias.float()
     num_tokens, num_experts = choice.shape
     if n_group > 1:
-        group_scores = choice.view(num_tokens, n_group, -1).topk(2, dim=-1).values.sum(-1)
+        group_scores = choice.view(num_tokens, n_group, num_experts // n_group).topk(2, dim=-1).values.sum(-1)
         kept = group_scores.topk(topk_group, dim=-1, sorted=False).indices
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
         expert_mask = group_mask.repeat_interleave(num_experts // n_group, dim=1)
@@ -147,6 +147,8 @@ class Experts(nn.Module):
         """Routed-expert output ``[T, hidden]`` fp32 (this rank's experts' share): grouped GEMMs over the tokens each
         expert got (``dsv32.kernels``: fused Triton kernels on CUDA, a per-expert loop in torch elsewhere)."""
         backend = get_backend(x.device)
+        if x.shape[0] == 0:
+            return x.new_zeros(x.shape, dtype=torch.float32)
         if not self.is_expert_slice:
             return backend.fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids,
                                      self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
@@ -173,8 +175,16 @@ class MoE(nn.Module):
                                    parallel, reduce=False) if config.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(x)
-        y = self.experts(x, weights, ids)
-        if self.shared_experts is not None:
+        """Every rank's experts see every token (data-parallel attention: the ranks' tokens are gathered first);
+        their partial sums, with the shared expert's (a partial sum too when it is split), are summed over the
+        ranks and each rank keeps its own tokens' rows."""
+        tokens = self.parallel.gather_tokens(x)
+        weights, ids = self.gate(tokens)
+        y = self.experts(tokens, weights, ids)
+        shared_is_split = not self.parallel.data_parallel
+        if self.shared_experts is not None and shared_is_split:
             y = y + self.shared_experts(x).float()
-        return self.parallel.all_reduce(y).to(x.dtype)
+        y = self.parallel.reduce_tokens(y)
+        if self.shared_experts is not None and not shared_is_split:
+            y = y + self.shared_experts(x).float()
+        return y.to(x.dtype)

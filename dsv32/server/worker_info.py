@@ -55,7 +55,10 @@ def server_info(state: ServerState, version: str) -> dict[str, Any]:
         "enable_prefix_caching": engine_config.enable_prefix_caching,
         "reasoning_parser": state.config.reasoning_parser,
         "tool_call_parser": state.config.tool_call_parser,
-        "dp_size": 1,
-        "tp_size": 1,
+        # SGLang's meaning: tp_size counts every rank, dp_size the attention replicas among them.
+        "tp_size": engine_config.world_size,
+        "dp_size": engine_config.data_parallel_size,
+        "ep_size": engine_config.world_size if engine_config.enable_expert_parallel else 1,
+        "enable_dp_attention": engine_config.data_parallel_size > 1,
         "version": version,
     }

@@ -37,14 +37,17 @@ def restore_threads() -> Iterator[None]:
 
 def prompt_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     """Logits ``[len, vocab]`` of every position of one prompt, prefilled in one forward through the engine's model
-    handle (with TP: every rank runs it). Uses the first free blocks of the cache, then clears the prefix cache."""
+    handle (every rank runs it; with data-parallel attention rank 1 has no tokens of its own and still joins the
+    MoE). Uses the first blocks of the cache, then clears the prefix cache."""
     runner = llm.engine.runner
     block_size = runner.block_size
     num_blocks = math.ceil(len(token_ids) / block_size)
     positions = torch.arange(len(token_ids))
     tables = torch.arange(num_blocks).view(1, -1)
+    data_parallel = llm.engine.engine_config.data_parallel_size > 1
     batch = ForwardBatch(input_ids=torch.tensor(token_ids), positions=positions, query_start_loc=[0, len(token_ids)],
-                         seq_lens=[len(token_ids)], block_tables=tables, slot_mapping=positions.clone())
+                         seq_lens=[len(token_ids)], block_tables=tables, slot_mapping=positions.clone(),
+                         dp_ranks=[0] if data_parallel else None)  # with data-parallel attention: rank 0's cache
     logits = runner.model.compute_logits(runner.model(batch, runner.kv_cache))
     assert llm.engine.reset_prefix_cache()
     return logits

@@ -1,6 +1,8 @@
-"""One model over two processes computes what one process computes: TP=2, TP=2 with expert parallelism, and the
-same through SGLang's ``--tp 2 --ep 2``, for V3.2 (indexer selecting: prompts longer than index_topk) and V3, with
-chunked prefill mixed with decodes. Logits agree within 1e-4 and 32 greedy tokens are identical."""
+"""One model over two processes computes what one process computes, for V3.2 (indexer selecting: prompts longer than
+index_topk) and V3, with chunked prefill mixed with decodes: logits agree within 1e-4 and 32 greedy tokens are
+identical. Layouts: TP=2, TP=2 + EP (and SGLang's ``--tp 2 --ep 2``), and data-parallel attention over 2 ranks with
+the MoE cut (``-dp 2``) or split by expert (``-dp 2 --enable-expert-parallel``, SGLang's ``--tp 2 --dp 2
+--enable-dp-attention --ep 2``), where one prompt alone leaves a rank with nothing of its own to run."""
 
 from __future__ import annotations
 
@@ -20,11 +22,17 @@ PROMPTS = [LONG_PROMPT[:90], LONG_PROMPT[10:40], LONG_PROMPT[:7], LONG_PROMPT, L
 GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
 
 
+def greedy_tokens(llm) -> list[list[int]]:  # noqa: ANN001 - an LLM
+    """Each prompt's 32 greedy tokens, in one batch, then the last prompt again alone."""
+    batch = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    alone = llm.generate([{"prompt_token_ids": PROMPTS[-1][::-1]}], GREEDY, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in batch + alone]
+
+
 def _reference(arch: str) -> tuple[torch.Tensor, list[list[int]]]:
-    """One process: the prompt's logits and each prompt's greedy tokens."""
+    """One process: the prompt's logits and the greedy tokens."""
     llm = make_llm(ARCHS[arch])
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
-    return prompt_logits(llm, LONG_PROMPT), [list(o.outputs[0].token_ids) for o in outputs]
+    return prompt_logits(llm, LONG_PROMPT), greedy_tokens(llm)
 
 
 _REFERENCES: dict[str, tuple[torch.Tensor, list[list[int]]]] = {}
@@ -36,18 +44,19 @@ def reference(arch: str) -> tuple[torch.Tensor, list[list[int]]]:
     return _REFERENCES[arch]
 
 
-def _sglang_ep_kwargs() -> dict[str, object]:
-    """SGLang's ``--tp 2 --ep 2`` as the CLI turns it into engine fields."""
-    args = build_parser(["serve"]).parse_args(["serve", "--tp", "2", "--ep", "2"])
-    config = engine_config_from_args(args)
-    return {"tensor_parallel_size": config.tensor_parallel_size,
+def _cli_layout(*flags: str) -> dict[str, object]:
+    """The engine fields the CLI makes of these flags."""
+    config = engine_config_from_args(build_parser(["serve"]).parse_args(["serve", *flags]))
+    return {"tensor_parallel_size": config.tensor_parallel_size, "data_parallel_size": config.data_parallel_size,
             "enable_expert_parallel": config.enable_expert_parallel}
 
 
 LAYOUTS = {
-    "tp2": lambda: {"tensor_parallel_size": 2},
-    "tp2_ep": lambda: {"tensor_parallel_size": 2, "enable_expert_parallel": True},
-    "sglang_tp2_ep2": _sglang_ep_kwargs,
+    "tp2": lambda: _cli_layout("-tp", "2"),
+    "tp2_ep": lambda: _cli_layout("-tp", "2", "--enable-expert-parallel"),
+    "sglang_tp2_ep2": lambda: _cli_layout("--tp", "2", "--ep", "2"),
+    "dp2_attention": lambda: _cli_layout("-dp", "2"),
+    "sglang_dp2_attention_ep2": lambda: _cli_layout("--tp", "2", "--dp", "2", "--enable-dp-attention", "--ep", "2"),
 }
 
 
@@ -59,22 +68,41 @@ def test_two_processes_match_one(arch: str, layout: str) -> None:
     llm = make_llm(ARCHS[arch], **kwargs)
     try:
         assert llm.engine.distributed is not None
-        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+        tokens = greedy_tokens(llm)
         logits = prompt_logits(llm, LONG_PROMPT)
     finally:
         llm.engine.close()
-    assert [list(o.outputs[0].token_ids) for o in outputs] == expected_tokens
+    assert tokens == expected_tokens
     assert logits.shape == expected_logits.shape
     torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
 
 
-def test_mtp_speculation_under_tensor_parallelism() -> None:
+@pytest.mark.parametrize("layout", ["tp2_ep", "sglang_dp2_attention_ep2"])
+def test_mtp_speculation_under_parallelism(layout: str) -> None:
     """The MTP drafter's calls (its own cache layer, the shared head) run on every rank too: same greedy tokens."""
     expected = reference("v32")[1]
-    llm = make_llm(ARCHS["v32"], tensor_parallel_size=2, enable_expert_parallel=True,
+    llm = make_llm(ARCHS["v32"], **LAYOUTS[layout](),
                    speculative_config={"method": "mtp", "num_speculative_tokens": 2})
     try:
-        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+        tokens = greedy_tokens(llm)
     finally:
         llm.engine.close()
-    assert [list(o.outputs[0].token_ids) for o in outputs] == expected
+    assert tokens == expected
+
+
+def test_data_parallel_attention_holds_a_cache_per_rank() -> None:
+    """Each attention rank keeps only its own sequences' cache: the engine schedules over both ranks' blocks, and a
+    batch spreads over the ranks."""
+    one = make_llm(ARCHS["v32"])
+    llm = make_llm(ARCHS["v32"], **LAYOUTS["dp2_attention"]())
+    try:
+        assert llm.engine.block_manager.num_blocks == 2 * one.engine.block_manager.num_blocks
+        llm.engine.add_request("a", PROMPTS[2], GREEDY)
+        llm.engine.add_request("b", PROMPTS[1][:10], GREEDY)
+        llm.engine.step()
+        placed = [seq.dp_rank for seq in llm.engine.scheduler.running]
+        for request_id in ("a", "b"):
+            llm.engine.abort_request(request_id)
+    finally:
+        llm.engine.close()
+    assert sorted(placed) == [0, 1]
