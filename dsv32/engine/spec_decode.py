@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv32.engine.request import Sequence
+from dsv32.engine.sampler import argmax
 from dsv32.model.batch import ForwardBatch
 from dsv32.model.cache import KVCache
 
@@ -78,7 +79,7 @@ class MTPProposer(Proposer):
         if not alive:
             return {}
         x = x[torch.tensor([query_start_loc[b + 1] - 1 for b in alive], dtype=torch.long, device=device)]
-        tokens = model.compute_mtp_logits(x).argmax(dim=-1)
+        tokens = argmax(model.compute_mtp_logits(x))
         drafts = {inputs[b].seq: [t] for b, t in zip(alive, tokens.tolist(), strict=True)}
         # Deeper drafts: position q + depth takes the previous draft and the layer's own output at q + depth - 1.
         # Only slots the scheduler allocated may be written (it reserves k - 1 of them past the verified ones).
@@ -103,7 +104,7 @@ class MTPProposer(Proposer):
                 dp_ranks=[batch.dp_ranks[b] for b in alive] if batch.dp_ranks is not None else None,
             )
             x = model.forward_mtp(step, x, kv_cache)
-            tokens = model.compute_mtp_logits(x).argmax(dim=-1)
+            tokens = argmax(model.compute_mtp_logits(x))
             for b, t in zip(alive, tokens.tolist(), strict=True):
                 drafts[inputs[b].seq].append(t)
         return drafts

@@ -71,9 +71,10 @@ class AttentionMetadata:
 
 @dataclass(frozen=True)
 class MLAWeights:
-    """``W_kvb`` in the compute dtype, prepared once at load, and its absorbed parts as views laid out for batched
-    GEMMs (no copies): ``w_kvb`` [H * (d_n + d_v), r] (expands the latent, non-absorbed form), ``w_uk`` [H, d_n, r]
-    (folded into the query) and ``w_uv`` [H, r, d_v] (``W_UV^T``, applied after the attention)."""
+    """``W_kvb`` in the compute dtype, prepared once at load, and its absorbed parts laid out for batched GEMMs:
+    ``w_kvb`` [H * (d_n + d_v), r] (expands the latent, non-absorbed form), ``w_uk`` [H, d_n, r] (folded into the
+    query) and ``w_uv`` [H, r, d_v] (``W_UV^T``, applied after the attention). The absorbed parts are contiguous
+    copies (a ``bmm`` would otherwise copy a strided view of ``w_kvb`` on every call)."""
 
     w_kvb: torch.Tensor
     w_uk: torch.Tensor
@@ -82,7 +83,7 @@ class MLAWeights:
     @classmethod
     def from_kv_b(cls, w_kvb: torch.Tensor, n_heads: int, nope_dim: int) -> MLAWeights:
         w = w_kvb.view(n_heads, -1, w_kvb.shape[-1])
-        return cls(w_kvb, w[:, :nope_dim], w[:, nope_dim:].transpose(1, 2))
+        return cls(w_kvb, w[:, :nope_dim].contiguous(), w[:, nope_dim:].transpose(1, 2).contiguous())
 
 
 @dataclass

@@ -109,19 +109,20 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, la
         slots = positions_to_slots(topk_positions[:, None], slot_table)[:, 0].clamp(min=0)
         allowed = topk_positions >= 0
     batch, length = slots.shape
-    rows = latent_cache[slots.flatten()]
+    rows = latent_cache.index_select(0, slots.flatten())
     q_abs = torch.bmm(q_nope.transpose(0, 1), weights.w_uk).transpose(0, 1)  # [B, H, r]
     if layout.fmt == "auto":  # a cache row is [c ; k_pe]: one GEMM against [q_abs ; q_pe]
-        keys = rows.view(batch, length, -1)
-        latent = keys[..., :layout.kv_lora_rank]
+        # The values are the rows' first r columns: multiplying the whole rows and dropping the k_pe columns of
+        # the product costs less than copying the strided slice for the GEMM.
+        values = keys = rows.view(batch, length, -1)
         scores = torch.bmm(torch.cat((q_abs, q_pe), dim=-1), keys.transpose(1, 2))
     else:
         c, k_pe = read_latent_rows(rows, layout)
-        latent, k_pe = c.view(batch, length, -1), k_pe.view(batch, length, -1)
-        scores = torch.bmm(q_abs, latent.transpose(1, 2)) + torch.bmm(q_pe, k_pe.transpose(1, 2))
+        values, k_pe = c.view(batch, length, -1), k_pe.view(batch, length, -1)
+        scores = torch.bmm(q_abs, values.transpose(1, 2)) + torch.bmm(q_pe, k_pe.transpose(1, 2))
     scores = scores.float().mul_(softmax_scale).masked_fill_(~allowed[:, None, :], float("-inf"))
-    probs = scores.softmax(-1).to(latent.dtype)
-    o_latent = torch.bmm(probs, latent)  # [B, H, r]
+    probs = scores.softmax(-1).to(values.dtype)
+    o_latent = torch.bmm(probs, values)[..., :layout.kv_lora_rank]  # [B, H, r]
     return torch.bmm(o_latent.transpose(0, 1), weights.w_uv).transpose(0, 1)
 
 
@@ -158,6 +159,25 @@ def matmul_wt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and x.dim() == 2 and weight.numel() >= WEIGHT_MAJOR_MIN_NUMEL:
         return torch.mm(weight, x.t()).t()
     return F.linear(x, weight)
+
+
+def prepack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``W`` [N, K] reordered once into oneDNN's blocked layout for ``packed_linear`` (a new, opaque ``mkldnn``
+    tensor beside ``W``), where that pays: a bf16 weight on a CPU whose oneDNN has bf16 kernels (AVX512-BF16 / AMX).
+    ``F.linear`` on a plain bf16 weight reorders it on every call; the packed product gives the same bits, faster
+    (measured on 2 Sapphire Rapids cores: 18-20 us against 20-30 us for the tiny model's projections at 1-8 rows,
+    1.4 ms against 2.4-2.9 ms for its 256 x 129280 LM head). ``None`` where it does not apply (fp32 weights go to
+    MKL's sgemm, faster still for small products)."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2
+            or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``y = x @ W^T`` for ``x`` [..., K] in ``W``'s dtype and ``packed`` = ``prepack_weight(W)``: bit-identical to
+    ``F.linear(x, W)``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

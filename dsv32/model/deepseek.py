@@ -143,10 +143,10 @@ class DeepseekForCausalLM(nn.Module):
         return self.cache_layout(kv_cache_dtype).bytes_per_token() * self.num_cache_layers
 
     def prepare_weights(self) -> None:
-        """Derived weights made once after loading (the absorbed MLA weights, norm weights in the compute dtype);
-        ``load_model`` calls it."""
+        """Derived weights made once after loading (the absorbed MLA weights, norm weights in the compute dtype,
+        prepacked linear weights); ``load_model`` calls it."""
         for module in self.modules():
-            if isinstance(module, MLA):
+            if isinstance(module, MLA | Linear):
                 module.prepare_weights()
             elif isinstance(module, RMSNorm):
                 module.prepare_weights(self.dtype)

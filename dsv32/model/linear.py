@@ -17,7 +17,7 @@ from torch import nn
 from dsv32.distributed.parallel import Shard
 from dsv32.kernels import get_backend
 from dsv32.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8
-from dsv32.kernels.reference import matmul_wt
+from dsv32.kernels.reference import matmul_wt, packed_linear, prepack_weight
 
 
 class Linear(nn.Module):
@@ -42,6 +42,12 @@ class Linear(nn.Module):
         self.dtype = self.weight.dtype  # the compute dtype, also when the weight is kept in e4m3
         self.block: tuple[int, int] | None = None
         self.register_buffer("weight_scale_inv", None, persistent=False)
+        self.packed_weight: torch.Tensor | None = None  # see prepare_weights
+
+    def prepare_weights(self) -> None:
+        """Prepack a compute-dtype weight for the CPU's GEMM once after loading (``dsv32.kernels`` ``prepack_weight``;
+        ``load_model`` calls it; call it again after changing the weight)."""
+        self.packed_weight = prepack_weight(self.weight) if self.weight_scale_inv is None else None
 
     def to_fp8(self, block: tuple[int, int]) -> None:
         """Store the weight as e4m3 with ``block`` multipliers (both left to be filled, e.g. by the loader): the
@@ -52,6 +58,7 @@ class Linear(nn.Module):
         self.weight_scale_inv = torch.zeros(-(-self.out_features // block[0]), -(-self.in_features // block[1]),
                                             dtype=torch.float32, device=device)
         self.block = block
+        self.packed_weight = None
 
     def dequantized_weight(self) -> torch.Tensor:
         """``W`` in the compute dtype (the weight itself unless it is kept in e4m3; then a fresh dequantised copy)."""
@@ -64,6 +71,8 @@ class Linear(nn.Module):
             x = x.to(self.dtype)
         if self.weight_scale_inv is not None:
             return get_backend(x.device).fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight)
         return matmul_wt(x, self.weight)
 
 
