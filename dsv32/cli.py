@@ -184,7 +184,8 @@ def add_parallel_arguments(par: argparse._ArgumentGroup) -> None:
     par.add_argument("--dist-init-addr", default=None, metavar="HOST:PORT",
                      help="SGLang: --master-addr and --master-port in one.")
     par.add_argument("--headless", action="store_true",
-                     help="Run only this node's model workers (no API server): the nodes other than node 0.")
+                     help="Run only this node's model workers (no API server): the nodes other than node 0 (implied by "
+                          "--node-rank above 0).")
     par.add_argument("--distributed-timeout", type=float, default=engine.distributed_timeout_s, metavar="SECONDS",
                      help="How long the ranks wait for each other (start-up, and any one collective) before failing.")
     par.add_argument("--data-parallel-size", "-dp", "--dp", "--dp-size", dest="data_parallel_size",
@@ -296,7 +297,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if (configs := configs_from_args(args, "serve")) is None:
         return 2
     engine_config, server_config = configs
-    if args.headless or _is_torchrun_worker():
+    # Only node 0 serves: another node runs its workers, with or without --headless (SGLang has no such flag).
+    if args.headless or engine_config.node_rank > 0 or _is_torchrun_worker():
         return run_workers(engine_config)
     from dsv32.server.launcher import serve
 

@@ -49,10 +49,12 @@ def complete(server: ServerProcess, **overrides: object) -> list[str]:
     return reply["choices"][0]["logprobs"]["tokens"]
 
 
-def spawn_headless(log_dir: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+def spawn_headless(log_dir: Path, *args: str, flag: bool = True) -> tuple[subprocess.Popen[bytes], Path]:
+    """A worker-only node (``flag=False``: without ``--headless``, which a node rank above 0 implies)."""
     log_path = log_dir / f"headless-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "dsv32.cli", "serve", *BASE_ARGS, "--headless", *args],
+        process = subprocess.Popen([sys.executable, "-m", "dsv32.cli", "serve", *BASE_ARGS,
+                                    *(["--headless"] if flag else []), *args],
                                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return process, log_path
 
@@ -132,9 +134,9 @@ def test_two_nodes_on_localhost_then_the_remote_worker_dies(tmp_path: Path, tp1_
 
 
 def test_stopping_node_0_stops_the_headless_node(tmp_path: Path) -> None:
-    port = str(free_port())
-    multi = ("-tp", "2", "--nnodes", "2", "--master-port", port)
-    headless, _ = spawn_headless(tmp_path, *multi, "--node-rank", "1")
+    """SGLang's spelling this time: --tp, --dist-init-addr, and no --headless on node 1."""
+    multi = ("--tp", "2", "--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}")
+    headless, _ = spawn_headless(tmp_path, *multi, "--node-rank", "1", flag=False)
     server = None
     try:
         server = start_server(tmp_path, *multi, "--node-rank", "0")
