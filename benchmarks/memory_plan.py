@@ -17,10 +17,9 @@ Each tensor gets a sharding rule per layout:
 ``TP8+EP8`` (``-tp 8 --enable-expert-parallel``)
     as TP8, but the routed experts whole: 256 / 8 = 32 experts per GPU.
 ``DP8-attn+EP8`` (``-dp 8 --enable-expert-parallel``; SGLang ``--tp 8 --dp 8 --enable-dp-attention --ep 8``)
-    as ``dsv32/distributed/parallel.py`` lays it out: attention (MLA + indexer), dense MLP, shared expert, embedding
-    and LM head replicated (tp_size 1); routed experts EP8. SGLang's defaults keep the dense MLP, the shared expert
-    (without DeepEP) and the LM head split over all 8 (``--moe-dense-tp-size`` None, ``--enable-dp-lm-head`` off),
-    so SGLang holds about 4.6 GiB per GPU less than this layout.
+    as ``dsv32/distributed/parallel.py`` lays it out, which is SGLang's default: attention (MLA + indexer) and the
+    embedding replicated (attention tp_size 1); dense MLP, shared expert and LM head split over all 8
+    (SGLang: ``--moe-dense-tp-size`` None, ``--enable-dp-lm-head`` off); routed experts EP8.
 
 KV cache: the MLA latent ``[c ; k_pe]`` plus the indexer key, per token per layer, as ``dsv32.kernels.cache_format``
 stores it (``auto`` = bf16: 1152 + 256 = 1408 B; ``fp8``: 656 + 132 = 788 B), over the 61 layers (+1 with the MTP
@@ -194,7 +193,9 @@ def make_layouts(n: int = WORLD_SIZE) -> tuple[Layout, Layout, Layout]:
                world_size=n),
         Layout(f"TP{n}+EP{n}", f"-tp {n} --enable-expert-parallel", {**tp, "experts_gate_up": 0, "experts_down": 0},
                kv_replicated=True, world_size=n),
-        Layout(f"DP{n}-attn+EP{n}", f"-dp {n} --enable-expert-parallel", {"experts_gate_up": 0, "experts_down": 0},
+        # Attention, indexer and embedding replicated; dense MLP, shared expert and head still split (SGLang's default).
+        Layout(f"DP{n}-attn+EP{n}", f"-dp {n} --enable-expert-parallel",
+               {"mlp_column": 0, "mlp_row": 1, "lm_head": 0, "experts_gate_up": 0, "experts_down": 0},
                kv_replicated=False, world_size=n),
     )
 

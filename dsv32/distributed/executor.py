@@ -322,16 +322,12 @@ class DistributedModel:
         return self._call("forward", batch, kv_cache)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.world.spec.data_parallel:  # the head is replicated: the driver alone computes what it samples
-            return self.model.compute_logits(hidden)
         return self._call("compute_logits", hidden)
 
     def forward_mtp(self, batch: Any, previous_hidden: torch.Tensor, kv_cache: Any, depth: int = 0) -> torch.Tensor:
         return self._call("forward_mtp", batch, previous_hidden, kv_cache, depth)
 
     def compute_mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
-        if self.world.spec.data_parallel:
-            return self.model.compute_mtp_logits(hidden, depth)
         return self._call("compute_mtp_logits", hidden, depth)
 
     def _release(self, object_id: int, cache_id: int) -> None:

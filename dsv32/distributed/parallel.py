@@ -13,12 +13,13 @@ and every rank runs every token.
 * embedding and LM head vocab-parallel (``ceil(vocab / tp_size)`` rows each, the last part zero-padded): the
   embedding's partial lookups are all-reduced, the logits all-gathered (every rank gets them; the driver samples).
 
-Data-parallel attention (``-dp N``; SGLang's ``--tp N --dp N --enable-dp-attention``): attention, indexer, dense
-layers, shared expert, embedding and head replicated (``tp_size = 1``); each rank runs only the tokens of its own
-sequences and keeps only their cache, so the ranks together hold N times the tokens. Around each MoE the ranks'
-tokens are gathered (padded to the largest count), every rank runs its part of the experts on all of them, and the
-all-reduced sums are cut back to each rank's rows. A rank with no sequence this step runs the MoE on nothing of its
-own and still joins every collective.
+Data-parallel attention (``-dp N``; SGLang's ``--tp N --dp N --enable-dp-attention``): attention, indexer and
+embedding replicated (``tp_size = 1``); each rank runs only the tokens of its own sequences and keeps only their
+cache, so the ranks together hold N times the tokens. The dense MLP, the shared expert and the LM head stay split
+over every rank, as SGLang keeps them by default: around each dense MLP and MoE the ranks' tokens are gathered
+(padded to the largest count), every rank runs its part on all of them, and the all-reduced sums are cut back to each
+rank's rows; the head runs on the gathered final hidden states. A rank with no sequence this step runs those on
+nothing of its own and still joins every collective.
 
 Routed experts, in both: either cut along ``moe_intermediate_size`` over every rank (MoE-TP), or with expert
 parallelism (``--enable-expert-parallel``) ``n_routed_experts / world_size`` whole experts per rank, each rank running
@@ -74,15 +75,14 @@ class ParallelContext:
     ``world_size`` ranks (``group``: their ``torch.distributed`` process group; ``None``: one process, every collective
     is the identity). Two layouts:
 
-    * tensor parallel (default): attention, dense layers, embedding and head split over all ranks (``tp_size`` =
-      ``world_size``), every rank runs every token;
-    * data-parallel attention (``data_parallel``, SGLang's ``--enable-dp-attention``): attention, dense layers,
-      embedding and head replicated (``tp_size`` = 1), each rank runs only its own sequences' tokens and keeps only
-      their cache; for the MoE the ranks' tokens are gathered, every rank runs its experts' part on all of them, and
-      the sums are split back.
+    * tensor parallel (default): attention and embedding split over all ranks (``tp_size`` = ``world_size``),
+      every rank runs every token;
+    * data-parallel attention (``data_parallel``, SGLang's ``--enable-dp-attention``): attention and embedding
+      replicated (``tp_size`` = 1), each rank runs only its own sequences' tokens and keeps only their cache.
 
-    Either way the routed experts are split over all ranks: whole experts with ``expert_parallel``, else along
-    ``moe_intermediate_size``.
+    Either way the dense MLP, the shared expert and the LM head are split over all ranks (``dense_shard``; their
+    inputs gathered first under data-parallel attention), and so are the routed experts: whole experts with
+    ``expert_parallel``, else along ``moe_intermediate_size``.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, expert_parallel: bool = False,
@@ -98,8 +98,13 @@ class ParallelContext:
 
     @property
     def tp_shard(self) -> Shard:
-        """How attention, dense layers, embedding and head are cut (not at all under data-parallel attention)."""
+        """How attention and the embedding are cut (not at all under data-parallel attention)."""
         return Shard(self.tp_rank, self.tp_size)
+
+    @property
+    def dense_shard(self) -> Shard:
+        """How the dense MLP, the shared expert and the LM head are cut: over every rank."""
+        return Shard(self.rank, self.world_size)
 
     def expert_range(self, num_experts: int) -> ExpertRange:
         if not self.expert_parallel:
@@ -119,10 +124,10 @@ class ParallelContext:
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The tensor-parallel ranks' ``x`` concatenated along the last dimension, in rank order."""
-        if self.tp_size == 1:
+        """Every rank's ``x`` concatenated along the last dimension, in rank order (the LM head's vocab slices)."""
+        if self.world_size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
@@ -171,7 +176,7 @@ def validate_layout(config: ModelConfig, world_size: int, expert_parallel: bool,
         return
     c = config
     flag = f"{DP_FLAG if data_parallel else TP_FLAG} {world_size}"
-    tp_size = 1 if data_parallel else world_size
+    tp_size = 1 if data_parallel else world_size  # attention's split; the dense parts are split world_size ways
 
     def need(ok: bool, what: str) -> None:
         if not ok:
@@ -179,10 +184,12 @@ def validate_layout(config: ModelConfig, world_size: int, expert_parallel: bool,
 
     need(c.num_attention_heads % tp_size == 0,
          f"num_attention_heads = {c.num_attention_heads} is not divisible by {tp_size}")
-    need(c.intermediate_size % tp_size == 0, f"intermediate_size = {c.intermediate_size} is not divisible by {tp_size}")
+    need(c.intermediate_size % world_size == 0,
+         f"intermediate_size = {c.intermediate_size} is not divisible by {world_size}")
     shared = c.moe_intermediate_size * c.n_shared_experts
     if c.n_routed_experts:
-        need(shared % tp_size == 0, f"the shared expert's {shared} intermediate rows are not divisible by {tp_size}")
+        need(shared % world_size == 0,
+             f"the shared expert's {shared} intermediate rows are not divisible by {world_size}")
         if expert_parallel:
             need(c.n_routed_experts % world_size == 0,
                  f"n_routed_experts = {c.n_routed_experts} is not divisible by {world_size} expert-parallel ranks")
@@ -193,14 +200,14 @@ def validate_layout(config: ModelConfig, world_size: int, expert_parallel: bool,
         return
     block_rows, block_cols = c.quantization.weight_block_size
     heads = c.num_attention_heads // tp_size
-    splits = {}
+    splits = {"intermediate_size": (c.intermediate_size // world_size, min(block_rows, block_cols))}
     if tp_size > 1:
-        splits = {"q_b_proj rows (heads x qk_head_dim)": (heads * c.qk_head_dim, block_rows),
-                  "kv_b_proj rows (heads x (nope + v))": (heads * (c.qk_nope_head_dim + c.v_head_dim), block_rows),
-                  "o_proj columns (heads x v_head_dim)": (heads * c.v_head_dim, block_cols),
-                  "intermediate_size": (c.intermediate_size // tp_size, min(block_rows, block_cols))}
-        if c.n_routed_experts:
-            splits["shared expert intermediate"] = (shared // tp_size, min(block_rows, block_cols))
+        splits.update({"q_b_proj rows (heads x qk_head_dim)": (heads * c.qk_head_dim, block_rows),
+                       "kv_b_proj rows (heads x (nope + v))": (heads * (c.qk_nope_head_dim + c.v_head_dim),
+                                                               block_rows),
+                       "o_proj columns (heads x v_head_dim)": (heads * c.v_head_dim, block_cols)})
+    if c.n_routed_experts:
+        splits["shared expert intermediate"] = (shared // world_size, min(block_rows, block_cols))
     if c.n_routed_experts and not expert_parallel:
         splits["moe_intermediate_size"] = (c.moe_intermediate_size // world_size, min(block_rows, block_cols))
     for what, (size, block) in splits.items():

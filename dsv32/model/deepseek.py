@@ -124,7 +124,7 @@ class DeepseekForCausalLM(nn.Module):
         self.dtype = dtype
         self.parallel = parallel
         self.model = DeepseekModel(config, dtype, parallel)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype, parallel.tp_shard)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype, parallel.dense_shard)
         n_mtp = config.num_nextn_predict_layers if with_mtp else 0
         self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + j, dtype, parallel)
                                  for j in range(n_mtp))

@@ -34,20 +34,22 @@ from dsv32.model.linear import Linear
 
 
 class MLP(nn.Module):
-    """SwiGLU; under TP this rank's slice of the intermediate size, its output a partial sum (``reduce``: all-reduced
-    here; the shared expert leaves it to the MoE block)."""
+    """SwiGLU over this rank's slice of the intermediate size (split over every rank). The dense layer gathers the
+    ranks' tokens (data-parallel attention) and sums the partial outputs itself (``own_collectives``); the shared
+    expert leaves both to its MoE block, which has the tokens gathered already."""
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, parallel: ParallelContext = SINGLE_PROCESS,
-                 reduce: bool = True) -> None:
+                 own_collectives: bool = True) -> None:
         super().__init__()
-        shard = parallel.tp_shard
-        self.parallel = parallel if reduce else SINGLE_PROCESS
+        shard = parallel.dense_shard
+        self.parallel = parallel if own_collectives else SINGLE_PROCESS
         self.gate_proj = Linear(hidden, inter, dtype, shard)
         self.up_proj = Linear(hidden, inter, dtype, shard)
         self.down_proj = Linear(inter, hidden, dtype, shard, shard_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        tokens = self.parallel.gather_tokens(x)
+        return self.parallel.reduce_tokens(self.down_proj(F.silu(self.gate_proj(tokens)) * self.up_proj(tokens)))
 
 
 def route(router_logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
@@ -172,19 +174,15 @@ class MoE(nn.Module):
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, dtype,
                                parallel.expert_range(config.n_routed_experts), parallel.moe_shard)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype,
-                                   parallel, reduce=False) if config.n_shared_experts else None)
+                                   parallel, own_collectives=False) if config.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's experts see every token (data-parallel attention: the ranks' tokens are gathered first);
-        their partial sums, with the shared expert's (a partial sum too when it is split), are summed over the
-        ranks and each rank keeps its own tokens' rows."""
+        their partial sums and the shared expert's are summed over the ranks in one all-reduce, and each rank keeps
+        its own tokens' rows."""
         tokens = self.parallel.gather_tokens(x)
         weights, ids = self.gate(tokens)
         y = self.experts(tokens, weights, ids)
-        shared_is_split = not self.parallel.data_parallel
-        if self.shared_experts is not None and shared_is_split:
-            y = y + self.shared_experts(x).float()
-        y = self.parallel.reduce_tokens(y)
-        if self.shared_experts is not None and not shared_is_split:
-            y = y + self.shared_experts(x).float()
-        return y.to(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(tokens).float()
+        return self.parallel.reduce_tokens(y).to(x.dtype)

@@ -102,13 +102,16 @@ def test_layouts_split_as_described(bench, model) -> None:
     # EP8: 32 whole experts per GPU.
     assert bench.TP8_EP8.shard_shape(gate_up) == (32, 2 * 2048, 7168)
     assert bench.TP8_EP8.shard_shape(down) == (32, 7168, 2048)
-    # DP attention (dsv32/distributed/parallel.py): attention, dense layers, shared expert, embedding and head
-    # replicated; experts EP8.
+    # DP attention (dsv32/distributed/parallel.py, SGLang's default): attention and embedding replicated; dense MLP,
+    # shared expert and head split over all 8; experts EP8.
     shared = by_name[layer + "mlp.shared_experts.down_proj.weight"]
     dense = by_name["model.layers.0.mlp.gate_proj.weight"]
     assert bench.TP8.shard_shape(shared) == (7168, 2048 // 8) and bench.TP8.shard_shape(dense) == (18432 // 8, 7168)
-    for replicated in (q_b, embed, shared, dense, by_name["lm_head.weight"]):
+    for replicated in (q_b, embed):
         assert bench.DP8_EP8.shard_shape(replicated) == replicated.shape
+    assert bench.DP8_EP8.shard_shape(shared) == (7168, 2048 // 8)
+    assert bench.DP8_EP8.shard_shape(dense) == (18432 // 8, 7168)
+    assert bench.DP8_EP8.shard_shape(by_name["lm_head.weight"]) == (129280 // 8, 7168)
     assert bench.DP8_EP8.shard_shape(gate_up) == (32, 2 * 2048, 7168)
 
 
