@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from dsv32.distributed.groups import (
     device_backend,
     join_world,
     leave_world,
+    loaded_barrier,
     torchrun_env,
 )
 from dsv32.distributed.lifetime import die_with_parent
@@ -57,6 +59,7 @@ from dsv32.distributed.parallel import ParallelContext, validate_layout
 logger = logging.getLogger(__name__)
 
 _STOP = "__stop__"
+_HEARTBEAT = "__heartbeat__"
 _JOIN_TIMEOUT_S = 10.0
 
 
@@ -172,7 +175,7 @@ def start_driver(engine_config: EngineConfig, model_config: ModelConfig, device:
 
 def _barrier(world: World, what: str) -> None:
     try:
-        dist.barrier(group=world.control)
+        loaded_barrier(world)
     except Exception as exc:
         details = "; ".join(world.failures()) or str(exc)
         raise WorkerFailure(f"a worker failed while {what}: {details}") from None
@@ -185,12 +188,15 @@ def _first_dead(workers: list[BaseProcess]) -> str | None:
     return None
 
 
-def _stop_all(workers: list[BaseProcess]) -> None:
+def _stop_all(workers: list[BaseProcess], grace_s: float = _JOIN_TIMEOUT_S) -> None:
+    """SIGTERM the workers and give them ``grace_s`` to exit, then SIGKILL (``grace_s`` 0: SIGKILL at once)."""
     for process in workers:
-        if process.is_alive():
+        if process.is_alive() and grace_s == 0:
+            process.kill()
+        elif process.is_alive():
             process.terminate()
     for process in workers:
-        process.join(_JOIN_TIMEOUT_S)
+        process.join(grace_s)
         if process.is_alive():
             process.kill()
             process.join()
@@ -218,13 +224,17 @@ def run_headless(engine_config: EngineConfig, model_config: ModelConfig, device:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    code = 0
-    for process in workers:
-        process.join()
-        code = code or (process.exitcode or 0)
-        if code:
-            _stop_all(workers)
-    return 1 if code else 0
+    from multiprocessing.connection import wait
+
+    running = {process.sentinel: process for process in workers}
+    while running:  # the first worker to fail stops the others (they may be waiting on it)
+        for sentinel in wait(list(running)):
+            process = running.pop(sentinel)
+            process.join()
+            if process.exitcode:
+                _stop_all(workers)
+                return 1
+    return 0
 
 
 # ---- calls across the ranks --------------------------------------------------------------------------------------
@@ -290,8 +300,10 @@ class DistributedModel:
         self._closed = False
         self._lock = threading.Lock()
         self._on_worker_death = on_worker_death
+        self._last_send = time.monotonic()
         if workers:
             threading.Thread(target=self._watch_workers, name="dsv32-worker-watch", daemon=True).start()
+        threading.Thread(target=self._heartbeat, name="dsv32-heartbeat", daemon=True).start()
 
     # The model's own attributes, read on the driver's shard.
     @property
@@ -345,6 +357,7 @@ class DistributedModel:
             self._released = []
             try:
                 send_call(self.world, header, tensors, cache_id)
+                self._last_send = time.monotonic()
                 if method == "allocate_kv_cache":
                     return self.model.allocate_kv_cache(*args)
                 return getattr(self.model, method)(*args)
@@ -355,10 +368,36 @@ class DistributedModel:
                 raise WorkerFailure(self._failure) from exc
 
     def _fail(self, exc: BaseException) -> None:
-        details = "; ".join(self.world.failures()) or _first_dead(self._workers) or str(exc).splitlines()[0]
+        """The ranks are out of step: say why as well as we can tell, and kill the local workers at once (a hung
+        one would not act on SIGTERM, and there is nothing left to finish)."""
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "timed out" in text.lower():
+            text = f"a rank did not answer within --distributed-timeout ({self.world.spec.timeout_s:g} s)"
+        details = "; ".join(self.world.failures()) or _first_dead(self._workers) or text
         self._failure = f"a model worker failed ({details}); the engine cannot continue"
         logger.error("%s", self._failure)
-        _stop_all(self._workers)
+        _stop_all(self._workers, grace_s=0.0)
+
+    def _heartbeat(self) -> None:
+        """While no call goes out, a no-op one every quarter of the timeout: the workers' wait for the next call
+        never times out, and a worker that stopped answering is found even while the server idles."""
+        interval = self.world.spec.timeout_s / 4
+        while True:
+            time.sleep(interval)
+            with self._lock:
+                if self._closed or self._failure is not None:
+                    return
+                if time.monotonic() - self._last_send < interval:
+                    continue
+                try:
+                    send_call(self.world, _Call(_HEARTBEAT, (), []), [], None)
+                    self._last_send = time.monotonic()
+                    continue
+                except Exception as exc:
+                    self._fail(exc)
+            if self._on_worker_death is not None:
+                self._on_worker_death(self._failure or "a model worker failed")
+            return
 
     def _watch_workers(self) -> None:
         """A local worker that dies (even while the driver is idle) ends the engine."""
@@ -435,6 +474,8 @@ def serve_calls(world: World, model: torch.nn.Module, device: torch.device) -> N
             caches.pop(released, None)
         if header.method == _STOP:
             return
+        if header.method == _HEARTBEAT:
+            continue
         args = _fill_tensors(header.args, tensors, caches)
         with torch.inference_mode():
             if header.method == "allocate_kv_cache":
@@ -463,7 +504,7 @@ def run_worker(args: WorkerArgs) -> None:
         os._exit(1)
     try:
         model = build_shard(world, args.engine_config, args.model_config, device, args.with_mtp)
-        dist.barrier(group=world.control)
+        loaded_barrier(world)
         serve_calls(world, model, device)
     except Exception as exc:
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

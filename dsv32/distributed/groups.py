@@ -8,8 +8,13 @@ rank 0's before ``torch.distributed`` starts, so a node launched with another ``
 
 * ``compute``: the model's collectives (NCCL on CUDA, gloo on CPU), with ``collective_timeout_s`` so a rank that
   stops answering ends the step with an error instead of a hang;
-* ``control``: gloo on the CPU, where the driver broadcasts each step's call; its timeout is long, because the
-  workers wait on it while the server is idle (a dead peer still shows at once: its sockets close).
+* ``control``: gloo on the CPU, where the driver broadcasts each model call, with the same timeout: while the
+  server idles the driver sends a heartbeat call often enough that a worker's wait never reaches it, so a silent
+  driver ends its workers and a silent worker fails the driver's next send (a dead peer shows at once either way:
+  its sockets close).
+
+Loading a large checkpoint can take longer than one collective may: the barrier that ends loading has its own
+``LOAD_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-# Workers wait on the control group between steps for as long as the server is idle.
-CONTROL_TIMEOUT = timedelta(days=30)
+# How long the ranks wait for each other to finish loading their shards.
+LOAD_TIMEOUT = timedelta(hours=2)
 DEFAULT_MASTER_PORT = 29500  # torchrun's
 
 
@@ -115,7 +120,7 @@ def join_world(spec: WorldSpec, backend: str, alive: Callable[[], str | None] = 
     _check_layouts(spec, store, alive)
     dist.init_process_group(backend, store=store, rank=spec.rank, world_size=spec.world_size, timeout=timeout)
     compute = dist.group.WORLD
-    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    control = dist.new_group(backend="gloo", timeout=timeout)
     return World(spec, store, compute, control)
 
 
@@ -144,6 +149,11 @@ def _check_layouts(spec: WorldSpec, store: dist.Store, alive: Callable[[], str |
                 f"{spec.timeout_s:.0f} s: start the other nodes with the same --tensor-parallel-size and --nnodes "
                 "(and --headless --node-rank N), and check that they reach --master-addr")
         time.sleep(0.05)
+
+
+def loaded_barrier(world: World) -> None:
+    """Every rank has loaded its shard (waits up to ``LOAD_TIMEOUT``, not the per-collective timeout)."""
+    dist.monitored_barrier(group=world.control, timeout=LOAD_TIMEOUT)
 
 
 def leave_world() -> None:

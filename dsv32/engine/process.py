@@ -217,6 +217,9 @@ def run_engine_core(engine_config: EngineConfig, commands_in: Connection, output
     sender.start()
     try:
         EngineCoreLoop(core, commands, outbox.put).run()
+    except WorkerFailure as exc:  # already explained where it was seen; the workers are gone
+        logger.error("the engine core exits: %s", exc)
+        os._exit(1)
     except BaseException:
         logger.exception("the engine core loop crashed")
         os._exit(1)

@@ -112,6 +112,35 @@ def test_local_worker_killed_mid_request_ends_everything(server_factory, tp1_tok
     assert "exited with code -9" in server.log()
 
 
+def test_hung_worker_fails_the_step_after_the_distributed_timeout(server_factory) -> None:  # noqa: F811
+    """A worker that stops answering (SIGSTOP: alive, silent) is a failure once a collective has waited
+    --distributed-timeout; then everything ends as for a dead one."""
+    timeout_s = 3
+    server = server_factory("-tp", "2", "--distributed-timeout", str(timeout_s))
+    engine = server.engine_pid()
+    (worker,) = children(engine)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        body = {**PROMPT, "max_tokens": 1000, "stream": True}
+        with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    started.set()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert started.wait(60)
+    os.kill(worker, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert_failed_cleanly(server, lines, time.monotonic() - stopped_at - timeout_s, [engine, worker])
+    assert f"a rank did not answer within --distributed-timeout ({timeout_s} s)" in server.log()
+
+
 def test_two_nodes_on_localhost_then_the_remote_worker_dies(tmp_path: Path, tp1_tokens) -> None:
     port = str(free_port())
     multi = ("-tp", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port)
