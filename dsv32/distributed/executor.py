@@ -257,32 +257,18 @@ class _Call:
     released_caches: list[int]
 
 
-def _split_tensors(value: Any, tensors: list[torch.Tensor], caches: dict[int, int]) -> Any:
-    """``value`` with its tensors replaced by slots (collected in ``tensors``) and KV caches by their ids."""
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        return _TensorSlot(tuple(value.shape), value.dtype)
-    if id(value) in caches:
-        return _CacheRef(caches[id(value)])
+def _map_leaves(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``value`` rebuilt with ``fn`` applied to every leaf (dataclass fields and list / tuple items are walked, in
+    order: the driver and the workers see the tensors of a call in the same order; the wire's own markers are
+    leaves)."""
+    if isinstance(value, (_TensorSlot, _CacheRef)):
+        return fn(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _split_tensors(getattr(value, f.name), tensors, caches)
+        return dataclasses.replace(value, **{f.name: _map_leaves(getattr(value, f.name), fn)
                                              for f in dataclasses.fields(value) if f.init})
     if isinstance(value, (list, tuple)):
-        return type(value)(_split_tensors(v, tensors, caches) for v in value)
-    return value
-
-
-def _fill_tensors(value: Any, tensors: list[torch.Tensor], caches: dict[int, Any]) -> Any:
-    if isinstance(value, _TensorSlot):
-        return tensors.pop(0)
-    if isinstance(value, _CacheRef):
-        return caches[value.cache_id]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _fill_tensors(getattr(value, f.name), tensors, caches)
-                                             for f in dataclasses.fields(value) if f.init})
-    if isinstance(value, (list, tuple)):
-        return type(value)(_fill_tensors(v, tensors, caches) for v in value)
-    return value
+        return type(value)(_map_leaves(v, fn) for v in value)
+    return fn(value)
 
 
 class DistributedModel:
@@ -353,7 +339,16 @@ class DistributedModel:
             if self._closed:
                 raise WorkerFailure("the model's worker processes have been stopped")
             tensors: list[torch.Tensor] = []
-            header = _Call(method, _split_tensors(args, tensors, self._cache_ids), self._released)
+
+            def to_wire(value: Any) -> Any:  # tensors go separately, on the device's group; caches by id
+                if isinstance(value, torch.Tensor):
+                    tensors.append(value)
+                    return _TensorSlot(tuple(value.shape), value.dtype)
+                if id(value) in self._cache_ids:
+                    return _CacheRef(self._cache_ids[id(value)])
+                return value
+
+            header = _Call(method, _map_leaves(args, to_wire), self._released)
             self._released = []
             try:
                 send_call(self.world, header, tensors, cache_id)
@@ -440,43 +435,36 @@ def send_call(world: World, header: _Call, tensors: list[torch.Tensor], cache_id
         dist.broadcast(tensor.contiguous(), src=0, group=world.compute)
 
 
-def receive_call(world: World, device: torch.device) -> tuple[_Call, int | None, list[torch.Tensor]]:
+def receive_call(world: World, device: torch.device, caches: dict[int, Any]) -> tuple[_Call, int | None, Any]:
+    """The next call from the driver: its header, the id of the cache it allocates (if so), and its arguments with
+    the tensors received and the caches resolved."""
     box: list[Any] = [None]
     dist.broadcast_object_list(box, src=0, group=world.control)
     header, cache_id = box[0]
-    slots: list[_TensorSlot] = []
-    _collect_slots(header.args, slots)
-    tensors = []
-    for slot in slots:
-        tensor = torch.empty(slot.shape, dtype=slot.dtype, device=device)
-        dist.broadcast(tensor, src=0, group=world.compute)
-        tensors.append(tensor)
-    return header, cache_id, tensors
 
+    def from_wire(value: Any) -> Any:
+        if isinstance(value, _TensorSlot):
+            tensor = torch.empty(value.shape, dtype=value.dtype, device=device)
+            dist.broadcast(tensor, src=0, group=world.compute)
+            return tensor
+        if isinstance(value, _CacheRef):
+            return caches[value.cache_id]
+        return value
 
-def _collect_slots(value: Any, slots: list[_TensorSlot]) -> None:
-    if isinstance(value, _TensorSlot):
-        slots.append(value)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            _collect_slots(getattr(value, f.name), slots)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _collect_slots(v, slots)
+    return header, cache_id, _map_leaves(header.args, from_wire)
 
 
 def serve_calls(world: World, model: torch.nn.Module, device: torch.device) -> None:
     """A worker's life after loading: run every call the driver broadcasts, until it says stop."""
     caches: dict[int, Any] = {}
     while True:
-        header, cache_id, tensors = receive_call(world, device)
+        header, cache_id, args = receive_call(world, device, caches)
         for released in header.released_caches:
             caches.pop(released, None)
         if header.method == _STOP:
             return
         if header.method == _HEARTBEAT:
             continue
-        args = _fill_tensors(header.args, tensors, caches)
         with torch.inference_mode():
             if header.method == "allocate_kv_cache":
                 caches[cache_id] = model.allocate_kv_cache(*args)

@@ -5,17 +5,13 @@ budget the way the engine plans the cache."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import pathlib
-import sys
 
 import pytest
 import torch
 
 from dsv32.config import ModelConfig
 from dsv32.kernels.cache_format import CacheLayout
-
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "memory_plan.py"
+from tests.benchmark_scripts import benchmark_module
 
 # spec/model.md section 8: the checkpoint's counts. Main model (no layer 61) and the MTP layer with its copies of the
 # embedding and LM head; block-scale elements of the whole checkpoint (main + MTP).
@@ -26,12 +22,8 @@ CHECKPOINT_SCALES = 41_591_584
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("memory_plan_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with benchmark_module("memory_plan.py") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

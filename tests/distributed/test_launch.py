@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -59,9 +60,9 @@ def spawn_headless(log_dir: Path, *args: str, flag: bool = True) -> tuple[subpro
     return process, log_path
 
 
-def stream_until_failure(server: ServerProcess, kill: int) -> tuple[list[str], float]:
-    """Start a long streamed completion, SIGKILL ``kill`` once tokens flow; the stream's lines and the seconds from
-    the kill to its end."""
+def stream_until_failure(server: ServerProcess, fault: Callable[[], None]) -> tuple[list[str], float]:
+    """Start a long streamed completion, cause ``fault`` once tokens flow; the stream's lines and the seconds from
+    the fault to its end."""
     lines: list[str] = []
     started = threading.Event()
 
@@ -77,11 +78,15 @@ def stream_until_failure(server: ServerProcess, kill: int) -> tuple[list[str], f
     thread = threading.Thread(target=stream)
     thread.start()
     assert started.wait(60), server.log()[-3000:]
-    os.kill(kill, signal.SIGKILL)
-    killed_at = time.monotonic()
-    thread.join(timeout=60)
-    assert not thread.is_alive(), "the stream hung after a worker died"
-    return lines, time.monotonic() - killed_at
+    fault()
+    fault_at = time.monotonic()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the stream hung after a worker failed"
+    return lines, time.monotonic() - fault_at
+
+
+def kill(pid: int) -> Callable[[], None]:
+    return lambda: os.kill(pid, signal.SIGKILL)
 
 
 def assert_failed_cleanly(server: ServerProcess, lines: list[str], seconds: float, pids: list[int]) -> None:
@@ -107,7 +112,7 @@ def test_local_worker_killed_mid_request_ends_everything(server_factory, tp1_tok
     engine = server.engine_pid()
     assert complete(server) == tp1_tokens
     (worker,) = children(engine)
-    lines, seconds = stream_until_failure(server, kill=worker)
+    lines, seconds = stream_until_failure(server, kill(worker))
     assert_failed_cleanly(server, lines, seconds, [engine, worker])
     assert "exited with code -9" in server.log()
 
@@ -119,25 +124,8 @@ def test_hung_worker_fails_the_step_after_the_distributed_timeout(server_factory
     server = server_factory("-tp", "2", "--distributed-timeout", str(timeout_s))
     engine = server.engine_pid()
     (worker,) = children(engine)
-    lines: list[str] = []
-    started = threading.Event()
-
-    def stream() -> None:
-        body = {**PROMPT, "max_tokens": 1000, "stream": True}
-        with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=120) as response:
-            for line in response.iter_lines():
-                if line:
-                    lines.append(line)
-                    started.set()
-
-    thread = threading.Thread(target=stream)
-    thread.start()
-    assert started.wait(60)
-    os.kill(worker, signal.SIGSTOP)
-    stopped_at = time.monotonic()
-    thread.join(timeout=120)
-    assert not thread.is_alive()
-    assert_failed_cleanly(server, lines, time.monotonic() - stopped_at - timeout_s, [engine, worker])
+    lines, seconds = stream_until_failure(server, lambda: os.kill(worker, signal.SIGSTOP))
+    assert_failed_cleanly(server, lines, seconds - timeout_s, [engine, worker])
     assert f"a rank did not answer within --distributed-timeout ({timeout_s} s)" in server.log()
 
 
@@ -152,7 +140,7 @@ def test_two_nodes_on_localhost_then_the_remote_worker_dies(tmp_path: Path, tp1_
         assert children(engine) == [], "node 0 must not start node 1's rank"
         assert complete(server) == tp1_tokens
         (worker,) = children(headless.pid)
-        lines, seconds = stream_until_failure(server, kill=worker)
+        lines, seconds = stream_until_failure(server, kill(worker))
         # The driver learns it from the collective that broke (no process of its own died).
         assert_failed_cleanly(server, lines, seconds, [engine])
         assert headless.wait(timeout=FAULT_DEADLINE_S) != 0

@@ -4,10 +4,6 @@ the whole model plus the replicated parts, and a loaded rank holds exactly its s
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
 
@@ -16,19 +12,15 @@ from dsv32.distributed.parallel import ParallelContext
 from dsv32.model.deepseek import DeepseekForCausalLM
 from dsv32.model.loader import load_model
 from dsv32.model.mla import MLA
+from tests.benchmark_scripts import benchmark_module
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "memory_plan.py"
 WORLD = 2
 
 
 @pytest.fixture(scope="module")
 def plan():
-    spec = importlib.util.spec_from_file_location("memory_plan_for_ranks", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with benchmark_module("memory_plan.py") as module:
+        yield module
 
 
 def shard(rank: int, layout: str) -> DeepseekForCausalLM:

@@ -4,13 +4,12 @@ when far below them (a handicapped peer makes the comparison meaningless)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
-import sys
 
 import pytest
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "offline_throughput.py"
+from tests.benchmark_scripts import benchmark_module
+
 README = """## Figures seen here
 | peer, checkpoint | B=1 prefill tok/s | B=1 decode tok/s | B=8 prefill tok/s | B=8 decode tok/s |
 |---|---|---|---|---|
@@ -21,12 +20,8 @@ README = """## Figures seen here
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("offline_throughput_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with benchmark_module("offline_throughput.py") as module:
+        yield module
 
 
 def test_reads_the_v32_row_of_the_peers_readme(bench, tmp_path: pathlib.Path) -> None:

@@ -5,26 +5,18 @@ the same cached context) runs at toy width on CPU with both layers agreeing."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import pathlib
-import sys
 
 import pytest
 import torch
 
 from dsv32.config import tiny_config
-
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_layer.py"
+from tests.benchmark_scripts import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("gpu_layer_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with benchmark_module("gpu_layer.py") as module:
+        yield module
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
