@@ -74,7 +74,9 @@ class MLAWeights:
     """``W_kvb`` in the compute dtype, prepared once at load, and its absorbed parts laid out for batched GEMMs:
     ``w_kvb`` [H * (d_n + d_v), r] (expands the latent, non-absorbed form), ``w_uk`` [H, d_n, r] (folded into the
     query) and ``w_uv`` [H, r, d_v] (``W_UV^T``, applied after the attention). The absorbed parts are contiguous
-    copies (a ``bmm`` would otherwise copy a strided view of ``w_kvb`` on every call)."""
+    copies (a ``bmm`` would otherwise copy a strided view of ``w_kvb`` on every call), on a CPU in fp32: these
+    per-head products are tiny, and MKL's sgemm runs them 2-3x faster than oneDNN's bf16 path (10-17 us against
+    28-42 us for 4 heads at 1-8 rows); ``absorb`` / ``unabsorb`` round the products back to the compute dtype."""
 
     w_kvb: torch.Tensor
     w_uk: torch.Tensor
@@ -83,7 +85,17 @@ class MLAWeights:
     @classmethod
     def from_kv_b(cls, w_kvb: torch.Tensor, n_heads: int, nope_dim: int) -> MLAWeights:
         w = w_kvb.view(n_heads, -1, w_kvb.shape[-1])
-        return cls(w_kvb, w[:, :nope_dim].contiguous(), w[:, nope_dim:].transpose(1, 2).contiguous())
+        dtype = torch.float32 if w_kvb.device.type == "cpu" else w_kvb.dtype
+        w_uk, w_uv = w[:, :nope_dim], w[:, nope_dim:].transpose(1, 2)
+        return cls(w_kvb, w_uk.to(dtype).contiguous(), w_uv.to(dtype).contiguous())
+
+    def absorb(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """``W_UK^T q_nope`` per head: ``[n, H, d_n]`` -> ``[n, H, r]`` in ``q_nope``'s dtype."""
+        return torch.bmm(q_nope.to(self.w_uk.dtype).transpose(0, 1), self.w_uk).transpose(0, 1).to(q_nope.dtype)
+
+    def unabsorb(self, o_latent: torch.Tensor) -> torch.Tensor:
+        """``W_UV`` applied to attended latents: ``[n, H, r]`` -> ``[n, H, d_v]`` in ``o_latent``'s dtype."""
+        return torch.bmm(o_latent.to(self.w_uv.dtype).transpose(0, 1), self.w_uv).transpose(0, 1).to(o_latent.dtype)
 
 
 @dataclass

@@ -110,7 +110,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, la
         allowed = topk_positions >= 0
     batch, length = slots.shape
     rows = latent_cache.index_select(0, slots.flatten())
-    q_abs = torch.bmm(q_nope.transpose(0, 1), weights.w_uk).transpose(0, 1)  # [B, H, r]
+    q_abs = weights.absorb(q_nope)  # [B, H, r]
     if layout.fmt == "auto":  # a cache row is [c ; k_pe]: one GEMM against [q_abs ; q_pe]
         # The values are the rows' first r columns: multiplying the whole rows and dropping the k_pe columns of
         # the product costs less than copying the strided slice for the GEMM.
@@ -123,7 +123,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, la
     scores = scores.float().mul_(softmax_scale).masked_fill_(~allowed[:, None, :], float("-inf"))
     probs = scores.softmax(-1).to(values.dtype)
     o_latent = torch.bmm(probs, values)[..., :layout.kv_lora_rank]  # [B, H, r]
-    return torch.bmm(o_latent.transpose(0, 1), weights.w_uv).transpose(0, 1)
+    return weights.unabsorb(o_latent)
 
 
 def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,

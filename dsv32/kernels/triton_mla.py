@@ -146,13 +146,8 @@ def _merge_splits(o: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tup
 
 def _absorb(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights) -> torch.Tensor:
     """``[W_UK^T q_nope ; q_pe]`` per head ``[n, H, r + d_r]``."""
-    q_abs = torch.bmm(q_nope.transpose(0, 1), weights.w_uk).transpose(0, 1)
+    q_abs = weights.absorb(q_nope)
     return torch.cat((q_abs, q_pe.to(q_abs.dtype)), dim=-1)
-
-
-def _unabsorb(o_latent: torch.Tensor, weights: MLAWeights) -> torch.Tensor:
-    """``W_UV`` applied to the attended latents ``[n, H, r]`` -> ``[n, H, d_v]``."""
-    return torch.bmm(o_latent.transpose(0, 1), weights.w_uv).transpose(0, 1)
 
 
 def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
@@ -166,7 +161,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, la
         kv_slots = positions_to_slots(topk_positions[:, None], slot_table)[:, 0]
         kv_lens = torch.full_like(kv_lens, kv_slots.shape[1])
     o_latent, _ = sparse_mla_attention(q, latent_cache, layout, kv_slots, kv_lens, softmax_scale)
-    return _unabsorb(o_latent, weights)
+    return weights.unabsorb(o_latent)
 
 
 def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
@@ -182,4 +177,4 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, l
         kv_slots = positions_to_slots(topk_positions[None], slots[None])[0]
         kv_lens = torch.full((n,), kv_slots.shape[1], dtype=torch.int64, device=q.device)
     o_latent, _ = sparse_mla_attention(q, latent_cache, layout, kv_slots, kv_lens, softmax_scale, num_splits=1)
-    return _unabsorb(o_latent, weights)
+    return weights.unabsorb(o_latent)
