@@ -53,7 +53,7 @@ from dsv32.distributed.groups import (
     loaded_barrier,
     torchrun_env,
 )
-from dsv32.distributed.lifetime import die_with_parent
+from dsv32.distributed.lifetime import die_with_parent, tune_openmp_spin
 from dsv32.distributed.parallel import ParallelContext, validate_layout
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class WorkerArgs:
 def _spawn_workers(specs: list[WorldSpec], engine_config: EngineConfig, model_config: ModelConfig,
                    device: torch.device, with_mtp: bool, threads: int) -> list[BaseProcess]:
     context = multiprocessing.get_context("spawn")
+    tune_openmp_spin()  # inherited by the workers, whose torch loads after it
     processes = []
     for spec in specs:
         args = WorkerArgs(spec, engine_config, model_config, device, with_mtp, threads, os.getpid(),

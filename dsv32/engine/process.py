@@ -46,7 +46,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from dsv32.config import ConfigError, EngineConfig
-from dsv32.distributed.lifetime import die_with_parent
+from dsv32.distributed.lifetime import die_with_parent, tune_openmp_spin
 from dsv32.engine.client import QueueEngineClient
 from dsv32.engine.messages import (
     Command,
@@ -190,6 +190,7 @@ def run_engine_core(engine_config: EngineConfig, commands_in: Connection, output
     """Entry point of the engine-core process: load, report ready (or why not), then serve the loop until
     ``Shutdown`` or until the server process is gone."""
     die_with_parent(parent_pid)
+    tune_openmp_spin()  # before torch loads here
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server decides
     logging.basicConfig(level=log_level, format=_LOG_FORMAT)
     _use_every_core()

@@ -28,6 +28,7 @@ from dsv32.engine.sampler import (
     Sampler,
     SamplingRequestState,
     TokenLogprobs,
+    take_rows,
     token_logprobs,
 )
 from dsv32.engine.scheduler import ScheduledSeq
@@ -211,8 +212,8 @@ class ModelRunner:
                                            s.seq.output_token_ids + [t.token_id for t in new_tokens[s.seq]],
                                            s.seq.generator) for s in items]
             drafts = [s.draft_token_ids[position] if position < len(s.draft_token_ids) else None for s in items]
-            index = torch.tensor([offsets[i] + position for i in verifying], device=self.device)
-            out = self.sampler(logits[index], states, self.eos_token_id, drafts)
+            out = self.sampler(take_rows(logits, [offsets[i] + position for i in verifying]), states,
+                               self.eos_token_id, drafts)
             still: list[int] = []
             for i, item, token_id, logprobs, draft in zip(verifying, items, out.token_ids.tolist(), out.logprobs,
                                                            drafts, strict=True):

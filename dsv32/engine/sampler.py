@@ -28,6 +28,8 @@ PROMPT_LOGPROBS_CHUNK_ROWS = 256
 
 # How many of the most likely tokens top-p looks among before it sorts a whole row (see _top_p_smallest_kept_logit).
 TOP_P_CANDIDATES = 1024
+# Tokens per block of the two-level inverse CDF (sampling): ~sqrt(vocab), so both levels are short.
+INVERSE_CDF_BLOCK = 512
 
 
 @dataclass
@@ -128,6 +130,14 @@ def _rows_tensor(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
+def take_rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``tensor[rows]``, without copying a full-vocabulary tensor when ``rows`` are all of them, in order (the common
+    case: every row of the batch)."""
+    if rows == list(range(tensor.shape[0])):
+        return tensor
+    return tensor[_rows_tensor(rows, tensor.device)]
+
+
 def _padded(sequences: list[GenericSequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     """Token id lists as one ``[len(sequences), longest]`` tensor, padded with ``pad``."""
     out = torch.full((len(sequences), max((len(s) for s in sequences), default=0)), pad, dtype=torch.long)
@@ -180,7 +190,7 @@ class Sampler:
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
             sampled_rows = _rows_tensor(sampled, logits.device)
-            token_ids[sampled_rows] = self._sample(logits[sampled_rows], [rows[i] for i in sampled],
+            token_ids[sampled_rows] = self._sample(take_rows(logits, sampled), [rows[i] for i in sampled],
                                                    [drafts[i] for i in sampled])
 
         wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
@@ -299,19 +309,32 @@ class Sampler:
         token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
         if drafted:
             token_ids[index] = draft_ids
-        draw = (~accepted).nonzero().view(-1)
-        if draw.numel():
-            token_ids[draw] = self._inverse_cdf(probs[draw], [rows[i] for i in draw.tolist()])
+        draw = (~accepted).nonzero().view(-1).tolist()
+        if draw:
+            token_ids[_rows_tensor(draw, device)] = self._inverse_cdf(take_rows(probs, draw), [rows[i] for i in draw])
         return token_ids
 
     def _inverse_cdf(self, probs: torch.Tensor, rows: list[SamplingRequestState]) -> torch.Tensor:
-        """One token per row of (unnormalised) ``probs``, by inverse CDF on one uniform number per row."""
-        cumulative = probs.cumsum(dim=-1)
+        """One token per row of (unnormalised) ``probs``, by inverse CDF on one uniform number per row.
+
+        In two levels, as a full-vocabulary cumulative sum (one sequential pass over 129k values per row) is slow on
+        a CPU: the CDF of ``INVERSE_CDF_BLOCK``-token blocks picks the block, then the CDF inside that block alone
+        picks the token. Each target is kept strictly below the mass it is searched in, so the token found always
+        has nonzero probability."""
         uniform = self._uniform(rows).to(probs.device)
-        total = cumulative[:, -1:]
-        # Strictly below the total mass, so the first cumulative value above it is a token with nonzero probability.
-        target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
-        return torch.searchsorted(cumulative, target, right=True).view(-1)
+        batch, vocab = probs.shape
+        full = vocab - vocab % INVERSE_CDF_BLOCK
+        block_mass = probs[:, :full].reshape(batch, -1, INVERSE_CDF_BLOCK).sum(dim=-1)
+        if full < vocab:
+            block_mass = torch.cat((block_mass, probs[:, full:].sum(dim=-1, keepdim=True)), dim=1)
+        cumulative = block_mass.cumsum(dim=-1)
+        target = _below(uniform * cumulative[:, -1:], cumulative[:, -1:])
+        block = torch.searchsorted(cumulative, target, right=True).clamp_(max=cumulative.shape[1] - 1)
+        before = torch.where(block > 0, cumulative.gather(1, (block - 1).clamp(min=0)), 0.0)
+        offsets = block * INVERSE_CDF_BLOCK + torch.arange(INVERSE_CDF_BLOCK, device=probs.device)
+        inside = probs.gather(1, offsets.clamp(max=vocab - 1)).masked_fill(offsets >= vocab, 0.0).cumsum(dim=-1)
+        local = _below(target - before, inside[:, -1:])
+        return (block * INVERSE_CDF_BLOCK + torch.searchsorted(inside, local, right=True)).view(-1)
 
     def _uniform(self, rows: list[SamplingRequestState]) -> torch.Tensor:
         """One uniform number per row ``[len(rows), 1]`` (on the CPU), from the row's own generator if it has one."""
@@ -323,6 +346,12 @@ class Sampler:
             if row.generator is not None:
                 uniform[i] = torch.rand(1, generator=row.generator)
         return uniform
+
+
+def _below(target: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``target`` clamped into ``[0, total)``: the first cumulative value above it then belongs to a token (or
+    block) with nonzero mass."""
+    return torch.minimum(target.clamp(min=0.0), torch.nextafter(total, torch.zeros_like(total)))
 
 
 def _top_p_smallest_kept_logit(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

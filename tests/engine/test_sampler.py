@@ -254,3 +254,22 @@ def test_seeded_verification_reproduces() -> None:
         return [int(Sampler()(logits, [row(params, generator=generator)], EOS, [d]).token_ids) for d in range(20)]
 
     assert run() == run()
+
+
+@pytest.mark.parametrize("vocab", [129280, 1000, 7])
+def test_two_level_inverse_cdf_matches_the_full_cumulative_sum(vocab: int) -> None:
+    """The block-then-token search picks the token the full-vocabulary CDF picks for the same uniform number (up to
+    float rounding at block edges), never one with zero probability, and the last token when the uniform is ~1."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(64, vocab, generator=gen) ** 8  # mass on few tokens, like a real distribution
+    probs[:, ::3] = 0.0  # zero-probability tokens inside blocks
+    sampler = Sampler(seed=1)
+    got = sampler._inverse_cdf(probs, [row()] * 64)
+    uniform = Sampler(seed=1)._uniform([row()] * 64)
+    cumulative = probs.double().cumsum(dim=-1)
+    expected = torch.searchsorted(cumulative, uniform.double() * cumulative[:, -1:], right=True).view(-1)
+    assert (got == expected).float().mean() >= 0.98
+    assert (probs.gather(1, got.view(-1, 1)) > 0).all()
+    last = int(probs[0].nonzero().max())
+    sampler._uniform = lambda rows: torch.ones(len(rows), 1)  # type: ignore[method-assign]
+    assert int(sampler._inverse_cdf(probs[:1], [row()])[0]) == last
