@@ -127,7 +127,10 @@ def test_requests_are_spread_and_a_killed_replica_is_routed_around(
     doomed.process.wait(timeout=30)
     after = answered_by([chat(router, "tiny") for _ in range(6)])
     assert after == {"fast": 6}, after
-    health = httpx.get(f"{router}/health", timeout=10)
+    # The router notices on its next health check (every second here): wait for it rather than race it.
+    deadline = time.monotonic() + 15
+    while (health := httpx.get(f"{router}/health", timeout=10)).status_code != 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert health.status_code == 503 and doomed.base_url in health.text
 
 
