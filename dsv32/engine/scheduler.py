@@ -11,6 +11,16 @@ Policy, per step:
 2. If nothing was preempted, waiting sequences in arrival order (FIFO), each first served what the prefix cache
    holds, until the token budget, ``max_num_seqs`` or the free blocks run out.
 
+Cost-aware chunking: a token's cost grows with the context it attends (the lightning indexer scores every query
+against the whole context; MHA-mode prefill attention reads all of it), so a fixed token budget lets one prefill chunk
+at long context stall every decode behind it for seconds. Besides the token budget, the prefill chunks of a step share
+a *cost* budget of ``max_num_batched_tokens`` token-equivalents, where a chunk of ``c`` tokens starting at context
+position ``p`` costs ``chunk_cost(c, p) = c * (1 + (p + c) / K)`` and ``K = context_cost_tokens`` is the context
+length at which a token's attention + indexer cost equals the rest of its forward pass (see
+``DEFAULT_CONTEXT_COST_TOKENS`` and ``estimate_context_cost_tokens``). Chunks therefore shrink roughly like ``K / p``
+at long context, so a step takes about as long as ``max_num_batched_tokens`` context-free tokens, plus one chunk floor
+(``MIN_PREFILL_CHUNK``) that keeps a long prompt progressing. Decodes are not charged: they run every step anyway.
+
 Speculative decoding (``num_speculative_tokens`` k > 0): a decode also schedules the sequence's drafted tokens
 (as many as the budget and its ``max_tokens`` leave room for) and allocates their slots, plus the k - 1 slots past
 them that the drafter's chain writes. Only the accepted tokens advance ``num_computed_tokens``; the KV of rejected
@@ -19,12 +29,76 @@ drafts sits in slots that later tokens overwrite.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from dsv32.config import ModelConfig
 from dsv32.engine.block_manager import BlockManager, DataParallelBlockManager
 from dsv32.engine.request import Sequence, SequenceStatus
+
+# Context length K at which one token's context-dependent cost (lightning-indexer scores over the whole context, MHA
+# prefill attention) equals its context-free cost (projections, MoE), for the built-in ``tiny`` preset on a CPU:
+# measured on 2 cores (benchmarks/head_of_line.md) a prefill token costs about a = 0.17 ms at no context plus
+# b = 0.58 us per context position, a / b ~ 290; the FLOP count of ``estimate_context_cost_tokens`` gives ~380. The
+# engine's default when it does not pass a model-specific value (a real V3.2 checkpoint: ~15K, see the estimate).
+DEFAULT_CONTEXT_COST_TOKENS = 320.0
+
+# The smallest prefill chunk a step gives the first prompt it schedules, whatever the cost budget says: each chunk
+# also pays a cost proportional to the whole context (reading its cached keys/latents), so tiny chunks at long
+# context would make almost no progress per step (tiny model, 64K context: 16 tokens ~0.7 s a step).
+MIN_PREFILL_CHUNK = 16
+
+
+def chunk_cost(num_tokens: int, start: int, context_cost_tokens: float | None) -> float:
+    """Estimated cost, in context-free token-equivalents, of computing ``num_tokens`` tokens from context position
+    ``start``: ``c * (1 + (p + c) / K)`` (``c`` itself when ``K`` is None: no context cost)."""
+    if context_cost_tokens is None:
+        return float(num_tokens)
+    return num_tokens * (1.0 + (start + num_tokens) / context_cost_tokens)
+
+
+def max_chunk_for_cost(start: int, budget: float, context_cost_tokens: float | None) -> int:
+    """The largest ``c`` with ``chunk_cost(c, start) <= budget`` (0 when not even one token fits)."""
+    if budget <= 0:
+        return 0
+    if context_cost_tokens is None:
+        return int(budget)
+    k = context_cost_tokens
+    # c^2 / K + c (1 + p / K) - budget = 0, rounded down, then corrected for floating-point error.
+    lin = 1.0 + start / k
+    c = int((-lin + math.sqrt(lin * lin + 4.0 * budget / k)) * k / 2.0)
+    while c > 0 and chunk_cost(c, start, k) > budget:
+        c -= 1
+    while chunk_cost(c + 1, start, k) <= budget:
+        c += 1
+    return c
+
+
+def estimate_context_cost_tokens(config: ModelConfig) -> float:
+    """``K`` for ``config`` from FLOP counts: multiply-adds of one token's context-free work per layer (attention
+    projections, indexer projections, the dense MLP or the active experts) over the multiply-adds it spends per context
+    position (indexer: ``index_n_heads * index_head_dim``; MHA-mode prefill attention: every head's query.key and
+    probability.value, plus the per-chunk up-projection of the context's latents, amortised here as one more
+    ``kv_b_proj`` row per position). A rough guide (it ignores memory traffic and the sparse attention's cap of
+    ``index_topk`` keys, which the CPU reference still scores densely); tiny preset ~380, DeepSeek-V3.2 ~15K."""
+    c = config
+    heads, qk = c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
+    attn = (c.hidden_size * c.q_lora_rank + c.q_lora_rank * heads * qk
+            + c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim) + heads * c.v_head_dim * c.hidden_size)
+    indexer = 0
+    per_position = 0
+    if c.has_indexer:
+        indexer = c.q_lora_rank * c.index_n_heads * c.index_head_dim + c.hidden_size * (c.index_head_dim
+                                                                                          + c.index_n_heads)
+        per_position += c.index_n_heads * c.index_head_dim
+    per_position += heads * (qk + c.v_head_dim)
+    dense_mlp = 3 * c.hidden_size * c.intermediate_size
+    moe = 3 * c.hidden_size * c.moe_intermediate_size * (c.num_experts_per_tok + c.n_shared_experts)
+    n_dense = min(c.first_k_dense_replace, c.num_hidden_layers)
+    per_token = c.num_hidden_layers * (attn + indexer) + n_dense * dense_mlp + (c.num_hidden_layers - n_dense) * moe
+    return per_token / (c.num_hidden_layers * per_position)
 
 
 @dataclass
@@ -57,14 +131,23 @@ class Scheduler:
 
     def __init__(self, block_manager: BlockManager | DataParallelBlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, is_ready: Callable[[Sequence], bool] | None = None,
-                 num_speculative_tokens: int = 0) -> None:
+                 num_speculative_tokens: int = 0,
+                 context_cost_tokens: float | None = DEFAULT_CONTEXT_COST_TOKENS,
+                 min_prefill_chunk: int = MIN_PREFILL_CHUNK) -> None:
         """``is_ready``: whether a waiting sequence may start (False while its structured-output grammar compiles;
-        others are admitted past it meanwhile)."""
+        others are admitted past it meanwhile). ``context_cost_tokens``: ``K`` of the chunk cost model (module
+        docstring); None turns cost-aware chunking off (chunks limited by the token budget only)."""
+        if context_cost_tokens is not None and context_cost_tokens <= 0:
+            raise ValueError(f"context_cost_tokens must be positive, got {context_cost_tokens}")
         self.block_manager = block_manager
         self.is_ready = is_ready
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_speculative_tokens = num_speculative_tokens
+        self.context_cost_tokens = context_cost_tokens
+        self.min_prefill_chunk = max(1, min_prefill_chunk)
+        self._cost_budget = float(max_num_batched_tokens)
+        self._any_prefill = False
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -103,6 +186,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        self._cost_budget = float(self.max_num_batched_tokens)  # shared by this step's prefill chunks
+        self._any_prefill = False
         # Decodes first (they are latency-bound and need one token each), then prompt chunks, each in arrival order.
         # Preemption victims come from the end of this order, so a victim has never been scheduled this step.
         order = [s for s in self.running if not s.in_prompt_phase] + [s for s in self.running if s.in_prompt_phase]
@@ -110,6 +195,11 @@ class Scheduler:
         while i < len(order) and budget > 0:
             seq = order[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.in_prompt_phase:
+                num_new = self._prefill_chunk(seq.num_computed_tokens, num_new)
+                if num_new == 0:  # the step's cost budget is spent: this prompt continues next step
+                    i += 1
+                    continue
             drafts: list[int] = []
             # Structured outputs are not drafted for: their grammar masks each position from the tokens before it.
             if num_new == seq.num_tokens - seq.num_computed_tokens and seq.sampling_params.structured_outputs is None:
@@ -128,6 +218,8 @@ class Scheduler:
                 item = ScheduledSeq(seq, num_new, drafts)
                 out.scheduled.append(item)
                 budget -= item.num_scheduled_tokens
+                if seq.in_prompt_phase:
+                    self._charge(seq.num_computed_tokens, num_new)
                 i += 1
         # vLLM's rule: a step that had to preempt admits nobody new (the cache is already too tight).
         if out.num_preempted == 0:
@@ -147,6 +239,10 @@ class Scheduler:
                 cached = self.block_manager.find_cached_prefix(seq)
             num_cached_tokens = len(cached) * self.block_manager.block_size
             num_new = min(seq.num_tokens - num_cached_tokens, budget)
+            if num_new > 1:
+                num_new = self._prefill_chunk(num_cached_tokens, num_new)
+                if num_new == 0:
+                    break  # the cost budget is spent; FIFO: nobody overtakes the head of the queue
             if not self.block_manager.allocate(seq, self._num_slots(seq, num_cached_tokens, num_new, 0), cached):
                 break  # FIFO: nobody overtakes the head of the queue
             if self.block_manager.enable_prefix_caching:
@@ -159,8 +255,23 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+            if num_new > 1:
+                self._charge(num_cached_tokens, num_new)
         self.waiting.extendleft(reversed(held_back))
         return budget
+
+    def _prefill_chunk(self, start: int, limit: int) -> int:
+        """Tokens a prompt chunk from position ``start`` gets (at most ``limit``, what the token budget and the prompt
+        leave): as many as the step's remaining cost budget pays for; the first prompt chunk of a step gets at least
+        ``min_prefill_chunk`` tokens (progress), later ones may get 0 (they wait for the next step)."""
+        num_new = min(limit, max_chunk_for_cost(start, self._cost_budget, self.context_cost_tokens))
+        if not self._any_prefill:
+            num_new = max(num_new, min(limit, self.min_prefill_chunk))
+        return num_new
+
+    def _charge(self, start: int, num_new: int) -> None:
+        self._cost_budget -= chunk_cost(num_new, start, self.context_cost_tokens)
+        self._any_prefill = True
 
     def _num_slots(self, seq: Sequence, start: int, num_new: int, num_drafts: int) -> int:
         """Cache slots a step needs past position ``start``: its tokens and drafts and, when the sequence catches up

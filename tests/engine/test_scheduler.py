@@ -1,11 +1,20 @@
 """Scheduler policy with token counts only (no model): budget, decode-first, chunking, FIFO, preemption, n > 1."""
 
+import itertools
 import random
 
+from dsv32.config import tiny_config
 from dsv32.engine.block_manager import BlockManager
 from dsv32.engine.request import Sequence
 from dsv32.engine.sampling_params import SamplingParams
-from dsv32.engine.scheduler import Scheduler, SchedulerOutput
+from dsv32.engine.scheduler import (
+    DEFAULT_CONTEXT_COST_TOKENS,
+    Scheduler,
+    SchedulerOutput,
+    chunk_cost,
+    estimate_context_cost_tokens,
+    max_chunk_for_cost,
+)
 
 BS = 4
 
@@ -217,3 +226,114 @@ def test_speculative_drafts_are_cut_by_the_token_budget():
     out = sched.schedule()
     assert out.scheduled[0].spec_token_ids == [1, 2] and out.num_tokens == 3
     sched.finish(seq, "abort")
+
+
+# ---- cost-aware chunking ----------------------------------------------------------------------------------------
+
+
+def test_chunk_cost_model_and_its_inverse():
+    assert chunk_cost(10, 0, None) == 10.0
+    assert chunk_cost(10, 90, 100.0) == 10 * (1 + 100 / 100)
+    for start in (0, 7, 1000, 65_000):
+        for budget in (0.5, 1, 10, 2048, 10_000):
+            c = max_chunk_for_cost(start, budget, 320.0)
+            assert chunk_cost(c, start, 320.0) <= budget < chunk_cost(c + 1, start, 320.0)
+    assert max_chunk_for_cost(5, 0, 320.0) == 0
+    assert max_chunk_for_cost(5, 37.9, None) == 37
+
+
+def test_estimate_context_cost_tokens_tiny_preset_is_near_the_measured_default():
+    k = estimate_context_cost_tokens(tiny_config())
+    assert 0.5 * DEFAULT_CONTEXT_COST_TOKENS < k < 2 * DEFAULT_CONTEXT_COST_TOKENS
+
+
+def _long_prompt_schedule(context_cost_tokens, prompt_len=4000, budget=256, num_decoders=2):
+    """Two decoding sequences, then a long prompt: every step's chunk of the long prompt, and whether each decoder
+    got its token in every step the long prompt was in."""
+    manager = BlockManager(4000, BS)
+    sched = Scheduler(manager, max_num_seqs=8, max_num_batched_tokens=budget, context_cost_tokens=context_cost_tokens,
+                      min_prefill_chunk=4)
+    decoders = [make_seq(5, 100_000, first_token=10 * i, rid=f"d{i}") for i in range(num_decoders)]
+    for d in decoders:
+        sched.add(d)
+    fake_step(sched)  # the decoders' prompts
+    long = make_seq(prompt_len, 1, first_token=1000, rid="long")
+    sched.add(long)
+    chunks: list[tuple[int, int]] = []  # (start, size)
+    while not long.is_finished:
+        start = long.num_computed_tokens
+        out = fake_step(sched)
+        scheduled = {item.seq: item.num_new_tokens for item in out.scheduled}
+        assert all(scheduled.get(d) == 1 for d in decoders), "a decode missed a step"
+        if long in scheduled and start < prompt_len:
+            chunks.append((start, scheduled[long]))
+            cost = chunk_cost(scheduled[long], start, context_cost_tokens)
+            assert cost <= budget or scheduled[long] <= 4, "cost budget exceeded beyond the minimum chunk"
+        assert len(chunks) < 10_000
+    return chunks
+
+
+def test_prefill_chunks_shrink_with_context_decodes_run_every_step_and_the_prompt_completes():
+    chunks = _long_prompt_schedule(context_cost_tokens=100.0)
+    assert sum(size for _, size in chunks) == 4000  # the whole prompt, each token once
+    assert [start for start, _ in chunks] == [0] + list(itertools.accumulate(size for _, size in chunks[:-1]))
+    sizes = [size for _, size in chunks[:-1]]  # the last chunk is whatever was left
+    assert sizes == sorted(sizes, reverse=True), "chunks grow with context"
+    assert sizes[0] > 4 * sizes[-1]
+    # At context p the chunk is about budget * K / p: 256 * 100 / 3000 ~ 8 tokens.
+    late = [size for start, size in chunks if 3000 <= start < 3900]
+    assert late and max(late) <= 10
+    # The token budget alone (the old policy) gives full-budget chunks throughout.
+    fixed = _long_prompt_schedule(context_cost_tokens=None)
+    assert {size for _, size in fixed[:-1]} == {256 - 2}
+
+
+def test_minimum_chunk_keeps_a_very_long_prompt_progressing():
+    chunks = _long_prompt_schedule(context_cost_tokens=1.0, prompt_len=600)
+    assert sum(size for _, size in chunks) == 600
+    # Past context ~60 the cost budget pays for fewer than 4 tokens (4 * (1 + 64) > 256): the floor applies.
+    late = [size for start, size in chunks[:-1] if start >= 60]
+    assert late and set(late) == {4}
+
+
+def test_short_contexts_keep_nearly_full_token_budget_chunks():
+    """With K >> the token budget, short contexts cost about their token count: chunks stay near the budget."""
+    manager = BlockManager(64, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=32, context_cost_tokens=10_000.0)
+    seq = make_seq(100, 1)
+    sched.add(seq)
+    assert [item.num_new_tokens for item in fake_step(sched).scheduled] == [31]  # 32 * (1 + 32 / 1e4) > 32
+
+
+def test_prefill_chunks_of_one_step_share_the_cost_budget():
+    manager = BlockManager(1000, BS)
+    sched = Scheduler(manager, max_num_seqs=8, max_num_batched_tokens=300, context_cost_tokens=50.0,
+                      min_prefill_chunk=1)
+    a, b = make_seq(1000, 1, rid="a"), make_seq(1000, 1, first_token=5000, rid="b")
+    sched.add(a)
+    sched.add(b)
+    for _ in range(30):
+        out = fake_step(sched)
+        total = sum(chunk_cost(item.num_new_tokens, item.seq.num_computed_tokens - item.num_new_tokens, 50.0)
+                    for item in out.scheduled)
+        assert total <= 300 or len(out.scheduled) == 1
+    assert a.num_computed_tokens > b.num_computed_tokens  # a, first in order, is served first; b gets what is left
+    run_to_completion(sched)
+    assert a.is_finished and b.is_finished and manager.num_free_blocks == 1000
+
+
+def test_cost_aware_chunking_with_prefix_cache_and_preemption_completes_everything():
+    rng = random.Random(7)
+    for _ in range(30):
+        manager = BlockManager(rng.randint(30, 80), BS)
+        sched = Scheduler(manager, max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(1, 40),
+                          context_cost_tokens=rng.choice([1.0, 8.0, 50.0]), min_prefill_chunk=rng.randint(1, 8))
+        shared = [7] * rng.randint(0, 20)
+        seqs = []
+        for i in range(rng.randint(1, 8)):
+            prompt = shared + [100 * i + j for j in range(rng.randint(1, 40))]
+            seqs.append(Sequence(f"r{i}", 0, prompt, SamplingParams(), max_tokens=rng.randint(1, 20)))
+            sched.add(seqs[-1])
+        run_to_completion(sched)
+        assert all(s.is_finished for s in seqs)
+        assert manager.num_free_blocks == manager.num_blocks
