@@ -131,16 +131,51 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, l
                 topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
     """Non-absorbed ("MHA mode") causal attention of ``n`` queries of one sequence (``q_nope`` [n, H, d_n], ``q_pe``
     [n, H, d_r], absolute ``positions`` [n]) over its context ``slots`` [L], optionally restricted to
-    ``topk_positions`` [n, k]. Returns ``[n, H, d_v]``."""
-    n_heads, nope_dim = q_nope.shape[1], q_nope.shape[2]
+    ``topk_positions`` [n, k]. Returns ``[n, H, d_v]``.
+
+    With a top-k restriction only the context rows some query selected are read from the cache and up-projected
+    (at most ``n * k`` of ``L``); the others are zeros that the mask removes. A short chunk at long context then no
+    longer pays for expanding the whole context's latents (tiny model, 64K context: ~0.1 s a layer). In bf16 each
+    row's product is the one the whole-context expansion gives (oneDNN), so the result is bit-identical to
+    ``mla_prefill_expand_all``, this op's plain form; in fp32, MKL's few-row paths may round a product differently
+    (agreement to rounding). Tested in ``tests/kernels/test_attention.py``."""
+    if topk_positions is None:
+        return mla_prefill_expand_all(q_nope, q_pe, weights, latent_cache, layout, slots, positions, None,
+                                      softmax_scale)
+    length = slots.shape[0]
+    needed = torch.unique(topk_positions[topk_positions >= 0])
+    latent_rows, k_pe_rows = read_latent_rows(latent_cache[slots[needed]], layout)
+    kv = latent_rows.new_zeros(length, weights.w_kvb.shape[0])
+    kv[needed] = F.linear(latent_rows, weights.w_kvb)
+    k_pe = k_pe_rows.new_zeros(length, k_pe_rows.shape[-1])
+    k_pe[needed] = k_pe_rows
+    return _mha_attention(q_nope, q_pe, kv, k_pe, positions, topk_positions, softmax_scale)
+
+
+def mla_prefill_expand_all(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights,
+                           latent_cache: torch.Tensor, layout: CacheLayout, slots: torch.Tensor,
+                           positions: torch.Tensor, topk_positions: torch.Tensor | None,
+                           softmax_scale: float) -> torch.Tensor:
+    """``mla_prefill``'s plain form: up-projects every context latent, selected or not."""
     latent, k_pe = read_latent_rows(latent_cache[slots], layout)
-    kv = F.linear(latent, weights.w_kvb).view(latent.shape[0], n_heads, -1)
+    return _mha_attention(q_nope, q_pe, F.linear(latent, weights.w_kvb), k_pe, positions, topk_positions,
+                          softmax_scale)
+
+
+def _mha_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+                   positions: torch.Tensor, topk_positions: torch.Tensor | None,
+                   softmax_scale: float) -> torch.Tensor:
+    """Causal attention of ``mla_prefill``'s queries over expanded context rows ``kv`` [L, H * (d_n + d_v)] and rope
+    keys ``k_pe`` [L, d_r]."""
+    n_heads, nope_dim = q_nope.shape[1], q_nope.shape[2]
+    length = kv.shape[0]
+    kv = kv.view(length, n_heads, -1)
     k_nope, v = kv[..., :nope_dim], kv[..., nope_dim:]
     scores = (torch.einsum("nhd,lhd->hnl", q_nope, k_nope)
               + torch.einsum("nhr,lr->hnl", q_pe, k_pe)) * softmax_scale
-    allowed = torch.arange(latent.shape[0], device=slots.device)[None, :] <= positions[:, None]
+    allowed = torch.arange(length, device=positions.device)[None, :] <= positions[:, None]
     if topk_positions is not None:
-        allowed = allowed & positions_to_mask(topk_positions, latent.shape[0])
+        allowed = allowed & positions_to_mask(topk_positions, length)
     probs = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
     return torch.einsum("hnl,lhv->nhv", probs, v)
 

@@ -49,3 +49,41 @@ def test_bf16_decode_matches_compute_dtype_absorption_and_the_expanded_form() ->
         expanded = reference.mla_prefill(q_nope[b:b + 1], q_pe[b:b + 1], weights, cache.latent[0], cache.layout,
                                          slot_table[b, :length], position, None, SCALE)
         assert (got[b].float() - expanded[0].float()).abs().max() <= 3e-2 * expanded.float().abs().max()
+
+
+def _causal_topk(positions: torch.Tensor, topk: int, gen: torch.Generator) -> torch.Tensor:
+    """Random top-k selections of causal context positions per query, ``-1`` padded (as ``select_topk`` returns)."""
+    rows = []
+    for pos in positions.tolist():
+        chosen = torch.randperm(pos + 1, generator=gen)[:topk]
+        rows.append(torch.cat((chosen, torch.full((topk - chosen.numel(),), -1, dtype=torch.long))))
+    return torch.stack(rows)
+
+
+def test_sparse_prefill_expands_only_selected_rows_bit_identically() -> None:
+    """``mla_prefill`` with a top-k restriction up-projects only the selected context rows: the same bits as its
+    plain form, which expands every row of the context, in bf16 (the CPU compute dtype; oneDNN's product of a row does
+    not depend on how many rows are multiplied). fp32 goes to MKL, whose few-row (GEMV) paths round differently:
+    there the two agree to rounding."""
+    gen = torch.Generator().manual_seed(1)
+    for fmt, dtype in (("auto", torch.bfloat16), ("auto", torch.float32), ("fp8", torch.bfloat16)):
+        cache = make_cache(fmt, dtype, NUM_SLOTS, index_head_dim=0)
+        context = scattered_slots(200, NUM_SLOTS, gen)
+        fill_cache(cache, context, gen)
+        w_kvb = (torch.randn(N_HEADS * (NOPE + 32), 512, generator=gen) * 0.05).to(dtype)
+        weights = MLAWeights.from_kv_b(w_kvb, N_HEADS, NOPE)
+        for start, n, topk in ((150, 50, 16), (190, 10, 64), (0, 12, 4)):
+            length = start + n
+            positions = torch.arange(start, length)
+            q_nope = torch.randn(n, N_HEADS, NOPE, generator=gen).to(dtype)
+            q_pe = torch.randn(n, N_HEADS, 64, generator=gen).to(dtype)
+            topk_positions = _causal_topk(positions, topk, gen)
+            args = (q_nope, q_pe, weights, cache.latent[0], cache.layout, context[:length], positions,
+                    topk_positions, SCALE)
+            got = reference.mla_prefill(*args)
+            expected = reference.mla_prefill_expand_all(*args)
+            assert got.dtype == expected.dtype == dtype
+            if dtype == torch.bfloat16:
+                assert torch.equal(got, expected), (fmt, start, n, topk)
+            else:
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
