@@ -552,7 +552,7 @@ def error_envelope_problem(body: bytes) -> str | None:
 def names_field(error: dict[str, Any], field_name: str) -> bool:
     """Whether an error names ``field_name`` (in ``param`` or the message), in dotted or bracketed spelling."""
     leaf = field_name.split(".")[0]
-    spellings = {field_name, leaf, field_name.replace(".", "[", 1)}
+    spellings = {field_name, leaf, field_name.replace(".", "[", 1), leaf.replace("_", " ")}
     texts = [str(error.get("param") or ""), str(error.get("message") or "")]
     return any(s and s in t for s in spellings for t in texts)
 
