@@ -23,15 +23,18 @@ from dsv32.config import (
     DTYPES,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
+    TINY_PRESET,
     ConfigError,
     EngineConfig,
     ModelConfig,
     SpeculativeConfig,
     StructuredOutputsConfig,
 )
-from dsv32.server.settings import REASONING_PARSERS, TOOL_CALL_PARSERS, ServerConfig
+from dsv32.server.settings import REASONING_PARSERS, TOOL_CALL_PARSERS, RequestLimits, ServerConfig
 
 API_KEY_ENV = "DSV32_API_KEY"
+# A model with random weights never says EOS on purpose: without a limit it would generate to the end of the context.
+DUMMY_DEFAULT_MAX_TOKENS = 256
 
 logger = logging.getLogger("dsv32")
 
@@ -71,6 +74,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--shutdown-timeout", type=float, default=server.shutdown_timeout,
                      help="On SIGTERM, seconds to let in-flight requests finish before aborting them (default "
                           f"{server.shutdown_timeout:g}).")
+    net.add_argument("--max-request-bytes", type=_positive_int, default=server.limits.max_request_bytes,
+                     help="Largest request body accepted; a larger one is a 413 (default "
+                          f"{server.limits.max_request_bytes}, 32M).")
+    net.add_argument("--max-json-depth", type=_positive_int, default=server.limits.max_json_depth,
+                     help="Deepest nesting of a JSON request body, and of JSON inside its strings (tool arguments, "
+                          f"schemas); deeper is a 400 (default {server.limits.max_json_depth}).")
     net.add_argument("--uvicorn-log-level", default=server.uvicorn_log_level,
                      choices=["critical", "error", "warning", "info", "debug", "trace"],
                      help=f"Log level of uvicorn's own messages (default {server.uvicorn_log_level}).")
@@ -93,6 +102,9 @@ def add_api_arguments(api: argparse._ArgumentGroup) -> None:
     api.add_argument("--enable-auto-tool-choice", action="store_true",
                      help="Accepted for vLLM command compatibility: `tool_choice: auto` is on whenever a tool-call "
                           "parser is set.")
+    api.add_argument("--default-max-tokens", type=_positive_int, default=None, metavar="N",
+                     help="Tokens a request that sets no max_tokens may generate (default: what the context has "
+                          f"left, as vLLM; {DUMMY_DEFAULT_MAX_TOKENS} for a model with random weights).")
     api.add_argument("--log-requests", action="store_true",
                      help="Log each request's prompt and sampling parameters (off by default: prompts can be private).")
 
@@ -120,6 +132,9 @@ def add_engine_arguments(eng: argparse._ArgumentGroup) -> None:
     eng.add_argument("--max-waiting-requests", type=_positive_int, default=engine.max_waiting_requests,
                      help="Requests allowed to wait for a batch slot; beyond that the server answers 503 (default "
                           f"{engine.max_waiting_requests}).")
+    eng.add_argument("--engine-step-timeout", type=float, default=engine.engine_step_timeout_s, metavar="SECONDS",
+                     help="A busy engine that reports no step for this long is hung: requests in flight fail with "
+                          f"503 and /health answers 503 (default {engine.engine_step_timeout_s:g}).")
     eng.add_argument("--max-logprobs", type=int, default=engine.max_logprobs,
                      help="Most top alternatives a request may ask for with logprobs/top_logprobs/prompt_logprobs "
                           f"(default {engine.max_logprobs}).")
@@ -262,6 +277,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         device=args.device,
         max_waiting_requests=args.max_waiting_requests,
+        engine_step_timeout_s=args.engine_step_timeout,
         max_logprobs=args.max_logprobs,
         structured_outputs_config=StructuredOutputsConfig.from_json(args.structured_outputs_config),
         speculative_config=speculative_config_from_args(args),
@@ -273,6 +289,9 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     # The HTTP flags exist for `serve` only (`run-batch` has no server).
     http = {key: getattr(args, key) for key in ("host", "port", "shutdown_timeout", "uvicorn_log_level")
             if hasattr(args, key)}
+    if hasattr(args, "max_request_bytes"):
+        http["limits"] = RequestLimits(max_request_bytes=args.max_request_bytes, max_json_depth=args.max_json_depth)
+    random_weights = args.model == TINY_PRESET or args.load_format == "dummy"
     return ServerConfig(
         served_model_names=tuple(args.served_model_name or [args.model]),
         model_path=args.model,
@@ -281,6 +300,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
         log_requests=args.log_requests,
+        default_max_tokens=args.default_max_tokens or (DUMMY_DEFAULT_MAX_TOKENS if random_weights else None),
     )
 
 
@@ -358,9 +378,10 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="Model name to ask for (default: the server's first model).")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"Bearer key (default ${API_KEY_ENV}).")
     parser.add_argument("--system", default=None, help="A system prompt for the conversation.")
-    parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
-                        help="Ask the model to think first; its thinking is shown apart from the answer (default on).")
-    parser.add_argument("--max-tokens", type=_positive_int, default=1024, help="Most tokens per answer (default 1024).")
+    parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False,
+                        help="Ask the model to think first; its thinking is shown apart from the answer (default off, "
+                             "as the server's; /thinking on switches it on).")
+    parser.add_argument("--max-tokens", type=_positive_int, default=256, help="Most tokens per answer (default 256).")
     parser.add_argument("--temperature", type=float, default=None, help="Sampling temperature (server default).")
     parser.add_argument("--top-p", type=float, default=None, help="Nucleus sampling mass (server default).")
 

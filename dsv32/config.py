@@ -411,6 +411,8 @@ class EngineConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     max_waiting_requests: int = 1024
+    # A step that makes no progress for this long means a hung engine: the server fails it (503, /health 503).
+    engine_step_timeout_s: float = 300.0
     structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     max_logprobs: int = 20  # most top alternatives a request may ask for (vLLM's --max-logprobs)
     # None = no speculation. A dict (vLLM's ``LLM(speculative_config={...})``) is converted on construction.
@@ -441,6 +443,8 @@ class EngineConfig:
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        if self.engine_step_timeout_s <= 0:
+            raise ConfigError(f"--engine-step-timeout must be positive, got {self.engine_step_timeout_s}")
         if self.max_logprobs < 0:
             raise ConfigError(f"--max-logprobs must be non-negative, got {self.max_logprobs}")
         if self.max_model_len is not None and self.max_model_len <= 0:

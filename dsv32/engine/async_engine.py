@@ -48,12 +48,11 @@ class AsyncLLM(QueueEngineClient):
         reason = "The engine has been shut down."
         try:
             EngineCoreLoop(self._core, self._commands, self._on_step_outputs).run()
-        except BaseException:
+        except Exception:  # logged here; every request in flight then fails with EngineDeadError
             logger.exception("the engine thread crashed")
             reason = "The engine thread crashed."
             for request_id in self._core.request_ids():
                 self._core.abort_request(request_id)
-            raise
         finally:
             self._core.close()
             self._on_engine_dead(reason)

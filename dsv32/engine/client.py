@@ -26,11 +26,16 @@ from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.validation import InvalidRequestError, RequestValidator
 from dsv32.tokenizer import Tokenizer
 
-__all__ = ["EngineClient", "EngineDeadError", "EngineOverloadedError", "QueueEngineClient"]
+__all__ = ["EngineClient", "EngineDeadError", "EngineOverloadedError", "QueueEngineClient", "RequestFailedError"]
 
 
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full (``EngineConfig.max_waiting_requests``); the server answers 503."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine ended one request because of an error it met serving it (the engine itself goes on); the server
+    answers 500 for it."""
 
 
 class EngineDeadError(RuntimeError):
@@ -53,13 +58,20 @@ class EngineClient(Protocol):
         ...
 
     def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
-                 prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+                 prompt: str | None = None, admitted: bool = False) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs after every step that produced tokens; the last one has ``finished`` True.
 
         Raises ``InvalidRequestError`` for a request that can never be served, ``EngineOverloadedError`` when the
-        waiting queue is full, ``EngineDeadError`` when the engine is gone. Leaving the iteration early (or being
-        cancelled) aborts the request.
+        waiting queue is full (unless ``admitted``: room was checked with ``admit`` for the group it belongs to),
+        ``EngineDeadError`` when the engine is gone. Leaving the iteration early (or being cancelled) aborts the
+        request.
         """
+        ...
+
+    def admit(self, num_seqs: int) -> None:
+        """Check that ``num_seqs`` more sequences may wait now, as one unit (a batch of prompts):
+        ``InvalidRequestError`` if they never can (more than the waiting limit), ``EngineOverloadedError`` if not
+        now."""
         ...
 
     async def abort(self, request_id: str) -> None:
@@ -117,19 +129,36 @@ class QueueEngineClient(ABC):
     def is_running(self) -> bool:
         return self._dead is None
 
+    @property
+    def has_work_in_flight(self) -> bool:
+        """Requests or calls the engine owes an answer."""
+        with self._lock:
+            return bool(self._streams or self._calls or self._num_pending_adds)
+
     # ---- requests -----------------------------------------------------------------------------------
+    def admit(self, num_seqs: int) -> None:
+        with self._lock:
+            self._check_room(num_seqs)
+
+    def _check_room(self, num_seqs: int) -> None:
+        limit = self.engine_config.max_waiting_requests
+        if num_seqs > limit:
+            raise InvalidRequestError(f"The request needs {num_seqs} sequences (prompts x n), more than may ever wait "
+                                      f"at once (max_waiting_requests={limit}): it can never be admitted; split it.")
+        waiting = self._stats.num_waiting + self._num_pending_adds
+        if waiting + num_seqs > limit:
+            raise EngineOverloadedError(f"{waiting} sequences are waiting (max_waiting_requests={limit})")
+
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt: str | None = None, admitted: bool = False) -> AsyncIterator[RequestOutput]:
         self.validator.validate(prompt_token_ids, sampling_params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), prompt, list(prompt_token_ids))
         with self._lock:  # the receiving thread marks the engine dead under it: no stream is left unanswered
             self._check_alive()
             if request_id in self._streams:
                 raise InvalidRequestError(f"Request id {request_id!r} is already running")
-            waiting = self._stats.num_waiting + self._num_pending_adds
-            if waiting >= self.engine_config.max_waiting_requests:
-                raise EngineOverloadedError(f"{waiting} requests are waiting (max_waiting_requests="
-                                            f"{self.engine_config.max_waiting_requests})")
+            if not admitted:
+                self._check_room(sampling_params.n)
             self._streams[request_id] = stream
             self._num_pending_adds += sampling_params.n
         self._send(AddRequest(request_id, stream.prompt_token_ids, sampling_params, prompt))
@@ -195,7 +224,8 @@ class QueueEngineClient(ABC):
             for failure in step.failures:
                 stream = self._streams.get(failure.request_id)
                 if stream is not None:
-                    error = InvalidRequestError(failure.message) if failure.invalid else RuntimeError(failure.message)
+                    error = (InvalidRequestError(failure.message) if failure.invalid
+                             else RequestFailedError(failure.message))
                     deliveries.setdefault(stream.loop, []).append((stream, error))
             calls = [(self._calls.pop(call_id), result) for call_id, result in step.utility_results
                      if call_id in self._calls]
@@ -210,6 +240,8 @@ class QueueEngineClient(ABC):
         """The engine is gone: every open stream and pending call ends with ``EngineDeadError(reason)``."""
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
         with self._lock:
+            if self._dead is not None:  # already failed, for the first reason
+                return
             self._dead = reason
             for stream in self._streams.values():
                 deliveries.setdefault(stream.loop, []).append((stream, EngineDeadError(reason)))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from dsv32.config import TINY_PRESET, ConfigError, EngineConfig, ModelConfig
-from dsv32.distributed.executor import DistributedModel, WorkerFailure, start_driver
+from dsv32.distributed.executor import DistributedModel, start_driver
 from dsv32.engine.block_manager import BlockManager, DataParallelBlockManager
 from dsv32.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from dsv32.engine.outputs import CompletionOutput, EngineStats, PositionLogprobs, RequestOutput, SpecDecodeStats
@@ -23,7 +23,7 @@ from dsv32.engine.request import Request, Sequence, child_sampling_params
 from dsv32.engine.runner import ModelRunner, SampledToken, resolve_device
 from dsv32.engine.sampler import TokenLogprobs, make_generator
 from dsv32.engine.sampling_params import SamplingParams
-from dsv32.engine.scheduler import Scheduler, SchedulerOutput
+from dsv32.engine.scheduler import Scheduler, SchedulerOutput, estimate_context_cost_tokens
 from dsv32.engine.spec_decode import MTPProposer
 from dsv32.engine.structured_output import StructuredOutputManager
 from dsv32.engine.validation import RequestValidator
@@ -93,7 +93,8 @@ class EngineCore:
                                               engine_config.enable_prefix_caching, match_next_token=num_spec > 0)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
                                    engine_config.max_num_batched_tokens, is_ready=self.structured_output.is_ready,
-                                   num_speculative_tokens=num_spec)
+                                   num_speculative_tokens=num_spec,
+                                   context_cost_tokens=estimate_context_cost_tokens(self.model_config))
         self.spec_decode_stats = SpecDecodeStats() if num_spec else None
         self._requests: dict[str, Request] = {}
         self._completions: dict[Sequence, _CompletionState] = {}
@@ -117,9 +118,23 @@ class EngineCore:
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         request = Request(request_id, prompt, prompt_token_ids, params, stream=stream)
+        try:
+            self._add_sequences(request, max_tokens)
+        except Exception:
+            # Nothing of a request that could not be added stays behind (its first sequences may be queued).
+            for seq in request.sequences:
+                self.scheduler.finish(seq, "abort")
+                self._completions.pop(seq, None)
+                self.structured_output.remove(seq)
+            raise
+        self._requests[request_id] = request
+        self._prompt_tokens_total += len(prompt_token_ids)
+
+    def _add_sequences(self, request: Request, max_tokens: int) -> None:
+        params, prompt_token_ids = request.sampling_params, request.prompt_token_ids
         for index in range(params.n):
             child = child_sampling_params(params, index)
-            seq = Sequence(request_id, index, prompt_token_ids, child, max_tokens,
+            seq = Sequence(request.request_id, index, prompt_token_ids, child, max_tokens,
                            prefill_leader=request.sequences[0] if index else None)
             seq.generator = make_generator(child.seed)
             if index == 0 and params.prompt_logprobs is not None:
@@ -131,10 +146,8 @@ class EngineCore:
                 IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child.skip_special_tokens),
                 StopChecker(child.stop, child.include_stop_str_in_output))
             request.sequences.append(seq)
-            self.structured_output.add(seq)
             self.scheduler.add(seq)
-        self._requests[request_id] = request
-        self._prompt_tokens_total += len(prompt_token_ids)
+            self.structured_output.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if it is unknown or done)."""
@@ -156,8 +169,9 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Run one engine step; return the outputs of the requests it changed (streaming requests) or finished.
 
-        A failure never takes the engine down: if the model step fails, the requests in it are aborted; if one
-        request's output processing fails, that request is. Either way ``take_failures`` tells whom and why.
+        An error caused by one request fails that request alone: a grammar that did not compile, or its output
+        processing (``take_failures`` tells whom and why). An error of the model step itself cannot be pinned on a
+        request and is raised: the engine ends.
         """
         for seq, exc in self.structured_output.poll():
             logger.error("compiling the structured-output grammar of request %s failed: %s", seq.request_id, exc)
@@ -166,15 +180,9 @@ class EngineCore:
         if sched_out.is_empty:
             self.structured_output.wait_for_compiles(COMPILE_WAIT_SECONDS)
             return []
-        try:
-            result = self.runner.execute(sched_out.scheduled)
-        except WorkerFailure:
-            raise  # the model's ranks are out of step for good: the engine ends here
-        except Exception as exc:
-            logger.exception("model step over %d sequences failed; aborting their requests", len(sched_out.scheduled))
-            for request_id in dict.fromkeys(item.seq.request_id for item in sched_out.scheduled):
-                self._fail(request_id, exc)
-            return []
+        # A failing model step is not one request's fault (the cache and the ranks may be half-written): it
+        # propagates, and the engine ends (the server answers 503 and /health turns 503).
+        result = self.runner.execute(sched_out.scheduled)
         self.scheduler.on_step_done(sched_out, result.num_accepted)
         self._observe_spec_decode(sched_out, result.num_accepted)
         touched: dict[str, Request] = {}

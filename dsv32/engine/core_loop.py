@@ -1,8 +1,10 @@
 """``EngineCoreLoop``: the busy loop around one ``EngineCore``, wherever it runs (a thread of the server process, or
 the engine-core process). Commands come in through a queue; each iteration applies every command that arrived, runs
 one step if anything is unfinished, and emits one ``StepOutputs`` with all that changed. Idle, it sleeps on the
-queue. It is the only code that touches the core, and one bad request never ends it: a failing request or step is
-reported as a ``Failure`` and the loop goes on.
+queue. It is the only code that touches the core. One bad request never ends it: an error attributable to a request
+(refused or failed when added, a grammar that did not compile, its output processing) is reported as that request's
+``Failure`` and the loop goes on. An error of the step itself is not attributable and ends the loop (raised to its
+owner, which takes the engine-death path).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from dsv32.engine.core import EngineCore
 from dsv32.engine.messages import AbortRequest, AddRequest, Command, Failure, Shutdown, StepOutputs, UtilityCall
 from dsv32.engine.outputs import RequestOutput, SpecDecodeStats
+from dsv32.engine.structured_output import GrammarCompileError
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +59,15 @@ class EngineCoreLoop:
                     self._apply(command, outputs, report)
             if stopping:
                 outputs += [out for rid in core.request_ids() if (out := core.abort_request(rid)) is not None]
-            elif core.has_unfinished_requests():
+            stepped = not stopping and core.has_unfinished_requests()
+            if stepped:
                 outputs += core.step()
-                report.failures += [Failure(rid, f"The engine failed on request {rid}: {exc}")
+                report.failures += [Failure(rid, str(exc), invalid=True) if isinstance(exc, GrammarCompileError)
+                                    else Failure(rid, f"The engine failed on request {rid}: {exc}")
                                     for rid, exc in core.take_failures().items()]
                 self._maybe_log_stats()
-            if commands or outputs or report.failures:
+            # Every step is reported, even one that only prefilled: the client's watchdog reads it as progress.
+            if commands or stepped:
                 report.outputs = outputs
                 report.stats = core.stats()
                 self._emit(report)
@@ -77,6 +83,10 @@ class EngineCoreLoop:
                                  stream=True)
             except ValueError as exc:
                 report.failures.append(Failure(command.request_id, str(exc), invalid=True))
+            except Exception as exc:  # a bug this request ran into: it fails alone, the engine goes on
+                logger.exception("adding request %s failed", command.request_id)
+                report.failures.append(Failure(command.request_id, f"The engine could not add the request: "
+                                                                    f"{type(exc).__name__}: {exc}"))
         elif isinstance(command, AbortRequest):
             out = core.abort_request(command.request_id)
             if out is not None:

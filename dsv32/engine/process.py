@@ -41,6 +41,8 @@ import queue
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -49,12 +51,15 @@ from dsv32.config import ConfigError, EngineConfig
 from dsv32.distributed.lifetime import die_with_parent, tune_openmp_spin
 from dsv32.engine.client import QueueEngineClient
 from dsv32.engine.messages import (
+    AddRequest,
     Command,
     DeltaEncoder,
     EngineReady,
     EngineStartupFailed,
+    Failure,
     Shutdown,
     StepOutputs,
+    UtilityCall,
 )
 from dsv32.tokenizer import Tokenizer
 
@@ -83,10 +88,10 @@ class MPEngineClient(QueueEngineClient):
         self._to_engine = to_engine
         self._outbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._shutting_down = False
-        self._reader = threading.Thread(target=self._read, name="dsv32-engine-reader", daemon=True)
-        self._writer = threading.Thread(target=self._write, name="dsv32-engine-writer", daemon=True)
-        self._reader.start()
-        self._writer.start()
+        self._last_progress = time.monotonic()  # when the engine last reported, or the client last idled
+        self._reader = self._thread(self._read, "reader")
+        self._writer = self._thread(self._write, "writer")
+        self._watchdog = self._thread(self._watch_progress, "watchdog")
 
     @classmethod
     async def start(cls, engine_config: EngineConfig) -> MPEngineClient:
@@ -131,15 +136,36 @@ class MPEngineClient(QueueEngineClient):
         await asyncio.to_thread(_stop, self._process)
         await asyncio.to_thread(self._reader.join, _TERMINATE_TIMEOUT_S)
 
+    def _thread(self, target: Callable[[], None], role: str) -> threading.Thread:
+        """A started daemon thread of the engine link. The link cannot work without each of them: if one dies of
+        an error, the engine is failed (requests in flight get 503, ``/health`` 503) instead of left hanging."""
+
+        def supervised() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                logger.exception("the engine link's %s thread died", role)
+                self._fail_engine(f"The server's {role} thread for the engine died ({type(exc).__name__}).")
+
+        thread = threading.Thread(target=supervised, name=f"dsv32-engine-{role}", daemon=True)
+        thread.start()
+        return thread
+
+    def _fail_engine(self, reason: str) -> None:
+        """Give up on the engine process: fail what is in flight with ``reason`` and kill the process."""
+        self._on_engine_dead(reason)
+        if self._process.is_alive():
+            self._process.kill()
+
     def _read(self) -> None:
         """The reader thread: one ``StepOutputs`` per engine step until the pipe reads EOF (the engine is gone)."""
         try:
             while True:
-                self._on_step_outputs(self._from_engine.recv())
+                step = self._from_engine.recv()
+                self._last_progress = time.monotonic()
+                self._on_step_outputs(step)
         except (EOFError, OSError):
             pass
-        except Exception:
-            logger.exception("reading the engine's outputs failed")
         if self._shutting_down:
             self._on_engine_dead("The engine has been shut down.")
             return
@@ -162,7 +188,39 @@ class MPEngineClient(QueueEngineClient):
                 self._to_engine.send(batch)
             except OSError:  # the engine is gone; the reader reports it
                 return
+            except Exception:  # a command that cannot be pickled: send the others, fail that one alone
+                for command in batch:
+                    try:
+                        self._to_engine.send([command])
+                    except OSError:
+                        return
+                    except Exception as exc:
+                        self._fail_unsendable(command, exc)
             if any(isinstance(command, Shutdown) for command in batch):
+                return
+
+    def _fail_unsendable(self, command: Command, exc: Exception) -> None:
+        logger.error("a %s could not be sent to the engine: %s: %s", type(command).__name__, type(exc).__name__, exc)
+        message = f"The request could not be sent to the engine ({type(exc).__name__})."
+        if isinstance(command, AddRequest):
+            self._on_step_outputs(StepOutputs([], self._stats, failures=[Failure(command.request_id, message)],
+                                              num_seqs_added=command.params.n))
+        elif isinstance(command, UtilityCall):
+            self._on_step_outputs(StepOutputs([], self._stats, utility_results=[(command.call_id, exc)]))
+
+    def _watch_progress(self) -> None:
+        """The watchdog thread: an engine with work in flight that reports no step for ``engine_step_timeout_s``
+        is hung (a deadlock, a stuck collective, a kernel that never returns); it is failed like a dead one."""
+        timeout = self.engine_config.engine_step_timeout_s
+        while self.is_running:
+            time.sleep(min(1.0, timeout / 4))
+            if not self.has_work_in_flight:
+                self._last_progress = time.monotonic()  # idle time is not a stall
+            elif time.monotonic() - self._last_progress > timeout:
+                logger.error("the engine reported no step for %.0f s with requests in flight (--engine-step-timeout); "
+                             "killing it as hung", timeout)
+                self._fail_engine(f"The engine made no progress for {timeout:g} s (--engine-step-timeout) and was "
+                                  "stopped as hung.")
                 return
 
 

@@ -42,6 +42,8 @@ class StructuredOutputsParams:
                 raise ValueError(f"structured outputs {kind} must be a string, got {type(value).__name__}.")
         if self.json is not None and not isinstance(self.json, str | dict):
             raise ValueError(f"structured outputs json must be a JSON Schema object, got {type(self.json).__name__}.")
+        if self.structural_tag is not None:
+            check_structural_tag(self.structural_tag)
 
     @property
     def kind(self) -> str:
@@ -55,6 +57,37 @@ class StructuredOutputsParams:
         if isinstance(value, dict | list):
             value = json.dumps(value, sort_keys=True, ensure_ascii=False)
         return f"{self.kind}:{value}"
+
+
+def _fail_unless(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"structured outputs structural_tag: {message}")
+
+
+def check_structural_tag(text: str) -> None:
+    """The shape of a structural tag (``ValueError`` naming what is wrong), as far as it can be checked without the
+    grammar library: xgrammar's ``{"type": "structural_tag", "format": {"type": ...}}``, or the older
+    ``{"structures": [{"begin", "schema", "end"}], "triggers": [...]}`` that vLLM still accepts. The grammar
+    library checks the rest when it compiles the tag."""
+    try:
+        tag = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"structured outputs structural_tag is not valid JSON: {exc}") from None
+    _fail_unless(isinstance(tag, dict), "must be a JSON object")
+    if "structures" in tag:
+        structures, triggers = tag["structures"], tag.get("triggers")
+        _fail_unless(isinstance(structures, list) and bool(structures), "structures must be a non-empty list")
+        for index, structure in enumerate(structures):
+            _fail_unless(isinstance(structure, dict) and isinstance(structure.get("begin"), str)
+                         and isinstance(structure.get("end"), str)
+                         and isinstance(structure.get("schema", True), dict | bool),
+                         f"structures[{index}] must be an object with string begin and end and a schema object")
+        _fail_unless(isinstance(triggers, list) and bool(triggers) and all(isinstance(t, str) and t for t in triggers),
+                     "triggers must be a non-empty list of strings")
+        return
+    fmt = tag.get("format")
+    _fail_unless(isinstance(fmt, dict) and isinstance(fmt.get("type"), str),
+                 'needs a "format" object with a "type" (or the older "structures" and "triggers")')
 
 
 @dataclass

@@ -52,6 +52,10 @@ _SCHEMA_VALUES = ("items", "additionalProperties", "unevaluatedProperties", "une
                   "contains", "not", "if", "then", "else")
 
 
+class GrammarCompileError(ValueError):
+    """A request's structured-output spec could not be compiled: the request's fault (a 400), not the engine's."""
+
+
 class GrammarMatcher(Protocol):
     """One sequence's position in its grammar."""
 
@@ -216,14 +220,20 @@ class XgrammarBackend:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"structured outputs structural_tag is not valid JSON: {exc}") from None
             return xgr.from_structural_tag(json.dumps(bound_structural_tag_whitespace(tag, ws)))
-        except (RuntimeError, TypeError) as exc:  # xgrammar's errors are RuntimeErrors
-            raise ValueError(f"invalid structured outputs {kind}: {_error_text(exc)}") from None
+        except GrammarCompileError:
+            raise
+        except Exception as exc:  # xgrammar's errors are RuntimeErrors; a malformed spec can raise anything
+            raise GrammarCompileError(f"invalid structured outputs {kind}: {_error_text(exc)}") from None
 
     def check(self, spec: StructuredOutputsParams) -> None:
         self._grammar(spec)
 
     def compile(self, spec: StructuredOutputsParams) -> Any:
-        return self._compiler.compile_grammar(self._grammar(spec))
+        grammar = self._grammar(spec)
+        try:
+            return self._compiler.compile_grammar(grammar)
+        except Exception as exc:  # e.g. a schema bound xgrammar rejects only when compiling (minLength < 0)
+            raise GrammarCompileError(f"invalid structured outputs {spec.kind}: {_error_text(exc)}") from None
 
     def new_matcher(self, compiled: Any) -> GrammarMatcher:
         return _XgrammarMatcher(self._xgr.GrammarMatcher(compiled), self.allocate_bitmask(1), self._stop_token_ids)

@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dsv32.engine.client import EngineClient
+from dsv32.server.boundary import RequestBoundaryMiddleware
 from dsv32.server.chat import create_chat_completion, render_tokenize_prompt
 from dsv32.server.completions import create_completion
-from dsv32.server.errors import APIError, install_error_handlers
+from dsv32.server.errors import APIError, InternalErrorMiddleware, install_error_handlers
 from dsv32.server.metrics import CONTENT_TYPE, ServerMetrics
 from dsv32.server.protocol import (
     ChatCompletionRequest,
@@ -61,6 +62,9 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="dsv32", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
     install_error_handlers(app)
+    # Outermost last: the key is checked before a body is read, bodies are checked before any route runs.
+    app.add_middleware(InternalErrorMiddleware)
+    app.add_middleware(RequestBoundaryMiddleware, limits=config.limits)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
 
@@ -70,7 +74,8 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def chat_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={200: {"description": "The engine is running (no body)"},
+                                                             503: {"description": "The engine is gone (no body)"}})
     async def health() -> Response:
         return Response(status_code=200 if engine.is_running else 503)
 
@@ -96,12 +101,13 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def get_server_info() -> dict[str, Any]:
         return server_info(state, VERSION)
 
-    @app.post("/flush_cache")
+    @app.post("/flush_cache", response_class=PlainTextResponse,
+              responses={400: {"description": "Requests are running", "content": {"text/plain": {}}}})
     async def flush_cache() -> Response:
         # SGLang answers 400 while requests hold cached blocks; so do we (the routers only look at the status).
         if await engine.reset_prefix_cache():
-            return Response("Cache flushed.", status_code=200)
-        return Response("Cache not flushed: requests are running.", status_code=400)
+            return PlainTextResponse("Cache flushed.", status_code=200)
+        return PlainTextResponse("Cache not flushed: requests are running.", status_code=400)
 
     def model_card(name: str) -> ModelCard:
         return ModelCard(id=name, root=config.model_path, max_model_len=state.max_model_len)
@@ -129,9 +135,11 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
         state.check_model(request.model)
         if request.messages is not None:
-            token_ids = state.tokenizer.encode(render_tokenize_prompt(request))
+            size = sum(len(message.text() or "") for message in request.messages)
+            token_ids = await state.offload(size, lambda: state.tokenizer.encode(render_tokenize_prompt(request)))
         else:
-            token_ids = state.tokenizer.encode(request.prompt or "", add_special_tokens=request.add_special_tokens)
+            token_ids = await state.offload(len(request.prompt or ""), state.tokenizer.encode, request.prompt or "",
+                                            request.add_special_tokens)
         body: dict[str, Any] = {"count": len(token_ids), "max_model_len": state.max_model_len, "tokens": token_ids}
         if request.return_token_strs:
             body["token_strs"] = state.tokenizer.convert_ids_to_tokens(token_ids)
@@ -164,21 +172,32 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     return app
 
 
+# Routes outside /v1 that change the server's state, and so need the key too.
+PROTECTED_ROUTES = frozenset({"/flush_cache"})
+
+
 class APIKeyMiddleware:
-    """With an API key, every ``/v1`` route needs ``Authorization: Bearer <key>`` (vLLM protects exactly these).
-    Plain ASGI rather than ``@app.middleware``: that wrapper buffers the request channel, which would hide a client
-    disconnect from the streaming handlers."""
+    """With an API key, every ``/v1`` route (vLLM protects exactly these) and every route that changes the server's
+    state (``PROTECTED_ROUTES``) needs ``Authorization: Bearer <key>``; the scheme is case-insensitive (RFC 7235).
+    The rest (the chat page, health, version, metrics, the routers' load and info routes, ``/tokenize``,
+    ``/detokenize``, ``/tokenizer_info``, ``/openapi.json``) stays open, as in vLLM. Plain ASGI rather than
+    ``@app.middleware``: that wrapper buffers the request channel, which would hide a client disconnect from the
+    streaming handlers."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self._app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
+
+    def _authorized(self, scope: Scope) -> bool:
+        scheme, _, credentials = Headers(scope=scope).get("authorization", "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), self._expected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith("/v1"):
-            given = Headers(scope=scope).get("authorization", "").encode()
-            if not hmac.compare_digest(given, self._expected):
-                response = APIError("Unauthorized: a valid 'Authorization: Bearer <api key>' header is required.",
-                                    401).to_response()
-                await response(scope, receive, send)
-                return
+        if (scope["type"] == "http" and scope["method"] != "OPTIONS"
+                and (scope["path"].startswith("/v1") or scope["path"] in PROTECTED_ROUTES)
+                and not self._authorized(scope)):
+            response = APIError("Unauthorized: a valid 'Authorization: Bearer <api key>' header is required.",
+                                401).to_response()
+            await response(scope, receive, send)
+            return
         await self._app(scope, receive, send)

@@ -86,6 +86,11 @@ def render_chat_prompt(request: ChatCompletionRequest) -> ChatEncoding:
     )
 
 
+def _render_and_tokenize(state: ServerState, request: ChatCompletionRequest) -> tuple[ChatEncoding, list[int]]:
+    rendered = render_chat_prompt(request)
+    return rendered, state.tokenizer.encode(rendered.prompt)
+
+
 @dataclass
 class _ChoiceStream:
     """Per-choice streaming state: the parser, what was read of the engine's text, and pending logprobs."""
@@ -146,9 +151,9 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     if request.tools and state.config.tool_call_parser == "none" and tool_choice != "none":
         choice_name = tool_choice if isinstance(tool_choice, str) else "named"
         raise APIError(f'"{choice_name}" tool choice requires --tool-call-parser to be set', 400, param="tool_choice")
-    rendered = render_chat_prompt(request)
-    prompt_ids = state.tokenizer.encode(rendered.prompt)
-    max_tokens = state.validator.resolve_max_tokens(request.requested_max_tokens(), len(prompt_ids))
+    size = sum(len(message.text() or "") for message in request.messages)
+    rendered, prompt_ids = await state.offload(size, _render_and_tokenize, state, request)
+    max_tokens = state.resolve_max_tokens(request.requested_max_tokens(), len(prompt_ids))
     tool_call_tag = rendered.tool_call_structural_tag(request.parallel_tool_calls)
     # parallel_tool_calls=false: a tool-call grammar allows one call; without one, a stop string ends the first.
     single_call = not request.parallel_tool_calls and bool(rendered.tools) and tool_call_tag is None

@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from dsv32.engine.outputs import CompletionOutput, RequestOutput
 from dsv32.server.errors import APIError
-from dsv32.server.generation import EngineRequest, merge_outputs, start_all
+from dsv32.server.generation import EngineRequest, admit_all, merge_outputs, start_all
 from dsv32.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -48,7 +48,13 @@ class _PromptRun:
         self.finished: set[int] = set()
 
 
-def _tokenize_prompts(state: ServerState, request: CompletionRequest) -> list[tuple[str, list[int]]]:
+async def _tokenize_prompts(state: ServerState, request: CompletionRequest) -> list[tuple[str, list[int]]]:
+    """Each prompt's text and ids (a long batch is tokenized off the event loop)."""
+    size = sum(len(p) for p in request.prompts())
+    return await state.offload(size, _tokenize_prompts_now, state, request)
+
+
+def _tokenize_prompts_now(state: ServerState, request: CompletionRequest) -> list[tuple[str, list[int]]]:
     prompts: list[tuple[str, list[int]]] = []
     for prompt in request.prompts():
         if isinstance(prompt, str):
@@ -78,9 +84,14 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
     request_id = state.request_id("cmpl", raw_request.headers.get("x-request-id"), request.request_id or request.rid)
     runs: list[_PromptRun] = []
     structured_outputs = structured_outputs_params(request)
-    for index, (text, token_ids) in enumerate(_tokenize_prompts(state, request)):
+    prompts = await _tokenize_prompts(state, request)
+    # A batch is admitted as one unit: all of its prompts wait, or none.
+    admitted = len(prompts) > 1
+    if admitted:
+        admit_all(state, len(prompts) * request.n)
+    for index, (text, token_ids) in enumerate(prompts):
         score_only = request.max_tokens == 0
-        max_tokens = state.validator.resolve_max_tokens(1 if score_only else request.max_tokens, len(token_ids))
+        max_tokens = state.resolve_max_tokens(1 if score_only else request.max_tokens, len(token_ids))
         want_prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         params = build_sampling_params(
             request, max_tokens=max_tokens, validator=state.validator, logprobs=request.logprobs,
@@ -88,7 +99,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
             structured_outputs=structured_outputs)
         sub_id = request_id if len(request.prompts()) == 1 else f"{request_id}-{index}"
         state.log_request(sub_id, request, len(token_ids))
-        engine_request = EngineRequest(state, sub_id, token_ids, params, raw_request, prompt=text)
+        engine_request = EngineRequest(state, sub_id, token_ids, params, raw_request, prompt=text, admitted=admitted)
         runs.append(_PromptRun(text, token_ids, score_only, engine_request))
     await start_all(_requests(runs))
     created = int(time.time())

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dsv32.engine.validation import InvalidRequestError
 
@@ -114,7 +115,32 @@ def install_error_handlers(app: FastAPI) -> None:
             response.headers[key] = value
         return response
 
-    @app.exception_handler(Exception)
-    async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error while serving a request")
-        return APIError(f"Internal server error: {type(exc).__name__}", 500).to_response()
+
+
+class InternalErrorMiddleware:
+    """A bug met while serving one request becomes a 500 in the usual envelope, and the connection stays usable.
+    (An ``exception_handler(Exception)`` would not do: Starlette sends its response and then re-raises, and the
+    server resets the keep-alive connection.) An error after the response has started is logged; the response is
+    cut short, which is all that can be done then."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._app(scope, receive, tracking_send)
+        except Exception as exc:
+            logger.exception("unhandled error while serving %s %s", scope["method"], scope["path"])
+            if not started:
+                response = APIError(f"Internal server error: {type(exc).__name__}", 500).to_response()
+                await response(scope, receive, send)

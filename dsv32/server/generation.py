@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 
-from dsv32.engine.client import EngineDeadError, EngineOverloadedError
+from dsv32.engine.client import EngineDeadError, EngineOverloadedError, RequestFailedError
 from dsv32.engine.outputs import RequestOutput
 from dsv32.engine.sampling_params import SamplingParams
+from dsv32.engine.validation import InvalidRequestError
 from dsv32.server.errors import APIError
 from dsv32.server.metrics import RequestMetrics
 from dsv32.server.state import ServerState
@@ -35,7 +36,9 @@ class EngineRequest:
     """Drives ``engine.generate`` for one prompt on behalf of one HTTP request."""
 
     def __init__(self, state: ServerState, request_id: str, prompt_token_ids: list[int],
-                 sampling_params: SamplingParams, raw_request: Request | None, prompt: str | None = None) -> None:
+                 sampling_params: SamplingParams, raw_request: Request | None, prompt: str | None = None,
+                 admitted: bool = False) -> None:
+        """``admitted``: room was checked for this request's group (``admit_all``)."""
         self._state = state
         self._engine = state.engine
         self._metrics = state.metrics
@@ -44,6 +47,7 @@ class EngineRequest:
         self._params = sampling_params
         self._raw_request = raw_request
         self._prompt = prompt
+        self._admitted = admitted
         self._stream: AsyncIterator[RequestOutput] | None = None
         self._first: RequestOutput | None = None
         self._finished = False
@@ -56,7 +60,7 @@ class EngineRequest:
         self._timing = self._metrics.track(self._params.n, self._params.max_tokens or 0)
         self._state.active_requests.add(self)
         self._stream = aiter(self._engine.generate(self._prompt_token_ids, self._params, self.request_id,
-                                                   prompt=self._prompt))
+                                                   prompt=self._prompt, admitted=self._admitted))
         if self._raw_request is not None:
             self._watcher = asyncio.create_task(self._watch_disconnect(), name=f"watch-{self.request_id}")
         try:
@@ -70,6 +74,9 @@ class EngineRequest:
         except ValueError as exc:
             await self._reject("invalid")
             raise APIError(str(exc), 400, param=getattr(exc, "param", None)) from None
+        except RequestFailedError as exc:
+            await self.close()
+            raise APIError(str(exc), 500) from None
         except StopAsyncIteration:
             await self.close()
             raise APIError("The engine ended the request without output.", 500) from None
@@ -93,6 +100,10 @@ class EngineRequest:
                     return
         except EngineDeadError as exc:
             raise engine_unavailable(exc) from None
+        except RequestFailedError as exc:
+            raise APIError(str(exc), 500) from None
+        except InvalidRequestError as exc:  # refused after it started (a grammar that did not compile)
+            raise APIError(str(exc), 400, param=exc.param) from None
         finally:
             await self.close()
 
@@ -194,6 +205,15 @@ async def merge_outputs(requests: list[EngineRequest]) -> AsyncIterator[tuple[in
         await asyncio.gather(*tasks, return_exceptions=True)
         for request in requests:
             await request.close()
+
+
+def admit_all(state: ServerState, num_seqs: int) -> None:
+    """Room for a batch of requests, checked once for all of them (``EngineClient.admit``) as an HTTP error."""
+    try:
+        state.engine.admit(num_seqs)
+    except EngineOverloadedError as exc:
+        state.metrics.count_rejected("overloaded")
+        raise APIError(f"The server is overloaded: {exc}. Retry later.", 503) from None
 
 
 async def start_all(requests: list[EngineRequest]) -> list[RequestOutput]:

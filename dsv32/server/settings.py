@@ -3,12 +3,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # vLLM's parser names first; SGLang's spellings map onto them.
 REASONING_PARSERS = {"deepseek_v3": "deepseek_v3", "deepseek-v3": "deepseek_v3", "deepseek_r1": "deepseek_v3",
                      "deepseek-r1": "deepseek_v3", "none": "none"}
 TOOL_CALL_PARSERS = {"deepseek_v32": "deepseek_v32", "deepseekv32": "deepseek_v32", "none": "none"}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request body may be (``dsv32 serve --max-request-bytes / --max-json-depth``)."""
+
+    # vLLM sets none; 32 MiB holds a full 163,840-token context as text many times over.
+    max_request_bytes: int = 32 * 1024 * 1024
+    # Deep enough for any real tool or response schema (OpenAI's strict mode allows 10 levels of schema nesting,
+    # which is about 25 levels of JSON), far below Python's recursion limit.
+    max_json_depth: int = 64
+    # Time a client gets to send its whole body.
+    body_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"--max-request-bytes must be at least 1024, got {self.max_request_bytes}")
+        if not 8 <= self.max_json_depth <= 256:
+            raise ValueError(f"--max-json-depth must be in [8, 256], got {self.max_json_depth}")
 
 
 @dataclass(frozen=True)
@@ -28,8 +47,15 @@ class ServerConfig:
     # "deepseek_v32": parse DSML tool calls; "none": no tool calling (`tool_choice` other than "none" is refused).
     tool_call_parser: str = "deepseek_v32"
     log_requests: bool = False
+    # Size, nesting and arrival time a request body may have (dsv32.server.boundary).
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # Tokens a request that sets no max_tokens may generate; None: whatever the context has left (vLLM's rule). A
+    # model with random weights would otherwise babble to the end of a 163,840-token context.
+    default_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.default_max_tokens is not None and self.default_max_tokens < 1:
+            raise ValueError(f"--default-max-tokens must be at least 1, got {self.default_max_tokens}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         if self.shutdown_timeout < 0:

@@ -3,13 +3,16 @@ built once when the app is created, plus the checks every generation endpoint st
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from dsv32.engine.client import EngineClient
 from dsv32.engine.validation import RequestValidator
-from dsv32.server.errors import model_not_found
+from dsv32.server.errors import APIError, model_not_found
 from dsv32.server.logprobs import LogprobFormatter
 from dsv32.server.metrics import ServerMetrics
 from dsv32.server.protocol import random_uuid
@@ -17,6 +20,16 @@ from dsv32.server.settings import ServerConfig
 from dsv32.tokenizer import Tokenizer
 
 logger = logging.getLogger("dsv32.server")
+
+T = TypeVar("T")
+
+# A client's request id goes back out in a response header: printable ASCII only.
+_REQUEST_ID = re.compile(r"^[\x20-\x7e]{1,256}$")
+
+# Inputs at least this long (characters, or token ids) are rendered and tokenized on a worker thread: a long prompt
+# takes tens of milliseconds to tokenize and would stall every stream on the event loop meanwhile (vLLM tokenizes
+# off the loop too). Shorter ones are not worth a thread hop.
+OFFLOAD_MIN_SIZE = 16384
 
 
 @dataclass
@@ -50,6 +63,20 @@ class ServerState:
     def validator(self) -> RequestValidator:
         return self.engine.validator
 
+    async def offload(self, size: int, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)``, on a worker thread when the input it handles is large (``size`` >= OFFLOAD_MIN_SIZE)."""
+        if size >= OFFLOAD_MIN_SIZE:
+            return await asyncio.to_thread(work, *args)
+        return work(*args)
+
+    def resolve_max_tokens(self, requested: int | None, num_prompt: int) -> int:
+        """The output budget of one request: what it asked for (which must fit the context), else
+        ``--default-max-tokens`` or, without one, whatever the context has left."""
+        budget = self.validator.resolve_max_tokens(requested, num_prompt)
+        if requested is None and self.config.default_max_tokens is not None:
+            return min(budget, self.config.default_max_tokens)
+        return budget
+
     def check_model(self, model: str | None) -> None:
         """``model`` may be omitted (vLLM allows it); otherwise it must be a served name or the model path."""
         if model is not None and model not in self.config.served_model_names and model != self.config.model_path:
@@ -59,6 +86,9 @@ class ServerState:
         """vLLM honours ``X-Request-Id``; SGLang's body ``rid`` (or vLLM's ``request_id``) works too. A random
         suffix keeps ids unique in the engine even when a client reuses its own."""
         chosen = body_id or header_id
+        if chosen is not None and not _REQUEST_ID.match(chosen):
+            raise APIError("request_id / X-Request-Id must be 1-256 printable ASCII characters (it is sent back in "
+                           "the X-Request-Id header).", 400, param="request_id")
         return f"{prefix}-{chosen}-{random_uuid()[:8]}" if chosen else f"{prefix}-{random_uuid()}"
 
     def log_request(self, request_id: str, request: Any, prompt_tokens: int) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from dsv32 import SamplingParams
 from dsv32.engine.async_engine import AsyncLLM
-from dsv32.engine.client import EngineDeadError, EngineOverloadedError
+from dsv32.engine.client import EngineDeadError, EngineOverloadedError, RequestFailedError
 
 from .conftest import token_prompts
 
@@ -140,24 +140,42 @@ def test_full_waiting_queue_raises_overloaded(engine, monkeypatch):
     asyncio.run(run())
 
 
-def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(engine, monkeypatch):
-    runner = engine._core.runner
-    real_execute = runner.execute
-    calls = {"n": 0}
+def test_a_failing_model_step_ends_the_engine(engine, monkeypatch):
+    """A step error cannot be pinned on one request: the engine takes the death path instead of carrying on."""
 
-    def flaky(scheduled):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("simulated device error")
-        return real_execute(scheduled)
+    def broken(scheduled):
+        raise RuntimeError("simulated device error")
 
-    monkeypatch.setattr(runner, "execute", flaky)
+    monkeypatch.setattr(engine._core.runner, "execute", broken)
 
     async def run():
-        with pytest.raises(RuntimeError, match="simulated device error"):
+        with pytest.raises(EngineDeadError, match="crashed"):
             await collect(engine, [5] * 10, SamplingParams(max_tokens=2), "fails")
+        assert not engine.is_running
+        with pytest.raises(EngineDeadError):
+            await collect(engine, [5] * 10, SamplingParams(max_tokens=2), "late")
+        assert engine._core.request_ids() == []  # the failed step's requests were freed
+
+    asyncio.run(run())
+
+
+def test_an_error_adding_one_request_fails_it_alone(engine, monkeypatch):
+    core = engine._core
+    real_add = core.structured_output.add
+
+    def add(seq):
+        if seq.request_id == "bad":
+            raise AttributeError("simulated bug")
+        real_add(seq)
+
+    monkeypatch.setattr(core.structured_output, "add", add)
+
+    async def run():
+        with pytest.raises(RequestFailedError, match="simulated bug"):
+            await collect(engine, [5] * 10, SamplingParams(max_tokens=2, n=2), "bad")
         outs = await collect(engine, [5] * 10, SamplingParams(max_tokens=2, ignore_eos=True), "works")
         assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 2
+        await wait_until_idle(engine)  # nothing of the refused request stayed queued
 
     asyncio.run(run())
 

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from dsv32.engine.validation import InvalidRequestError
-from dsv32.server.errors import APIError, install_error_handlers
+from dsv32.server.errors import APIError, InternalErrorMiddleware, install_error_handlers
 from dsv32.server.sse import SSE_DONE, _framed, sse_event
 
 
@@ -21,6 +21,7 @@ class Body(BaseModel):
 def make_client() -> TestClient:
     app = FastAPI()
     install_error_handlers(app)
+    app.add_middleware(InternalErrorMiddleware)
 
     @app.post("/echo")
     async def echo(body: Body) -> dict[str, int]:
@@ -38,7 +39,9 @@ def make_client() -> TestClient:
     async def crash() -> None:
         raise RuntimeError("secret internals")
 
-    return TestClient(app, raise_server_exceptions=False)
+    # raise_server_exceptions stays on: a 500 must be answered without the exception escaping the app (which is
+    # what makes uvicorn reset the connection).
+    return TestClient(app)
 
 
 def assert_envelope(response, status: int, error_type: str) -> dict:
