@@ -69,7 +69,8 @@ def parse_json(text: str | bytes, max_depth: int, where: str | None = None) -> A
     except UnicodeDecodeError as exc:
         raise InvalidJSONValue(f"{prefix}the body is not UTF-8: {exc.reason} at byte {exc.start}.", where) from None
     except ValueError as exc:  # json.JSONDecodeError, and integers longer than Python converts (4300 digits)
-        raise MalformedJSON(f"{prefix}invalid JSON: {exc}", where) from None
+        raise MalformedJSON(f"{prefix}Invalid JSON body: {exc}" if where is None else f"{prefix}invalid JSON: {exc}",
+                            where) from None
     check_json_value(value, max_depth, where)
     return value
 

@@ -1,5 +1,6 @@
 """The engine-core process of a real `dsv32 serve`: the engine runs in a child process of its own with every core;
-killed mid-request, the requests in flight get a 503 at once, /health turns 503 and nothing hangs; a server that is
+killed mid-request, the requests in flight get a 503 at once, /health turns 503 and nothing hangs; a hung engine
+(stopped mid-step) is found by the watchdog after --engine-step-timeout and fails the same way; a server that is
 killed takes its engine process with it; SIGTERM while the model loads exits 0 and leaves no process behind.
 (Streaming and abort on client disconnect over this boundary: test_streaming.py; SIGTERM draining: test_lifecycle.)"""
 
@@ -72,6 +73,29 @@ def test_killed_engine_fails_requests_in_flight_with_503_and_health_503(server_f
     assert "engine core process died" in server.log()
     assert server.stop(timeout_s=30) == 0
     assert not process_alive(pid)
+
+
+def test_hung_engine_is_failed_after_the_step_timeout(server_factory) -> None:
+    server = server_factory("--engine-step-timeout", "3")
+    pid = server.engine_pid()
+    idle = httpx.post(f"{server.base_url}/v1/completions", json={**LONG, "max_tokens": 2}, timeout=60)
+    assert idle.status_code == 200
+    time.sleep(4)  # idle time longer than the timeout is not a hang
+    assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: answers.append(
+        httpx.post(f"{server.base_url}/v1/completions", json=LONG, timeout=60)))
+    thread.start()
+    server.wait_for_metrics(lambda m: m["vllm:num_requests_running"] == 1)
+    os.kill(pid, signal.SIGSTOP)  # a step that never ends
+    stopped_at = time.monotonic()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "a request hung with the engine"
+    assert time.monotonic() - stopped_at < 10
+    assert answers[0].status_code == 503 and "no progress" in answers[0].json()["error"]["message"]
+    assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 503
+    assert wait_until_gone(pid, 10), "the hung engine process was not killed"
+    assert server.stop(timeout_s=30) == 0
 
 
 def test_killed_server_takes_its_engine_process_with_it(server_factory) -> None:

@@ -53,7 +53,7 @@ class ScriptedEngine:
     is_running = True
 
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt: str | None = None, admitted: bool = False) -> AsyncIterator[RequestOutput]:
         self.calls.append((prompt_token_ids, sampling_params, prompt))
         scripts = [self.script, *self.extra_scripts][:sampling_params.n]
         for step in range(max(len(script) for script in scripts)):
@@ -67,6 +67,9 @@ class ScriptedEngine:
                                                     stop_reason=self.stop_reason if done else None))
             finished = all(c.finish_reason for c in completions)
             yield RequestOutput(request_id, prompt, prompt_token_ids, completions, finished=finished)
+
+    def admit(self, num_seqs: int) -> None:
+        return None
 
     async def abort(self, request_id: str) -> None:
         return None
@@ -85,8 +88,8 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.from_pretrained("tiny")
 
 
-def client_for(engine: ScriptedEngine) -> TestClient:
-    return TestClient(build_app(engine, ServerConfig()))
+def client_for(engine: ScriptedEngine, config: ServerConfig | None = None) -> TestClient:
+    return TestClient(build_app(engine, config or ServerConfig()))
 
 
 def sse_payloads(response) -> list[dict]:
@@ -178,6 +181,15 @@ def test_chat_max_tokens_defaults_to_the_rest_of_the_context(tokenizer: Tokenize
     client_for(engine).post("/v1/chat/completions", json={"messages": USER})
     prompt_ids, params, _ = engine.calls[0]
     assert params.max_tokens == engine.max_model_len - len(prompt_ids)
+
+
+def test_default_max_tokens_bounds_requests_that_set_none(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer, ["ok"])
+    client = client_for(engine, ServerConfig(default_max_tokens=7))
+    client.post("/v1/chat/completions", json={"messages": USER})
+    client.post("/v1/completions", json={"prompt": "x", "max_tokens": None})
+    client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 300})
+    assert [params.max_tokens for _, params, _ in engine.calls] == [7, 7, 300]
 
 
 def test_streamed_siblings_finish_once_each(tokenizer: Tokenizer) -> None:
