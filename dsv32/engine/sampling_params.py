@@ -27,6 +27,8 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
     structural_tag: str | None = None
+    # The request field the constraint came from (e.g. "response_format"), to name it in errors; not part of it.
+    source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         given = [kind for kind in _STRUCTURED_OUTPUT_KINDS if getattr(self, kind) not in (None, False)]

@@ -46,24 +46,28 @@ class MalformedJSON(InvalidJSONValue):
     """Text that is not JSON at all."""
 
 
-def _reject_constant(name: str) -> Any:
-    raise InvalidJSONValue(f"{name} is not valid JSON: numbers must be finite.", None)
+class _NonFinite(float):
+    """``NaN`` / ``Infinity`` or a number that overflows a double, as parsed; refused by the walk, which knows its
+    field."""
+
+    text: str
+
+    def __new__(cls, text: str) -> _NonFinite:
+        number = super().__new__(cls, float(text))
+        number.text = text
+        return number
 
 
-def _finite_float(text: str) -> float:
+def _parse_float(text: str) -> float:
     value = float(text)
-    if not math.isfinite(value):
-        raise InvalidJSONValue(f"the number {text[:40]} is out of range: numbers must be finite doubles.", None)
-    return value
+    return value if math.isfinite(value) else _NonFinite(text)
 
 
 def parse_json(text: str | bytes, max_depth: int, where: str | None = None) -> Any:
     """``text`` parsed and checked (see the module docstring); ``InvalidJSONValue`` says what is wrong and where."""
     prefix = f"{where}: " if where else ""
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except InvalidJSONValue as exc:
-        raise InvalidJSONValue(prefix + str(exc), where) from None
+        value = json.loads(text, parse_constant=_NonFinite, parse_float=_parse_float)
     except RecursionError:
         raise InvalidJSONValue(f"{prefix}JSON is nested more than {max_depth} levels deep.", where) from None
     except UnicodeDecodeError as exc:
@@ -156,6 +160,10 @@ def check_json_value(value: Any, max_depth: int, where: str | None = None) -> No
                         f"{field}: the text holds a lone UTF-16 surrogate ({item[exc.start]!r} at character "
                         f"{exc.start}), which is not Unicode text; send valid UTF-8 (surrogate pairs are fine).",
                         field) from None
+        elif isinstance(item, _NonFinite):
+            field = _path((*base, *path))
+            raise InvalidJSONValue(f"{field}: {item.text[:40]} is not a finite number (JSON numbers must be finite "
+                                   "doubles).", field)
         elif isinstance(item, int) and not isinstance(item, bool) and not _INT64_MIN <= item <= _INT64_MAX:
             field = _path((*base, *path))
             raise InvalidJSONValue(f"{field}: the integer is outside the 64-bit range.", field)

@@ -73,7 +73,7 @@ class EngineRequest:
             raise engine_unavailable(exc) from None
         except ValueError as exc:
             await self._reject("invalid")
-            raise APIError(str(exc), 400, param=getattr(exc, "param", None)) from None
+            raise APIError(str(exc), 400, param=getattr(exc, "param", None) or self._param_of(exc)) from None
         except RequestFailedError as exc:
             await self.close()
             raise APIError(str(exc), 500) from None
@@ -103,9 +103,15 @@ class EngineRequest:
         except RequestFailedError as exc:
             raise APIError(str(exc), 500) from None
         except InvalidRequestError as exc:  # refused after it started (a grammar that did not compile)
-            raise APIError(str(exc), 400, param=exc.param) from None
+            raise APIError(str(exc), 400, param=exc.param or self._param_of(exc)) from None
         finally:
             await self.close()
+
+    def _param_of(self, exc: Exception) -> str | None:
+        """The request field an engine refusal is about, when the engine could not say: a structured-output spec
+        the grammar compiler refused came from the field the server built it from."""
+        constraint = self._params.structured_outputs
+        return constraint.source if constraint is not None and "structured outputs" in str(exc) else None
 
     async def _reject(self, reason: str) -> None:
         """The engine refused the request: nothing to abort, and it does not count as a finished request."""

@@ -72,7 +72,7 @@ def structured_outputs_params(request: SamplingFields, tool_call_tag: str | None
     tool calls its ``tool_choice`` forces as ``tool_call_tag``), None for free text; two at once are a 400."""
     sources = _structured_outputs_sources(request)
     if tool_call_tag is not None:
-        sources["tool_choice"] = {"structural_tag": tool_call_tag}
+        sources["tools"] = {"structural_tag": tool_call_tag}
     if not sources:
         return None
     if len(sources) > 1:
@@ -81,7 +81,7 @@ def structured_outputs_params(request: SamplingFields, tool_call_tag: str | None
                        param=next(iter(sources)))
     (field, spec), = sources.items()
     try:
-        return StructuredOutputsParams(**spec)
+        return StructuredOutputsParams(**spec, source=field)
     except ValueError as exc:
         raise APIError(f"{field}: {exc}", 400, param=field) from None
 

@@ -105,7 +105,7 @@ def test_integers_outside_int64_are_refused_with_their_field() -> None:
     error = error_of(client.post("/v1/echo", content='{"max_tokens": 9223372036854775808}', headers=JSON), 400)
     assert error["param"] == "max_tokens"
     error = error_of(client.post("/v1/echo", content='{"n": 1' + "0" * 5000 + "}", headers=JSON), 400)
-    assert "invalid JSON" in error["message"]
+    assert "Invalid JSON body" in error["message"]
 
 
 @pytest.mark.parametrize("where,body", [
