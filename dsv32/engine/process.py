@@ -20,6 +20,9 @@ Lifetime:
 - model load errors come back as one ``EngineStartupFailed`` line (``EngineStartupError`` here); the process exits 1.
 - engine process death (crash, OOM kill): the reader sees EOF, every request in flight ends with
   ``EngineDeadError`` (the server answers 503) and ``is_running`` turns False (``/health`` answers 503).
+- a hung engine (busy, but no step reported for ``engine_step_timeout_s``) is killed by the client's watchdog thread
+  and then fails like a dead one; so does a broken link (the client's reader or writer thread dying of an error).
+  A command that cannot be pickled fails its own request only.
 - server process death: the engine's reader sees EOF and the engine exits at once; ``PR_SET_PDEATHSIG`` kills it
   even if the server was SIGKILLed mid-step. Ctrl-C (SIGINT to the process group) is left to the server, which
   drains and then sends ``Shutdown``.
