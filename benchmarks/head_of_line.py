@@ -29,6 +29,10 @@ from pathlib import Path
 
 import httpx
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.server.conftest import wait_until_healthy  # noqa: E402  (the test suite's server start-up wait)
+
 PHASES = ("before", "during", "after")
 
 
@@ -87,19 +91,10 @@ def start_server(args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
            "--max-model-len", str(args.max_model_len), *args.server_args]
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=args.source or None)
-    base = f"http://127.0.0.1:{args.port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    if wait_until_healthy(proc, f"http://127.0.0.1:{args.port}", 300):
+        return proc
     proc.kill()
-    raise RuntimeError(f"server did not become healthy; see {log_path}")
+    raise RuntimeError(f"server did not become healthy (exit code {proc.poll()}); see {log_path}")
 
 
 def gaps_in(streams: list[Stream], start: float, end: float) -> list[float]:

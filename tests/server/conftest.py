@@ -113,20 +113,25 @@ def spawn_server(log_dir: Path, *extra_args: str) -> ServerProcess:
 def start_server(log_dir: Path, *extra_args: str) -> ServerProcess:
     """Start `dsv32 serve` and wait until /health answers."""
     server = spawn_server(log_dir, *extra_args)
-    process = server.process
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"dsv32 serve exited with {process.returncode}; log:\n{server.log()[-3000:]}")
+    if not wait_until_healthy(server.process, server.base_url, STARTUP_TIMEOUT_S):
+        returncode = server.process.poll()
+        server.stop()
+        raise AssertionError(f"dsv32 serve did not become healthy (exit code {returncode}); log:\n"
+                             f"{server.log()[-3000:]}")
+    return server
+
+
+def wait_until_healthy(process: subprocess.Popen, base_url: str, timeout_s: float) -> bool:
+    """Poll ``/health`` until it answers 200 (True), or the process exits or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
         try:
-            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                return server
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return True
         except httpx.HTTPError:
             pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise AssertionError(f"dsv32 serve did not become healthy; log:\n{server.log()[-3000:]}")
         time.sleep(0.3)
+    return False
 
 
 @pytest.fixture(scope="module")

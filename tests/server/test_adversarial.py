@@ -54,6 +54,13 @@ def conclude(target: FuzzTarget, what: str, failures: list[str]) -> None:
     assert not failures, failure_report(what, failures)
 
 
+def check_cases(target: FuzzTarget, what: str, cases) -> None:
+    """A fixed set of hostile inputs, judged one by one, then the server's health."""
+    failures: list[str] = []
+    target.run(cases, failures)
+    conclude(target, what, failures)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Text
 # --------------------------------------------------------------------------------------------------------------------
@@ -111,21 +118,15 @@ def test_deep_json_in_every_schema_field_is_answered_in_under_a_second(target: F
 
 
 def test_wide_json_in_every_schema_field(target: FuzzTarget) -> None:
-    failures: list[str] = []
-    target.run(hostile.wide_cases(), failures)
-    conclude(target, "wide JSON in schema fields", failures)
+    check_cases(target, "wide JSON in schema fields", hostile.wide_cases())
 
 
 def test_malformed_structured_output_specs_are_refused_at_the_boundary(target: FuzzTarget) -> None:
-    failures: list[str] = []
-    target.run(hostile.malformed_structured_output_cases(), failures)
-    conclude(target, "malformed structured-output specs", failures)
+    check_cases(target, "malformed structured-output specs", hostile.malformed_structured_output_cases())
 
 
 def test_duplicate_keys(target: FuzzTarget) -> None:
-    failures: list[str] = []
-    target.run(hostile.duplicate_key_cases(), failures)
-    conclude(target, "duplicate keys", failures)
+    check_cases(target, "duplicate keys", hostile.duplicate_key_cases())
 
 
 # --------------------------------------------------------------------------------------------------------------------
