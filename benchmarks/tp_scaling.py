@@ -99,8 +99,7 @@ def run_child(args: argparse.Namespace) -> Result:
     one = min(timed(short, 1) for _ in range(args.repeats))
     full = min(timed(short, args.output_len) for _ in range(args.repeats))
     share = clock.seconds / (time.perf_counter() - start)
-    if llm.engine.distributed is not None:
-        llm.engine.close()
+    llm.engine.close()
     layout = f"TP={args.tp}" + (" + EP" if args.ep else "")
     return Result(args.model, layout, args.threads_per_rank, args.batch * args.prefill_len / prefill,
                   args.batch * (args.output_len - 1) / (full - one), share)

@@ -21,6 +21,8 @@ from dsv32.config import (
     DEVICES,
     DISTRIBUTED_EXECUTOR_BACKENDS,
     DTYPES,
+    KERNEL_BACKEND_ENV,
+    KERNEL_BACKENDS,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
     TINY_PRESET,
@@ -155,6 +157,12 @@ def add_engine_arguments(eng: argparse._ArgumentGroup) -> None:
                      help=f"Seed for weight init (dummy) and sampling (default {engine.seed}).")
     eng.add_argument("--device", default=engine.device, choices=DEVICES,
                      help="Where the model runs (default: cuda if available, else cpu).")
+    eng.add_argument("--kernel-backend", default=engine.kernel_backend, choices=KERNEL_BACKENDS,
+                     help=f"The model's kernels: auto (Triton on CUDA, else torch), torch or triton (default: "
+                          f"${KERNEL_BACKEND_ENV}, else auto).")
+    eng.add_argument("--openmp-spin-count", type=int, default=engine.openmp_spin_count, metavar="N",
+                     help="GOMP_SPINCOUNT of the engine's processes (default: $GOMP_SPINCOUNT if set, else 20000000: "
+                          "the model's threads stay hot between a step's parallel regions).")
     eng.add_argument("--structured-outputs-config", default="{}", metavar="JSON",
                      help='Structured outputs (JSON schema, regex, choice, grammar, constrained tool calls), as a JSON '
                           'object: {"backend": "xgrammar", "max_whitespace": 16} (the defaults; backend "auto" = '
@@ -279,6 +287,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_waiting_requests=args.max_waiting_requests,
         engine_step_timeout_s=args.engine_step_timeout,
         max_logprobs=args.max_logprobs,
+        kernel_backend=args.kernel_backend,
+        openmp_spin_count=args.openmp_spin_count,
         structured_outputs_config=StructuredOutputsConfig.from_json(args.structured_outputs_config),
         speculative_config=speculative_config_from_args(args),
         **(parallel_config_from_args(args) if hasattr(args, "tensor_parallel_size") else {}),
@@ -331,8 +341,8 @@ def _is_torchrun_worker() -> bool:
 
 def run_workers(engine_config: EngineConfig) -> int:
     """``serve --headless`` (a node that only runs model workers) or a torchrun rank other than 0."""
-    from dsv32.distributed.executor import run_headless
     from dsv32.distributed.groups import DistributedInitError
+    from dsv32.engine.executor.worker import run_headless
     from dsv32.engine.runner import resolve_device
 
     try:

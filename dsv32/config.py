@@ -361,6 +361,8 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DEVICES = ("auto", "cpu", "cuda")  # the CLI's choices; EngineConfig also takes "cuda:N"
 STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
 DISTRIBUTED_EXECUTOR_BACKENDS = ("mp",)  # local workers are processes this one spawns (vLLM's "mp")
+KERNEL_BACKENDS = ("auto", "torch", "triton")  # dsv32.kernels: auto = Triton on CUDA when it imports, else torch
+KERNEL_BACKEND_ENV = "DSV32_KERNEL_BACKEND"  # the default of EngineConfig.kernel_backend
 
 
 @dataclass(frozen=True)
@@ -430,6 +432,11 @@ class EngineConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # None: a free port on one node, 29500 (torchrun's) across nodes
     distributed_timeout_s: float = 300.0  # rendezvous and per-collective limit before a silent rank is a failure
+    # The model's kernels (``dsv32.kernels``); default $DSV32_KERNEL_BACKEND, else auto.
+    kernel_backend: str = field(default_factory=lambda: os.environ.get(KERNEL_BACKEND_ENV) or "auto")
+    # libgomp's spin count (GOMP_SPINCOUNT) in the processes the engine starts (the engine-core process, the model's
+    # workers; never the caller's own); None: the one they inherit if set, else ``lifetime.DEFAULT_OPENMP_SPIN``.
+    openmp_spin_count: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative_config, dict):
@@ -451,6 +458,10 @@ class EngineConfig:
             raise ConfigError(f"--max-model-len must be positive, got {self.max_model_len}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kernel_backend.lower() not in KERNEL_BACKENDS:
+            raise ConfigError(f"--kernel-backend {self.kernel_backend!r}: expected one of {', '.join(KERNEL_BACKENDS)}")
+        if self.openmp_spin_count is not None and self.openmp_spin_count < 0:
+            raise ConfigError(f"--openmp-spin-count must be non-negative, got {self.openmp_spin_count}")
         self._validate_distributed()
 
     @property

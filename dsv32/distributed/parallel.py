@@ -69,8 +69,10 @@ class ExpertRange:
         return self.first <= expert < self.first + self.count
 
 
+@dataclass(frozen=True)
 class ParallelContext:
-    """This rank's place in the model's parallel layout and the collectives over its group.
+    """This rank's place in the model's parallel layout and the collectives over its group (immutable: what changes
+    per step, each rank's token count under data-parallel attention, comes with the step's batch).
 
     ``world_size`` ranks (``group``: their ``torch.distributed`` process group; ``None``: one process, every collective
     is the identity). Two layouts:
@@ -85,16 +87,26 @@ class ParallelContext:
     ``expert_parallel``, else along ``moe_intermediate_size``.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, expert_parallel: bool = False,
-                 group: dist.ProcessGroup | None = None, data_parallel: bool = False) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside a group of {world_size}")
-        self.rank, self.world_size = rank, world_size
-        self.expert_parallel = expert_parallel and world_size > 1
-        self.data_parallel = data_parallel and world_size > 1
-        self.tp_rank, self.tp_size = (0, 1) if self.data_parallel else (rank, world_size)
-        self.group = group
-        self._token_counts: list[int] = []
+    rank: int = 0
+    world_size: int = 1
+    expert_parallel: bool = False
+    group: dist.ProcessGroup | None = None
+    data_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside a group of {self.world_size}")
+        # One rank has nothing to split: both layouts are the plain model.
+        object.__setattr__(self, "expert_parallel", self.expert_parallel and self.world_size > 1)
+        object.__setattr__(self, "data_parallel", self.data_parallel and self.world_size > 1)
+
+    @property
+    def tp_rank(self) -> int:
+        return 0 if self.data_parallel else self.rank
+
+    @property
+    def tp_size(self) -> int:
+        return 1 if self.data_parallel else self.world_size
 
     @property
     def tp_shard(self) -> Shard:
@@ -132,31 +144,36 @@ class ParallelContext:
         return torch.cat(parts, dim=-1)
 
     # ---- data-parallel attention: the MoE sees every rank's tokens ------------------------------------------------
-    def begin_step(self, token_counts: list[int]) -> None:
-        """Data-parallel attention: how many tokens each rank runs in this forward (every rank knows all of them)."""
-        self._token_counts = token_counts
-
-    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    # ``token_counts``: how many tokens each rank runs in this forward (``ForwardBatch.rank_token_counts``, known to
+    # every rank); None without data-parallel attention.
+    def gather_tokens(self, x: torch.Tensor, token_counts: list[int] | None) -> torch.Tensor:
         """Every rank's rows of ``x`` (this rank's ``[T_r, ...]``), rank after rank: ``[sum T, ...]``. Without
         data-parallel attention every rank has every token already: ``x`` itself."""
         if not self.data_parallel:
             return x
-        counts = self._token_counts
+        counts = _counts(token_counts)
         padded = x.new_zeros((max(counts), *x.shape[1:]))
         padded[:x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded, group=self.group)
         return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
 
-    def reduce_tokens(self, y: torch.Tensor) -> torch.Tensor:
+    def reduce_tokens(self, y: torch.Tensor, token_counts: list[int] | None) -> torch.Tensor:
         """The sum over ranks of per-token partial results ``y`` (of ``gather_tokens``' rows), this rank's rows."""
         if not self.data_parallel:
             if self.world_size > 1:
                 dist.all_reduce(y, group=self.group)
             return y
         dist.all_reduce(y, group=self.group)
-        start = sum(self._token_counts[:self.rank])
-        return y[start:start + self._token_counts[self.rank]]
+        counts = _counts(token_counts)
+        start = sum(counts[:self.rank])
+        return y[start:start + counts[self.rank]]
+
+
+def _counts(token_counts: list[int] | None) -> list[int]:
+    if token_counts is None:
+        raise ValueError("data-parallel attention needs each rank's token count (ForwardBatch.rank_token_counts)")
+    return token_counts
 
 
 SINGLE_PROCESS = ParallelContext()

@@ -19,14 +19,65 @@ drafter's entries with the blocks (same block ids) means they are there whenever
 Data-parallel attention (``DataParallelBlockManager``): each rank has its own cache, so each has its own
 ``BlockManager``; a sequence is placed on one rank when it is first admitted (the one with its longest cached prefix,
 else the one with the most free blocks) and its block ids are that rank's.
+
+The scheduler and the engine see either through the ``BlockPool`` interface (``make_block_pool`` picks one).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
+from dsv32.config import EngineConfig
 from dsv32.engine.request import Sequence
+
+
+class BlockPool(Protocol):
+    """What the scheduler and the engine use of the KV-cache blocks (one cache, or one per data-parallel rank); each
+    member means what ``BlockManager``'s does."""
+
+    num_blocks: int
+    block_size: int
+    enable_prefix_caching: bool
+
+    @property
+    def num_free_blocks(self) -> int: ...
+
+    @property
+    def usage(self) -> float: ...
+
+    @property
+    def prefix_cache_queries(self) -> int: ...
+
+    @property
+    def prefix_cache_hits(self) -> int: ...
+
+    def blocks_needed(self, num_tokens: int) -> int: ...
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]: ...
+
+    def record_prefix_query(self, num_query_tokens: int, num_hit_tokens: int) -> None: ...
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool: ...
+
+    def register_computed_blocks(self, seq: Sequence) -> None: ...
+
+    def free(self, seq: Sequence) -> None: ...
+
+    def reset_prefix_cache(self) -> bool: ...
+
+    def shares_pool(self, a: Sequence, b: Sequence) -> bool: ...
+
+
+def make_block_pool(engine_config: EngineConfig, num_blocks: int) -> BlockPool:
+    """``num_blocks`` per cache: one cache, or one per data-parallel attention rank. With an MTP drafter a cached
+    block must match the token after it (see above)."""
+    match_next_token = engine_config.num_speculative_tokens > 0
+    if engine_config.data_parallel_size > 1:
+        return DataParallelBlockManager(engine_config.data_parallel_size, num_blocks, engine_config.block_size,
+                                        engine_config.enable_prefix_caching, match_next_token)
+    return BlockManager(num_blocks, engine_config.block_size, engine_config.enable_prefix_caching, match_next_token)
 
 
 @dataclass

@@ -7,17 +7,15 @@ every method from one thread at a time.
 
 from __future__ import annotations
 
-import atexit
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import torch
-
-from dsv32.config import TINY_PRESET, ConfigError, EngineConfig, ModelConfig
-from dsv32.distributed.executor import DistributedModel, start_driver
-from dsv32.engine.block_manager import BlockManager, DataParallelBlockManager
+from dsv32.config import ConfigError, EngineConfig, ModelConfig
+from dsv32.engine.block_manager import BlockPool, make_block_pool
 from dsv32.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from dsv32.engine.executor import make_executor
 from dsv32.engine.outputs import CompletionOutput, EngineStats, PositionLogprobs, RequestOutput, SpecDecodeStats
 from dsv32.engine.request import Request, Sequence, child_sampling_params
 from dsv32.engine.runner import ModelRunner, SampledToken, resolve_device
@@ -27,7 +25,6 @@ from dsv32.engine.scheduler import Scheduler, SchedulerOutput, estimate_context_
 from dsv32.engine.spec_decode import MTPProposer
 from dsv32.engine.structured_output import StructuredOutputManager
 from dsv32.engine.validation import RequestValidator
-from dsv32.model.loader import load_model
 from dsv32.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -57,40 +54,23 @@ class EngineCore:
         self.model_config = model_config or ModelConfig.from_pretrained(engine_config.model)
         self.tokenizer = Tokenizer.from_pretrained(engine_config.tokenizer or engine_config.model)
         self.device = resolve_device(engine_config.device)
-        is_preset = engine_config.model == TINY_PRESET
-        load_format = "dummy" if is_preset else engine_config.load_format
         num_spec = engine_config.num_speculative_tokens
         if num_spec and self.model_config.num_nextn_predict_layers < 1:
             raise ConfigError("speculative_config: method 'mtp' needs the checkpoint's MTP layer, but its config.json "
                               "has num_nextn_predict_layers = 0")
-        # The MTP layer (and its cache) only when speculation asks for it.
-        self.distributed: DistributedModel | None = None
-        model: torch.nn.Module | DistributedModel
-        if engine_config.world_size > 1:
-            # This process is the driver (rank 0): it starts the other ranks and mirrors every model call to them.
-            model = self.distributed = start_driver(engine_config, self.model_config, self.device,
-                                                    with_mtp=num_spec > 0, on_worker_death=on_worker_death)
-            atexit.register(self.distributed.close)  # the offline LLM has no shutdown call: stop them at exit
-        else:
-            model = load_model(self.model_config, None if is_preset else engine_config.model, load_format,
-                               engine_config.dtype, self.device, seed=engine_config.seed, with_mtp=num_spec > 0)
+        self.executor = make_executor(engine_config, self.model_config, self.device, on_worker_death)
+        # The offline LLM has no shutdown call: what the executor started is stopped when the engine goes (or at
+        # exit), unless ``close`` did it first.
+        self._close_executor = weakref.finalize(self, self.executor.close)
         self.structured_output = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
                                                          engine_config.structured_outputs_config)
         proposer = MTPProposer(num_spec) if num_spec else None
-        self.runner = ModelRunner(model, engine_config, self.device, self.tokenizer.eos_token_id,
+        self.runner = ModelRunner(self.executor.model, engine_config, self.device, self.tokenizer.eos_token_id,
                                   self.structured_output, proposer)
         self.max_model_len = self.runner.max_model_len
         self.validator = RequestValidator(self.max_model_len, self.model_config.vocab_size, engine_config.max_logprobs,
                                           engine_config.max_num_seqs)
-        self.block_manager: BlockManager | DataParallelBlockManager
-        if engine_config.data_parallel_size > 1:  # every attention rank has a cache of its own
-            self.block_manager = DataParallelBlockManager(engine_config.data_parallel_size, self.runner.num_blocks,
-                                                          engine_config.block_size,
-                                                          engine_config.enable_prefix_caching,
-                                                          match_next_token=num_spec > 0)
-        else:
-            self.block_manager = BlockManager(self.runner.num_blocks, engine_config.block_size,
-                                              engine_config.enable_prefix_caching, match_next_token=num_spec > 0)
+        self.block_manager: BlockPool = make_block_pool(engine_config, self.runner.num_blocks)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
                                    engine_config.max_num_batched_tokens, is_ready=self.structured_output.is_ready,
                                    num_speculative_tokens=num_spec,
@@ -293,9 +273,9 @@ class EngineCore:
 
     # ---- introspection ------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the model's worker processes, if any (the engine is unusable afterwards)."""
-        if self.distributed is not None:
-            self.distributed.close()
+        """Stop what the executor started (the model's worker processes, if any); the engine is unusable
+        afterwards."""
+        self._close_executor()
 
     def stats(self) -> EngineStats:
         blocks = self.block_manager

@@ -41,7 +41,6 @@ import logging
 import multiprocessing
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -51,8 +50,8 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from dsv32.config import ConfigError, EngineConfig
-from dsv32.distributed.lifetime import die_with_parent, tune_openmp_spin
 from dsv32.engine.client import QueueEngineClient
+from dsv32.engine.lifetime import spawn, threads_per_rank, use_threads
 from dsv32.engine.messages import (
     AddRequest,
     Command,
@@ -100,13 +99,12 @@ class MPEngineClient(QueueEngineClient):
     async def start(cls, engine_config: EngineConfig) -> MPEngineClient:
         """Spawn the engine-core process and wait until its model is loaded (the tokenizer loads here meanwhile).
         Raises ``EngineStartupError`` if it cannot load; cancelled, it stops the process before re-raising."""
-        context = multiprocessing.get_context("spawn")
-        from_engine, engine_out = context.Pipe(duplex=False)
-        engine_in, to_engine = context.Pipe(duplex=False)
+        from_engine, engine_out = multiprocessing.Pipe(duplex=False)
+        engine_in, to_engine = multiprocessing.Pipe(duplex=False)
         # Started from this (the main) thread: PR_SET_PDEATHSIG fires when the thread that started the child ends.
-        process = context.Process(target=run_engine_core, name="dsv32-engine-core", args=(
-            engine_config, engine_in, engine_out, os.getpid(), logging.getLogger().getEffectiveLevel()))
-        process.start()
+        log_level = logging.getLogger().getEffectiveLevel()
+        process = spawn(run_engine_core, (engine_config, engine_in, engine_out, log_level), "dsv32-engine-core",
+                        engine_config.openmp_spin_count)
         engine_in.close()  # the child's ends: only the child may hold them, or its death would not read as EOF
         engine_out.close()
         logger.info("engine core process %d started; loading %s", process.pid, engine_config.model)
@@ -246,19 +244,21 @@ def _stop(process: BaseProcess) -> None:
 
 # ---- the engine-core process ------------------------------------------------------------------------
 
-def run_engine_core(engine_config: EngineConfig, commands_in: Connection, outputs_out: Connection, parent_pid: int,
+def run_engine_core(engine_config: EngineConfig, commands_in: Connection, outputs_out: Connection,
                     log_level: int) -> None:
-    """Entry point of the engine-core process: load, report ready (or why not), then serve the loop until
-    ``Shutdown`` or until the server process is gone."""
-    die_with_parent(parent_pid)
-    tune_openmp_spin()  # before torch loads here
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server decides
+    """Entry point of the engine-core process (started by ``lifetime.spawn``: it dies with the server and leaves
+    Ctrl-C to it): load, report ready (or why not), then serve the loop until ``Shutdown`` or until the server
+    process is gone."""
     logging.basicConfig(level=log_level, format=_LOG_FORMAT)
-    _use_every_core()
+    # This process runs nothing but the engine: the model's thread team gets every core it may run on (a
+    # multi-process executor splits them between this node's ranks).
+    threads = threads_per_rank(1)
+    use_threads(threads)
+    logger.info("engine core: %d model thread(s)", threads)
     try:
-        from dsv32.distributed.executor import WorkerFailure  # torch: only in this process
-        from dsv32.distributed.groups import DistributedInitError
+        from dsv32.distributed.groups import DistributedInitError  # torch: only in this process
         from dsv32.engine.core import EngineCore
+        from dsv32.engine.executor import WorkerFailure
 
         core = EngineCore(engine_config, on_worker_death=_worker_died)
     except (ConfigError, OSError, ValueError, DistributedInitError, WorkerFailure) as exc:
@@ -319,15 +319,3 @@ def _send_outputs(outbox: queue.SimpleQueue[StepOutputs | None], conn: Connectio
         except OSError:
             logger.error("the API server process is gone; the engine core exits")
             os._exit(1)
-
-
-def _use_every_core() -> None:
-    """This process runs nothing but the engine: the model's thread team gets every core it may run on, unless
-    ``OMP_NUM_THREADS`` says otherwise."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    import torch
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(cores)
-    logger.info("engine core: %d model thread(s)", cores)

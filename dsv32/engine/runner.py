@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv32.config import EngineConfig, ModelConfig
+from dsv32.engine.executor.base import ModelHandle
 from dsv32.engine.request import Sequence
 from dsv32.engine.sampler import (
     PROMPT_LOGPROBS_CHUNK_ROWS,
@@ -140,7 +141,7 @@ class _PromptLogprobRows:
 class ModelRunner:
     """Owns the model's KV-cache tensors and runs one scheduled step at a time."""
 
-    def __init__(self, model: torch.nn.Module, engine_config: EngineConfig, device: torch.device,
+    def __init__(self, model: ModelHandle, engine_config: EngineConfig, device: torch.device,
                  eos_token_id: int, structured_output: StructuredOutputManager | None = None,
                  proposer: Proposer | None = None) -> None:
         """``structured_output`` masks the logits of its constrained rows before sampling; ``proposer`` drafts

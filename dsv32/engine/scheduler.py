@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from dsv32.config import ModelConfig
-from dsv32.engine.block_manager import BlockManager, DataParallelBlockManager
+from dsv32.engine.block_manager import BlockPool
 from dsv32.engine.request import Sequence, SequenceStatus
 
 # Context length K at which one token's context-dependent cost (lightning-indexer scores over the whole context, MHA
@@ -127,9 +127,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Continuous batching over a ``BlockManager``: a FIFO waiting queue and a running list."""
+    """Continuous batching over a ``BlockPool``: a FIFO waiting queue and a running list."""
 
-    def __init__(self, block_manager: BlockManager | DataParallelBlockManager, max_num_seqs: int,
+    def __init__(self, block_manager: BlockPool, max_num_seqs: int,
                  max_num_batched_tokens: int, is_ready: Callable[[Sequence], bool] | None = None,
                  num_speculative_tokens: int = 0,
                  context_cost_tokens: float | None = DEFAULT_CONTEXT_COST_TOKENS,

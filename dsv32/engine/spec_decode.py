@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv32.engine.executor.base import ModelHandle
 from dsv32.engine.request import Sequence
 from dsv32.engine.sampler import argmax
 from dsv32.model.batch import ForwardBatch
@@ -50,7 +51,7 @@ class Proposer(ABC):
         self.num_speculative_tokens = num_speculative_tokens
 
     @abstractmethod
-    def propose(self, model: torch.nn.Module, kv_cache: KVCache, batch: ForwardBatch, hidden: torch.Tensor,
+    def propose(self, model: ModelHandle, kv_cache: KVCache, batch: ForwardBatch, hidden: torch.Tensor,
                 inputs: list[DraftInput]) -> dict[Sequence, list[int]]:
         """Drafts for the inputs with ``propose`` set; ``batch``/``hidden`` are the main model's step."""
 
@@ -58,7 +59,7 @@ class Proposer(ABC):
 class MTPProposer(Proposer):
     """Greedy drafts from the checkpoint's MTP layer (module 0, rerun for k > 1, as vLLM and SGLang do)."""
 
-    def propose(self, model: torch.nn.Module, kv_cache: KVCache, batch: ForwardBatch, hidden: torch.Tensor,
+    def propose(self, model: ModelHandle, kv_cache: KVCache, batch: ForwardBatch, hidden: torch.Tensor,
                 inputs: list[DraftInput]) -> dict[Sequence, list[int]]:
         device = hidden.device
         bs = kv_cache.block_size
@@ -121,7 +122,7 @@ class OracleProposer(Proposer):
         self.vocab_size = vocab_size
         self.wrong = wrong
 
-    def propose(self, model: torch.nn.Module, kv_cache: KVCache, batch: ForwardBatch, hidden: torch.Tensor,
+    def propose(self, model: ModelHandle, kv_cache: KVCache, batch: ForwardBatch, hidden: torch.Tensor,
                 inputs: list[DraftInput]) -> dict[Sequence, list[int]]:
         drafts: dict[Sequence, list[int]] = {}
         for item in inputs:

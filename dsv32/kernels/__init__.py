@@ -11,17 +11,22 @@ in ``dsv32.kernels.reference``, whose functions *are* the torch backend):
 * ``rms_norm``: fused residual add + RMSNorm;
 * ``fp8_linear``: ``x @ W^T`` for an e4m3 weight with block multipliers (Triton: block-scaled FP8 GEMM).
 
-The choice is made once per device type, from ``DSV32_KERNEL_BACKEND``: ``auto`` (default: Triton on CUDA when
-``triton`` imports, torch otherwise), ``torch``, or ``triton`` (an error if it cannot run: no ``triton``, or a CPU
-device without ``TRITON_INTERPRET=1``).
+A choice is ``auto`` (Triton on CUDA when ``triton`` imports, torch otherwise), ``torch``, or ``triton`` (an error
+if it cannot run: no ``triton``, or a CPU device without ``TRITON_INTERPRET=1``). The engine chooses per model
+(``EngineConfig.kernel_backend``) and runs the model's calls ``using_backend`` it, which holds for the calling thread
+only; ops called outside any such block (a layer on its own) use the process default, chosen once per device type
+from ``DSV32_KERNEL_BACKEND`` (``auto`` when unset).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
@@ -116,6 +121,22 @@ def _backend_for(device_type: str) -> KernelBackend:
     return backend
 
 
+# The backend of the model running in this thread (a context variable: another model or thread is not affected).
+_ACTIVE: ContextVar[KernelBackend | None] = ContextVar("dsv32_kernel_backend", default=None)
+
+
+@contextlib.contextmanager
+def using_backend(backend: KernelBackend) -> Iterator[None]:
+    """Run the ops called inside the block (in this thread) on ``backend``."""
+    token = _ACTIVE.set(backend)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
 def get_backend(device: torch.device | str) -> KernelBackend:
-    """The backend for ``device``, chosen on first use and kept for the life of the process."""
-    return _backend_for(torch.device(device).type)
+    """The backend of the ``using_backend`` block around this call, else the process default for ``device``
+    (chosen on first use)."""
+    active = _ACTIVE.get()
+    return active if active is not None else _backend_for(torch.device(device).type)

@@ -27,6 +27,9 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] int64
     # Data-parallel attention: the rank that holds each sequence's cache (its block ids are that rank's).
     dp_ranks: list[int] | None = None
+    # Data-parallel attention, in a rank's sub-batch (``for_rank``): how many tokens every rank runs in this forward
+    # (the MoE gathers and splits the ranks' tokens by them).
+    rank_token_counts: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -53,15 +56,15 @@ class ForwardBatch:
             rows[rank].extend(range(self.query_start_loc[b], self.query_start_loc[b + 1]))
         return rows
 
-    def for_rank(self, rank: int) -> ForwardBatch:
-        """The sub-batch of the sequences ``rank`` holds (possibly empty)."""
+    def for_rank(self, rank: int, rows: list[list[int]]) -> ForwardBatch:
+        """The sub-batch of the sequences ``rank`` holds (possibly empty); ``rows``: every rank's token rows
+        (``rank_rows``)."""
         assert self.dp_ranks is not None
         seqs = [b for b, r in enumerate(self.dp_ranks) if r == rank]
-        rows = [t for b in seqs for t in range(self.query_start_loc[b], self.query_start_loc[b + 1])]
-        index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        index = torch.tensor(rows[rank], dtype=torch.long, device=self.input_ids.device)
         starts = [0]
         for b in seqs:
             starts.append(starts[-1] + self.query_start_loc[b + 1] - self.query_start_loc[b])
         return ForwardBatch(self.input_ids[index], self.positions[index], starts, [self.seq_lens[b] for b in seqs],
                             self.block_tables[torch.tensor(seqs, dtype=torch.long, device=index.device)],
-                            self.slot_mapping[index], [rank] * len(seqs))
+                            self.slot_mapping[index], [rank] * len(seqs), [len(r) for r in rows])

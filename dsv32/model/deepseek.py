@@ -28,12 +28,18 @@ the full logits.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsv32.config import ModelConfig
 from dsv32.distributed.parallel import SINGLE_PROCESS, ParallelContext
+from dsv32.kernels import KernelBackend, using_backend
 from dsv32.kernels.attention import AttentionMetadata
 from dsv32.kernels.cache_format import CacheLayout, normalize_kv_cache_dtype
 from dsv32.model.batch import ForwardBatch
@@ -57,13 +63,14 @@ class DecoderLayer(nn.Module):
                                MLP(config.hidden_size, config.intermediate_size, dtype, parallel))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables, meta: AttentionMetadata,
-                cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x``: the previous block's output, ``residual``: the stream before it (None: ``x`` is the stream).
+                cache: KVCache, token_counts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: the previous block's output, ``residual``: the stream before it (None: ``x`` is the stream);
+        ``token_counts``: every rank's token count under data-parallel attention (``ForwardBatch.rank_token_counts``).
         Returns this layer's FFN output and the stream before it."""
         x, residual = self.input_layernorm.add_forward(x, residual)
         x = self.self_attn(x, rope, meta, cache, self.layer_idx)
         x, residual = self.post_attention_layernorm.add_forward(x, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, token_counts), residual
 
 
 class Embedding(nn.Module):
@@ -114,6 +121,23 @@ class MTPLayer(nn.Module):
         self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _on_kernels(method: Callable[Concatenate[DeepseekForCausalLM, P], R]
+                ) -> Callable[Concatenate[DeepseekForCausalLM, P], R]:
+    """Run a model call on the model's own kernel backend, if it was given one (else the process default)."""
+
+    @functools.wraps(method)
+    def run(self: DeepseekForCausalLM, *args: P.args, **kwargs: P.kwargs) -> R:
+        backend = self.kernel_backend
+        with using_backend(backend) if backend is not None else contextlib.nullcontext():
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class DeepseekForCausalLM(nn.Module):
     """DeepSeek-V3.2 (with indexer) or V3 (dense MLA) for causal LM, on a paged KV cache."""
 
@@ -123,6 +147,8 @@ class DeepseekForCausalLM(nn.Module):
         self.config = config
         self.dtype = dtype
         self.parallel = parallel
+        # The kernels this model's calls run on (the engine sets them from its config); None: the process default.
+        self.kernel_backend: KernelBackend | None = None
         self.model = DeepseekModel(config, dtype, parallel)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype, parallel.dense_shard)
         n_mtp = config.num_nextn_predict_layers if with_mtp else 0
@@ -160,6 +186,7 @@ class DeepseekForCausalLM(nn.Module):
         c = self.config
         return RopeTables.build(self.inv_freq, positions, self.dtype, c.index_head_dim if c.has_indexer else 0)
 
+    @_on_kernels
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Final-normed hidden states ``[T, hidden]`` of every token in the batch; writes their KV to the cache."""
@@ -168,35 +195,37 @@ class DeepseekForCausalLM(nn.Module):
         rope = self.rope_tables(local.positions)
         x, residual = self.model.embed_tokens(local.input_ids), None
         for layer in self.model.layers:
-            x, residual = layer(x, residual, rope, meta, kv_cache)
-        return self._join(self.model.norm.add_forward(x, residual)[0], batch, order)
+            x, residual = layer(x, residual, rope, meta, kv_cache, local.rank_token_counts)
+        return self._join(self.model.norm.add_forward(x, residual)[0], batch, local, order)
 
     def _split(self, batch: ForwardBatch) -> tuple[ForwardBatch, torch.Tensor | None, torch.Tensor | None]:
         """Data-parallel attention: this rank's part of the batch, its token rows, and every rank's rows in rank
-        order (the MoE is told each rank's token count). Otherwise the whole batch."""
+        order (the part carries each rank's token count, for the MoE). Otherwise the whole batch."""
         if not self.parallel.data_parallel:
             return batch, None, None
         rows = batch.rank_rows(self.parallel.world_size)
-        self.parallel.begin_step([len(r) for r in rows])
         device = batch.input_ids.device
         mine = torch.tensor(rows[self.parallel.rank], dtype=torch.long, device=device)
         order = torch.tensor([t for rank_rows in rows for t in rank_rows], dtype=torch.long, device=device)
-        return batch.for_rank(self.parallel.rank), mine, order
+        return batch.for_rank(self.parallel.rank, rows), mine, order
 
-    def _join(self, hidden: torch.Tensor, batch: ForwardBatch, order: torch.Tensor | None) -> torch.Tensor:
+    def _join(self, hidden: torch.Tensor, batch: ForwardBatch, local: ForwardBatch,
+              order: torch.Tensor | None) -> torch.Tensor:
         """Every token's hidden state in batch order, on every rank (data-parallel attention: gathered)."""
         if order is None:
             return hidden
         out = hidden.new_empty((batch.num_tokens, hidden.shape[1]))
-        out[order] = self.parallel.gather_tokens(hidden)
+        out[order] = self.parallel.gather_tokens(hidden, local.rank_token_counts)
         return out
 
+    @_on_kernels
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``[rows, vocab]`` (vocab-parallel: each rank's slice, gathered)."""
         logits = self.parallel.all_gather(self.lm_head(hidden).float())
         return logits[:, :self.config.vocab_size] if logits.shape[1] != self.config.vocab_size else logits
 
+    @_on_kernels
     @torch.inference_mode()
     def forward_mtp(self, batch: ForwardBatch, previous_hidden: torch.Tensor, kv_cache: KVCache,
                     depth: int = 0) -> torch.Tensor:
@@ -212,9 +241,10 @@ class DeepseekForCausalLM(nn.Module):
         rope = self.rope_tables(local.positions)
         e = mtp.enorm(self.model.embed_tokens(local.input_ids))
         x = mtp.eh_proj(torch.cat((e, mtp.hnorm(previous_hidden.to(self.dtype))), dim=-1))
-        x, residual = mtp.block(x, None, rope, meta, kv_cache)
-        return self._join(x + residual, batch, order)
+        x, residual = mtp.block(x, None, rope, meta, kv_cache, local.rank_token_counts)
+        return self._join(x + residual, batch, local, order)
 
+    @_on_kernels
     @torch.inference_mode()
     def compute_mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
         return self.compute_logits(self.mtp[depth].shared_head_norm(hidden))

@@ -47,9 +47,11 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, inter, dtype, shard)
         self.down_proj = Linear(inter, hidden, dtype, shard, shard_dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.parallel.gather_tokens(x)
-        return self.parallel.reduce_tokens(self.down_proj(F.silu(self.gate_proj(tokens)) * self.up_proj(tokens)))
+    def forward(self, x: torch.Tensor, token_counts: list[int] | None = None) -> torch.Tensor:
+        """``token_counts``: every rank's token count under data-parallel attention (see ``ParallelContext``)."""
+        tokens = self.parallel.gather_tokens(x, token_counts)
+        y = self.down_proj(F.silu(self.gate_proj(tokens)) * self.up_proj(tokens))
+        return self.parallel.reduce_tokens(y, token_counts)
 
 
 def route(router_logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
@@ -176,13 +178,13 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype,
                                    parallel, own_collectives=False) if config.n_shared_experts else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's experts see every token (data-parallel attention: the ranks' tokens are gathered first);
-        their partial sums and the shared expert's are summed over the ranks in one all-reduce, and each rank keeps
-        its own tokens' rows."""
-        tokens = self.parallel.gather_tokens(x)
+    def forward(self, x: torch.Tensor, token_counts: list[int] | None = None) -> torch.Tensor:
+        """Every rank's experts see every token (data-parallel attention: the ranks' tokens, ``token_counts`` of
+        them, are gathered first); their partial sums and the shared expert's are summed over the ranks in one
+        all-reduce, and each rank keeps its own tokens' rows."""
+        tokens = self.parallel.gather_tokens(x, token_counts)
         weights, ids = self.gate(tokens)
         y = self.experts(tokens, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(tokens).float()
-        return self.parallel.reduce_tokens(y).to(x.dtype)
+        return self.parallel.reduce_tokens(y, token_counts).to(x.dtype)

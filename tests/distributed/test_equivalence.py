@@ -13,6 +13,7 @@ import torch
 
 from dsv32 import SamplingParams
 from dsv32.cli import build_parser, engine_config_from_args
+from dsv32.engine.executor.multiproc import MultiprocExecutor
 from tests.distributed.conftest import ARCHS, make_llm, prompt_logits
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
@@ -67,7 +68,7 @@ def test_two_processes_match_one(arch: str, layout: str) -> None:
     kwargs = LAYOUTS[layout]()
     llm = make_llm(ARCHS[arch], **kwargs)
     try:
-        assert llm.engine.distributed is not None
+        assert isinstance(llm.engine.executor, MultiprocExecutor)
         tokens = greedy_tokens(llm)
         logits = prompt_logits(llm, LONG_PROMPT)
     finally:
