@@ -435,7 +435,7 @@ class EngineConfig:
     # The model's kernels (``dsv32.kernels``); default $DSV32_KERNEL_BACKEND, else auto.
     kernel_backend: str = field(default_factory=lambda: os.environ.get(KERNEL_BACKEND_ENV) or "auto")
     # libgomp's spin count (GOMP_SPINCOUNT) in the processes the engine starts (the engine-core process, the model's
-    # workers; never the caller's own); None: the one they inherit if set, else ``lifetime.DEFAULT_OPENMP_SPIN``.
+    # workers; never the caller's own); None: the one they inherit if set, else 20M (``dsv32.engine.lifetime``).
     openmp_spin_count: int | None = None
 
     def __post_init__(self) -> None:

@@ -88,3 +88,15 @@ def test_engine_config_validates_flags() -> None:
         EngineConfig(kv_cache_dtype="int4")
     with pytest.raises(ConfigError, match="--max-num-seqs"):
         EngineConfig(max_num_seqs=0)
+
+
+def test_kernel_backend_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSV32_KERNEL_BACKEND", raising=False)
+    assert EngineConfig().kernel_backend == "auto"
+    monkeypatch.setenv("DSV32_KERNEL_BACKEND", "torch")
+    assert EngineConfig().kernel_backend == "torch"
+    assert EngineConfig(kernel_backend="triton").kernel_backend == "triton"
+    with pytest.raises(ConfigError, match="--kernel-backend 'cutlass'"):
+        EngineConfig(kernel_backend="cutlass")
+    with pytest.raises(ConfigError, match="--openmp-spin-count"):
+        EngineConfig(openmp_spin_count=-1)

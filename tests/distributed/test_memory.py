@@ -4,6 +4,8 @@ the whole model plus the replicated parts, and a loaded rank holds exactly its s
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -76,3 +78,12 @@ def test_a_rank_loads_exactly_its_slice(expert_parallel: bool) -> None:
             inter = config.moe_intermediate_size // WORLD
             expected = full[experts][:, :, rank * inter:(rank + 1) * inter]
         torch.testing.assert_close(params[experts], expected, rtol=0, atol=0)
+
+
+def test_the_layout_is_immutable_and_per_step_counts_come_with_the_call() -> None:
+    parallel = ParallelContext(1, WORLD, data_parallel=True)
+    assert (parallel.tp_rank, parallel.tp_size) == (0, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parallel.rank = 0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="rank_token_counts"):
+        parallel.gather_tokens(torch.zeros(2, 4), None)

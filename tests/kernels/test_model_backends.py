@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import os
 
 import pytest
 import torch
@@ -118,3 +119,30 @@ def test_tiny_model_same_outputs_on_both_backends(fmt: str, fp8_weights: bool, d
     got = run(kernels.triton_backend())
     for e, g in zip(expected, got, strict=True):
         assert (g - e).abs().max() <= 1e-4 * e.abs().max()
+
+
+def test_the_engine_model_runs_on_its_own_backend_and_leaves_the_process_default(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``EngineConfig.kernel_backend`` is the model's: its calls run on it, in their thread only; nothing else in the
+    process (the environment, a layer called on its own) changes."""
+    from dsv32.config import EngineConfig
+    from dsv32.engine.executor.loading import load_engine_model
+
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    config = dataclasses.replace(tiny_config(), num_hidden_layers=1)
+    model = load_engine_model(EngineConfig(kernel_backend="torch", dtype="float32"), config, torch.device("cpu"))
+    assert model.kernel_backend is kernels.TORCH_BACKEND
+    calls: list[str] = []
+
+    class Counting(kernels.ModuleBackend):
+        def __getattribute__(self, name: str) -> object:
+            if name in kernels.KERNEL_OPS:
+                calls.append(name)
+            return super().__getattribute__(name)
+
+    model.kernel_backend = Counting("counting", kernels.reference)
+    batch = multi_sequence_batch([(torch.tensor([5, 6, 7]), 0, [0])], 16)
+    model(batch, model.allocate_kv_cache(2, 16, "auto"))
+    assert "rms_norm" in calls and "mla_prefill" in calls
+    assert kernels.get_backend("cpu") is kernels.TORCH_BACKEND  # outside the model's calls: the process default
+    assert kernels.BACKEND_ENV not in os.environ
