@@ -189,8 +189,7 @@ def test_logprobs_are_raw_log_softmax_with_rank_and_top_alternatives() -> None:
 
 def test_position_logprobs_put_the_chosen_token_first_once() -> None:
     chosen_in_top = TokenLogprobs(7, -0.5, 2, [3, 7], [-0.2, -0.5])
-    assert chosen_in_top.to_position_logprobs(lambda token_id: f"<{token_id}>") == {
-        7: Logprob(-0.5, 2, "<7>"), 3: Logprob(-0.2, 1, "<3>")}
+    assert chosen_in_top.to_position_logprobs() == {7: Logprob(-0.5, 2), 3: Logprob(-0.2, 1)}
     assert list(TokenLogprobs(9, -4.0, 30, [3, 7], [-0.2, -0.5]).to_position_logprobs()) == [9, 3, 7]
 
 

@@ -57,16 +57,18 @@ class ScriptedEngine:
         self.calls.append((prompt_token_ids, sampling_params, prompt))
         scripts = [self.script, *self.extra_scripts][:sampling_params.n]
         for step in range(max(len(script) for script in scripts)):
+            # Deltas, as the engine sends them: this step's piece and token; a finished sibling has nothing new.
             completions = []
             for index, script in enumerate(scripts):
-                played = script[:step + 1]
-                done = len(played) == len(script)
-                completions.append(CompletionOutput(index=index, text="".join(played),
-                                                    token_ids=list(range(100, 100 + len(played))),
+                new = script[step:step + 1]
+                done = step + 1 >= len(script)
+                completions.append(CompletionOutput(index=index, text="".join(new),
+                                                    token_ids=[100 + step] if new else [],
                                                     finish_reason="stop" if done else None,
                                                     stop_reason=self.stop_reason if done else None))
             finished = all(c.finish_reason for c in completions)
-            yield RequestOutput(request_id, prompt, prompt_token_ids, completions, finished=finished)
+            yield RequestOutput(request_id, prompt if step == 0 else None, prompt_token_ids if step == 0 else [],
+                                completions, finished=finished)
 
     def admit(self, num_seqs: int) -> None:
         return None
