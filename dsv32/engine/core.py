@@ -294,6 +294,7 @@ class EngineCore:
         return out
 
     def _completion_delta(self, seq: Sequence) -> CompletionOutput:
+        """What ``seq`` gained since its previous report; moves its cursors past it."""
         state = self._completions[seq]
         token_ids = seq.token_ids[seq.num_prompt_tokens + state.num_tokens_reported:]
         state.num_tokens_reported += len(token_ids)
