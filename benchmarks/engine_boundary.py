@@ -1,14 +1,16 @@
 """What the engine-core process boundary costs per engine step: messages per step and bytes per message with the real
-engine behind `dsv32 serve`'s client, and the latency one step's outputs take to cross (delta-encode, pickle, pipe,
-unpickle, rebuild the cumulative outputs) at several batch sizes.
+engine behind `dsv32 serve`'s client, and the latency one step's outputs take to cross (pickle, pipe, unpickle: the
+core's deltas go out and arrive as they are) at several batch sizes.
 
 usage: python benchmarks/engine_boundary.py [--requests 8] [--tokens 32] [--steps 200]
 
 Part 1 runs `MPEngineClient` on the built-in tiny model with N concurrent requests and counts the ``StepOutputs``
 messages that come back. Part 2 times the CPU work the boundary adds to a step, in one process (no pipe). Part 3 sends
 synthetic steps (B requests, one new token of ~4 characters each, one step every --step-ms as a model would pace
-them) through the same pipe code from a child process and times each one from before encoding to after
-``apply_delta`` (one clock: CLOCK_MONOTONIC is system-wide on Linux).
+them) through the same pipe code from a child process and times each one from before it is sent to after it is
+unpickled (one clock: CLOCK_MONOTONIC is system-wide on Linux). The synthetic steps are what the engine core emits:
+``RequestOutput`` deltas holding only the step's new text and token; before the core emitted deltas, parts 2 and 3
+also counted encoding cumulative outputs into deltas and rebuilding them on the client's side.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from multiprocessing.connection import Connection
 
 from dsv32.config import EngineConfig
-from dsv32.engine.messages import DeltaEncoder, StepOutputs, apply_delta
+from dsv32.engine.messages import StepOutputs
 from dsv32.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from dsv32.engine.process import MPEngineClient
 from dsv32.engine.sampling_params import SamplingParams
@@ -45,7 +47,7 @@ async def count_messages(num_requests: int, num_tokens: int) -> None:
 
     async def one(index: int) -> int:
         outs = [out async for out in engine.generate([5 + index] * 64, params, f"r{index}")]
-        return len(outs[-1].outputs[0].token_ids)
+        return sum(len(out.outputs[0].token_ids) for out in outs)
 
     started = time.perf_counter()
     tokens = sum(await asyncio.gather(*(one(i) for i in range(num_requests))))
@@ -56,36 +58,29 @@ async def count_messages(num_requests: int, num_tokens: int) -> None:
           f"median {statistics.median(sizes)} bytes, max {max(sizes)} bytes per message")
 
 
-def _fake_output(request: int, length: int) -> RequestOutput:
-    """A request's cumulative output after ``length`` tokens, as ``EngineCore.step`` builds it (no logprobs)."""
-    completion = CompletionOutput(0, "tok " * length, [7] * length)
-    return RequestOutput(f"r{request}", None, [1] * 128, [completion])
+def _fake_delta(request: int) -> RequestOutput:
+    """A request's output of one decode step, as ``EngineCore.step`` builds it: one new token (no logprobs)."""
+    return RequestOutput(f"r{request}", None, [], [CompletionOutput(0, "tok ", [7])])
 
 
 def cpu_cost(batch: int, steps: int) -> None:
-    """The work the boundary adds per step, without the pipe: encode, pickle, unpickle, rebuild."""
-    encoder = DeltaEncoder()
-    last: dict[str, RequestOutput] = {}
+    """The work the boundary adds per step, without the pipe. The core's deltas cross as they are (nothing to encode
+    on the engine side or to rebuild on the client's): pickle and unpickle."""
     spent = []
-    for length in range(1, steps + 1):
-        outputs = [_fake_output(i, length) for i in range(batch)]
+    for _ in range(steps):
+        outputs = [_fake_delta(i) for i in range(batch)]  # what EngineCore.step builds anyway
         started = time.process_time()
-        step = pickle.loads(pickle.dumps(StepOutputs([encoder.encode(out) for out in outputs], STATS)))
-        for delta in step.outputs:
-            last[delta.request_id] = apply_delta(last.get(delta.request_id), delta, None, [1] * 128)
+        pickle.loads(pickle.dumps(StepOutputs(outputs, STATS)))
         spent.append(time.process_time() - started)
-    print(f"part 2: batch {batch:3d}: encode + pickle + unpickle + rebuild = {1e3 * statistics.mean(spent):.3f} ms "
+    print(f"part 2: batch {batch:3d}: pickle + unpickle = {1e3 * statistics.mean(spent):.3f} ms "
           f"CPU per step (mean over {steps} steps)")
 
 
 def _send_steps(conn: Connection, batch: int, steps: int, step_s: float) -> None:
-    encoder = DeltaEncoder()
-    for length in range(1, steps + 1):
+    for _ in range(steps):
         time.sleep(step_s)  # the model's step: the pipe is empty when the next step's outputs go out
-        outputs = [_fake_output(i, length) for i in range(batch)]  # what EngineCore.step builds anyway
-        started = time.monotonic()
-        step = StepOutputs([encoder.encode(out) for out in outputs], STATS)
-        conn.send((started, step))
+        outputs = [_fake_delta(i) for i in range(batch)]  # what EngineCore.step builds anyway
+        conn.send((time.monotonic(), StepOutputs(outputs, STATS)))
     conn.close()
 
 
@@ -95,15 +90,12 @@ def time_crossing(batch: int, steps: int, step_s: float) -> None:
     child = context.Process(target=_send_steps, args=(sender, batch, steps, step_s))
     child.start()
     sender.close()
-    last: dict[str, RequestOutput] = {}
     latencies = []
     while True:
         try:
-            started, step = receiver.recv()
+            started, _ = receiver.recv()
         except EOFError:
             break
-        for delta in step.outputs:
-            last[delta.request_id] = apply_delta(last.get(delta.request_id), delta, None, [1] * 128)
         latencies.append(time.monotonic() - started)
     child.join()
     latencies.sort()

@@ -1,8 +1,8 @@
 """``AsyncLLM``: the in-process ``EngineClient``. The ``EngineCoreLoop`` runs in a background thread of this process,
-the only thread that touches the core; commands reach it through a queue and its outputs come back cumulative, with
-no copy or serialisation. ``dsv32 serve`` runs the engine in a process of its own (``dsv32.engine.process``); this
-client is for embedding the engine in a Python program and for tests that drive the HTTP layer without a second
-process.
+the only thread that touches the core; commands reach it through a queue and its outputs (deltas) come back as the
+core made them, with no copy or serialisation. ``dsv32 serve`` runs the engine in a process of its own
+(``dsv32.engine.process``); this client is for embedding the engine in a Python program and for tests that drive the
+HTTP layer without a second process.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ The implementations differ only in where the ``EngineCoreLoop`` runs: ``AsyncLLM
 thread of this process; ``MPEngineClient`` (``process``) in an engine-core process of its own. Either way commands
 go out through ``_send`` and each loop iteration's ``StepOutputs`` comes back through ``_on_step_outputs``, called
 from a thread that is not the event loop's; outputs are handed to the event loop of the caller that asked for them,
-one ``call_soon_threadsafe`` per loop per step. Torch-free: the API-server process imports it.
+one ``call_soon_threadsafe`` per loop per step. Outputs stay the engine's deltas all the way to the caller; a
+caller that fell behind gets the deltas queued meanwhile merged into one. Torch-free: the API-server process imports
+it.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import itertools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from dsv32.config import EngineConfig, ModelConfig
-from dsv32.engine.messages import AbortRequest, AddRequest, Command, RequestDelta, StepOutputs, UtilityCall, apply_delta
+from dsv32.engine.messages import AbortRequest, AddRequest, Command, StepOutputs, UtilityCall
 from dsv32.engine.outputs import EngineStats, RequestOutput
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.validation import InvalidRequestError, RequestValidator
@@ -59,7 +61,9 @@ class EngineClient(Protocol):
 
     def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
                  prompt: str | None = None, admitted: bool = False) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs after every step that produced tokens; the last one has ``finished`` True.
+        """The request's outputs as deltas (``RequestOutput.add`` folds them into the whole answer): one after
+        every step that produced tokens, or several merged into one for a caller that fell behind; the last one has
+        ``finished`` True.
 
         Raises ``InvalidRequestError`` for a request that can never be served, ``EngineOverloadedError`` when the
         waiting queue is full (unless ``admitted``: room was checked with ``admit`` for the group it belongs to),
@@ -93,9 +97,6 @@ class EngineClient(Protocol):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
-    prompt: str | None
-    prompt_token_ids: list[int]
-    last: RequestOutput | None = field(default=None)  # the newest output, for rebuilding from deltas
 
 
 class QueueEngineClient(ABC):
@@ -152,7 +153,7 @@ class QueueEngineClient(ABC):
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
                        prompt: str | None = None, admitted: bool = False) -> AsyncIterator[RequestOutput]:
         self.validator.validate(prompt_token_ids, sampling_params)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), prompt, list(prompt_token_ids))
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:  # the receiving thread marks the engine dead under it: no stream is left unanswered
             self._check_alive()
             if request_id in self._streams:
@@ -161,14 +162,11 @@ class QueueEngineClient(ABC):
                 self._check_room(sampling_params.n)
             self._streams[request_id] = stream
             self._num_pending_adds += sampling_params.n
-        self._send(AddRequest(request_id, stream.prompt_token_ids, sampling_params, prompt))
+        self._send(AddRequest(request_id, list(prompt_token_ids), sampling_params, prompt))
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
-                # Outputs are cumulative: a consumer that fell behind only needs the newest one.
-                while not isinstance(item, BaseException) and not item.finished and not stream.queue.empty():
-                    item = stream.queue.get_nowait()
+                item = _merge_queued(await stream.queue.get(), stream.queue)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -217,9 +215,6 @@ class QueueEngineClient(ABC):
                 stream = self._streams.get(out.request_id)
                 if stream is None:
                     continue
-                if isinstance(out, RequestDelta):
-                    out = apply_delta(stream.last, out, stream.prompt, stream.prompt_token_ids)
-                stream.last = out
                 deliveries.setdefault(stream.loop, []).append((stream, out))
             for failure in step.failures:
                 stream = self._streams.get(failure.request_id)
@@ -258,6 +253,19 @@ class QueueEngineClient(ABC):
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that event loop is closed: nobody is listening any more
                 pass
+
+
+def _merge_queued(item: RequestOutput | BaseException,
+                  queue: asyncio.Queue[RequestOutput | BaseException]) -> RequestOutput | BaseException:
+    """``item`` with every delta queued behind it folded in, so a consumer that fell behind catches up in one go
+    without losing any. An error queued behind them ends the request and is what the consumer gets (as before the
+    outputs were deltas, when the newest item replaced the others)."""
+    while not isinstance(item, BaseException) and not item.finished and not queue.empty():
+        later = queue.get_nowait()
+        if isinstance(later, BaseException):
+            return later
+        item.add(later)
+    return item
 
 
 def _put_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:

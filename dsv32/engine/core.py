@@ -1,8 +1,12 @@
-"""The engine core shared by the offline ``LLM`` and the server's engine clients: requests in, ``RequestOutput``s out.
+"""The engine core shared by the offline ``LLM`` and the server's engine clients: requests in, ``RequestOutput``
+deltas out.
 
 One ``step()`` = schedule -> run the model and sample -> advance every sequence -> turn new tokens into text, check
-stop conditions, free finished sequences' blocks -> report. It is synchronous and not thread-safe: its owner calls
-every method from one thread at a time.
+stop conditions, free finished sequences' blocks -> report. A report is a delta: per request only what it gained
+since its previous report (new text, token ids, logprob entries, prompt-logprob positions; the finish fields are
+absolute), cut from per-sequence cursors, never a rebuild of the whole answer. Logprob entries carry ids, floats and
+ranks; their token strings are decoded where they are read (the API server, the offline ``LLM``). It is synchronous
+and not thread-safe: its owner calls every method from one thread at a time.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from dsv32.config import ConfigError, EngineConfig, ModelConfig
 from dsv32.engine.block_manager import BlockPool, make_block_pool
 from dsv32.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from dsv32.engine.executor import make_executor
-from dsv32.engine.outputs import CompletionOutput, EngineStats, PositionLogprobs, RequestOutput, SpecDecodeStats
+from dsv32.engine.outputs import CompletionOutput, EngineStats, RequestOutput, SpecDecodeStats
 from dsv32.engine.request import Request, Sequence, child_sampling_params
 from dsv32.engine.runner import ModelRunner, SampledToken, resolve_device
-from dsv32.engine.sampler import TokenLogprobs, make_generator
+from dsv32.engine.sampler import make_generator
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import Scheduler, SchedulerOutput, estimate_context_cost_tokens
 from dsv32.engine.spec_decode import MTPProposer
@@ -35,11 +39,14 @@ COMPILE_WAIT_SECONDS = 0.05
 
 @dataclass
 class _CompletionState:
-    """Text side of one sequence: incremental detokenizer, stop-string checker, the text reported so far."""
+    """Output side of one sequence: incremental detokenizer, stop-string checker, and where its next report starts
+    (the text made since the last one; how many output tokens and logprob entries were reported)."""
 
     detokenizer: IncrementalDetokenizer
     stop_checker: StopChecker
-    text: str = ""
+    new_text: str = ""
+    num_tokens_reported: int = 0
+    num_logprobs_reported: int = 0
 
 
 class EngineCore:
@@ -130,7 +137,7 @@ class EngineCore:
             self.structured_output.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its blocks; returns its final output (None if it is unknown or done)."""
+        """Stop a request now and free its blocks; returns its last delta (None if it is unknown or done)."""
         request = self._requests.get(request_id)
         if request is None:
             return None
@@ -147,7 +154,7 @@ class EngineCore:
 
     # ---- one step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; return the outputs of the requests it changed (streaming requests) or finished.
+        """Run one engine step; return the deltas of the requests it changed (streaming requests) or finished.
 
         An error caused by one request fails that request alone: a grammar that did not compile, or its output
         processing (``take_failures`` tells whom and why). An error of the model step itself cannot be pinned on a
@@ -167,7 +174,7 @@ class EngineCore:
         self._observe_spec_decode(sched_out, result.num_accepted)
         touched: dict[str, Request] = {}
         for seq, chunk in result.prompt_logprobs:
-            seq.prompt_logprobs.extend(self._position_logprobs(lp) for lp in chunk)
+            seq.prompt_logprobs.extend(lp.to_position_logprobs() for lp in chunk)
         for sampled in result.sampled:
             request_id = sampled.seq.request_id
             # Failed earlier in this loop, or stopped by an earlier token of this step (stop, max_tokens).
@@ -208,7 +215,7 @@ class EngineCore:
         seq.append_token(token_id)
         self._generation_tokens_total += 1
         if sampled.logprobs is not None and seq.logprobs is not None:
-            seq.logprobs.append(self._position_logprobs(sampled.logprobs))
+            seq.logprobs.append(sampled.logprobs.to_position_logprobs())
             seq.cumulative_logprob += sampled.logprobs.logprob
         finish_reason: str | None = None
         stop_reason: int | str | None = None
@@ -232,44 +239,53 @@ class EngineCore:
             finish_reason, stop_reason = "stop", state.stop_checker.stopped_by
         if finish_reason is not None:
             self.scheduler.finish(seq, finish_reason, stop_reason)
-        state.text += state.stop_checker.stream_delta(finished=finish_reason is not None)
-
-    def _position_logprobs(self, lp: TokenLogprobs) -> PositionLogprobs:
-        return lp.to_position_logprobs(lambda token_id: self.tokenizer.decode([token_id], skip_special_tokens=False))
+        state.new_text += state.stop_checker.stream_delta(finished=finish_reason is not None)
 
     def _report(self, request: Request) -> RequestOutput | None:
-        """The request's cumulative output; a finished request is forgotten after this."""
+        """The request's delta since its previous report; a finished request is forgotten after this. A request
+        that does not stream is reported once, when finished: its one delta is the whole answer."""
         finished = request.is_finished
         if not (finished or request.stream):
             return None
-        outputs = []
-        for seq in request.sequences:
-            state = self._completions[seq]
-            outputs.append(CompletionOutput(
-                index=seq.index,
-                text=state.text,
-                token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob,
-                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            ))
+        # Every completion is in every report, finished siblings too (with nothing new): a streaming client sees
+        # all n of them from the first output on.
+        outputs = [self._completion_delta(seq) for seq in request.sequences]
         first = request.sequences[0]
+        prompt_logprobs = None
+        if first.prompt_logprobs is not None:
+            prompt_logprobs = first.prompt_logprobs[request.num_prompt_logprobs_reported:]
+            request.num_prompt_logprobs_reported = len(first.prompt_logprobs)
         out = RequestOutput(
             request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
+            # The prompt goes out once, with the first report: later deltas do not resend it.
+            prompt=None if request.reported else request.prompt,
+            prompt_token_ids=[] if request.reported else request.prompt_token_ids,
             outputs=outputs,
             finished=finished,
-            prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
             num_cached_tokens=request.num_cached_tokens,
         )
+        request.reported = True
         if finished:
             del self._requests[request.request_id]
             for seq in request.sequences:
                 del self._completions[seq]
                 self.structured_output.remove(seq)
         return out
+
+    def _completion_delta(self, seq: Sequence) -> CompletionOutput:
+        """What ``seq`` gained since its previous report; moves its cursors past it."""
+        state = self._completions[seq]
+        token_ids = seq.token_ids[seq.num_prompt_tokens + state.num_tokens_reported:]
+        state.num_tokens_reported += len(token_ids)
+        logprobs = None
+        if seq.logprobs is not None:
+            logprobs = seq.logprobs[state.num_logprobs_reported:]
+            state.num_logprobs_reported = len(seq.logprobs)
+        text, state.new_text = state.new_text, ""
+        return CompletionOutput(index=seq.index, text=text, token_ids=token_ids,
+                                cumulative_logprob=seq.cumulative_logprob, logprobs=logprobs,
+                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
 
     # ---- introspection ------------------------------------------------------------------------------
     def close(self) -> None:

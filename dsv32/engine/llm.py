@@ -13,7 +13,7 @@ from tqdm import tqdm
 from dsv32.config import EngineConfig, ModelConfig
 from dsv32.encoding import prepare_chat_request
 from dsv32.engine.core import EngineCore
-from dsv32.engine.outputs import RequestOutput
+from dsv32.engine.outputs import RequestOutput, fill_decoded_tokens
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.tokenizer import Tokenizer
 
@@ -100,7 +100,9 @@ class LLM:
         bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         try:
             while self.engine.has_unfinished_requests():
+                # The requests do not stream: each is reported once, finished, and that delta is its whole answer.
                 for out in self.engine.step():
+                    fill_decoded_tokens(out, self.engine.tokenizer)
                     finished[out.request_id] = out
                     bar.update(1)
                 failures = self.engine.take_failures()

@@ -1,9 +1,17 @@
 """What the engine hands back: per request ``RequestOutput`` / ``CompletionOutput`` / ``Logprob`` (vLLM's shapes), and
-the ``EngineStats`` snapshot behind /metrics."""
+the ``EngineStats`` snapshot behind /metrics.
+
+The engine core emits outputs with delta semantics (vLLM's ``RequestOutputKind.DELTA``): each one carries only what
+its request gained since the previous one, in-process and across the process boundary alike; whoever needs the whole
+answer folds the deltas together with ``RequestOutput.add``. Logprob entries leave the engine as token ids, floats
+and ranks; ``decoded_token`` is filled where the text is wanted (``fill_decoded_tokens``, ``logprob_token_text``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from dsv32.tokenizer import Tokenizer
 
 
 @dataclass
@@ -21,7 +29,8 @@ PositionLogprobs = dict[int, Logprob]
 
 @dataclass
 class CompletionOutput:
-    """One of the ``n`` completions of a request. ``text``/``token_ids`` are cumulative."""
+    """One of the ``n`` completions of a request. From the engine, ``text``/``token_ids``/``logprobs`` are what is new
+    since the request's previous output; ``cumulative_logprob`` and the finish fields are absolute."""
 
     index: int
     text: str = ""
@@ -35,10 +44,28 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def add(self, delta: CompletionOutput) -> None:
+        """Append the next delta of this completion (in place)."""
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)
+        self.cumulative_logprob = delta.cumulative_logprob
+        self.finish_reason = delta.finish_reason
+        self.stop_reason = delta.stop_reason
+
 
 @dataclass
 class RequestOutput:
-    """The state of one request: prompt, completions so far, and whether it has finished."""
+    """One request's output: from the engine, a delta (what is new since the request's previous output), which
+    holds every one of its ``n`` completions, finished ones too; ``add`` folds the next delta in.
+
+    ``prompt`` and ``prompt_token_ids`` come in the request's first output only (later deltas: None and []), so
+    they cross the process boundary once; ``prompt_logprobs`` holds the positions not reported before (None when
+    not asked for). ``finished`` and ``num_cached_tokens`` are absolute.
+    """
 
     request_id: str
     prompt: str | None
@@ -47,6 +74,35 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
+
+    def add(self, delta: RequestOutput) -> None:
+        """Fold the next delta of the same request into this output (in place; vLLM's ``RequestOutput.add``)."""
+        completions = {completion.index: completion for completion in self.outputs}
+        for completion in delta.outputs:
+            if completion.index in completions:
+                completions[completion.index].add(completion)
+            else:
+                self.outputs.append(completion)
+        if delta.prompt_logprobs is not None:
+            if self.prompt_logprobs is None:
+                self.prompt_logprobs = []
+            self.prompt_logprobs.extend(delta.prompt_logprobs)
+        self.finished = delta.finished
+        self.num_cached_tokens = delta.num_cached_tokens
+
+
+def logprob_token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """A logprob entry's token as text (vLLM's ``decoded_token``: the token alone, special tokens shown)."""
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def fill_decoded_tokens(out: RequestOutput, tokenizer: Tokenizer) -> None:
+    """Fill ``decoded_token`` of every logprob entry of ``out`` (generated and prompt positions), in place."""
+    positions = [position for completion in out.outputs for position in completion.logprobs or ()]
+    positions += [position for position in out.prompt_logprobs or () if position is not None]
+    for position in positions:
+        for token_id, entry in position.items():
+            entry.decoded_token = logprob_token_text(tokenizer, token_id)
 
 
 @dataclass

@@ -10,11 +10,13 @@ needs the detokenizer where the scheduler is; its cost is a few microseconds per
 
 Transport: two one-way ``multiprocessing`` pipes and pickle. Each direction carries one message per batch: the
 server's writer thread sends every command queued since its last send as one list; the engine sends one
-``StepOutputs`` per step with every request's output of that step, in delta form (``messages.DeltaEncoder``), so a
-step costs one message whatever the batch size. Pipes need no dependency (ZeroMQ would add pyzmq and msgspec for
-no gain with one client and one engine), and they give what the lifetime rules need for free: a pipe reads EOF the
-moment the process at the other end dies. Each process does its pipe I/O (and pickling) in threads of its own, so
-the event loop never blocks on a full pipe and the engine's next step overlaps sending the last one's outputs.
+``StepOutputs`` per step with every request's output of that step, as the core made it: a delta (only the new text,
+token ids and logprob ids/floats/ranks; the token strings of logprobs are decoded on the server side), so a step
+costs one message whatever the batch size, and a message grows with the new tokens, not with the answers so far.
+Pipes need no dependency (ZeroMQ would add pyzmq and msgspec for no gain with one client and one engine), and they
+give what the lifetime rules need for free: a pipe reads EOF the moment the process at the other end dies. Each
+process does its pipe I/O (and pickling) in threads of its own, so the event loop never blocks on a full pipe and the
+engine's next step overlaps sending the last one's outputs.
 
 Lifetime:
 - model load errors come back as one ``EngineStartupFailed`` line (``EngineStartupError`` here); the process exits 1.
@@ -55,7 +57,6 @@ from dsv32.engine.lifetime import spawn, threads_per_rank, use_threads
 from dsv32.engine.messages import (
     AddRequest,
     Command,
-    DeltaEncoder,
     EngineReady,
     EngineStartupFailed,
     Failure,
@@ -311,9 +312,7 @@ def _receive_commands(conn: Connection, commands: queue.SimpleQueue[Command]) ->
 
 
 def _send_outputs(outbox: queue.SimpleQueue[StepOutputs | None], conn: Connection) -> None:
-    encoder = DeltaEncoder()
     while (step := outbox.get()) is not None:
-        step.outputs = [encoder.encode(out) for out in step.outputs]  # type: ignore[arg-type]
         try:
             conn.send(step)
         except OSError:

@@ -132,6 +132,9 @@ class Request:
     sampling_params: SamplingParams
     sequences: list[Sequence] = field(default_factory=list)
     stream: bool = True  # report after every step that changed it; else only once finished
+    # Report cursors (each report is a delta): whether the prompt went out, and the prompt-logprob positions that did.
+    reported: bool = False
+    num_prompt_logprobs_reported: int = 0
 
     @property
     def is_finished(self) -> bool:

@@ -29,6 +29,7 @@ from dsv32.engine.sampler import (
     Sampler,
     SamplingRequestState,
     TokenLogprobs,
+    reads_output_tokens,
     take_rows,
     token_logprobs,
 )
@@ -210,8 +211,8 @@ class ModelRunner:
         while verifying:
             items = [sample_rows[i] for i in verifying]
             states = [SamplingRequestState(s.seq.sampling_params, s.seq.prompt_token_ids,
-                                           s.seq.output_token_ids + [t.token_id for t in new_tokens[s.seq]],
-                                           s.seq.generator) for s in items]
+                                           self._output_tokens(s.seq, new_tokens[s.seq]), s.seq.generator)
+                      for s in items]
             drafts = [s.draft_token_ids[position] if position < len(s.draft_token_ids) else None for s in items]
             out = self.sampler(take_rows(logits, [offsets[i] + position for i in verifying]), states,
                                self.eos_token_id, drafts)
@@ -224,6 +225,15 @@ class ModelRunner:
             verifying = still
             position += 1
         return new_tokens
+
+    @staticmethod
+    def _output_tokens(seq: Sequence, new_tokens: list[SampledToken]) -> list[int]:
+        """The output tokens the sampler sees for ``seq``: those generated so far plus the ones accepted earlier in
+        this step (speculative decoding). A copy, made only for the rows whose params read them (min_tokens,
+        penalties): the others, nearly every row, would pay for copying their whole output every step."""
+        if not reads_output_tokens(seq.sampling_params):
+            return []
+        return seq.output_token_ids + [t.token_id for t in new_tokens]
 
     @staticmethod
     def _draft_inputs(batch: ForwardBatch, scheduled: list[ScheduledSeq],

@@ -14,7 +14,6 @@ and renormalised, which gives each token exactly probability ``p`` (rejection sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from collections.abc import Sequence as GenericSequence
 from dataclasses import dataclass
 
@@ -70,16 +69,14 @@ class TokenLogprobs:
     top_token_ids: list[int]
     top_logprobs: list[float]
 
-    def to_position_logprobs(self, decode_token: Callable[[int], str] | None = None) -> PositionLogprobs:
+    def to_position_logprobs(self) -> PositionLogprobs:
         """vLLM's ``{token_id: Logprob}`` for this position: the chosen token first, then the alternatives in rank
-        order (the chosen one appears once). ``decode_token`` fills ``decoded_token``."""
-        def entry(token_id: int, logprob: float, rank: int) -> Logprob:
-            return Logprob(logprob, rank, decode_token(token_id) if decode_token else None)
-
-        position = {self.token_id: entry(self.token_id, self.logprob, self.rank)}
+        order (the chosen one appears once). ``decoded_token`` stays empty: the engine does not decode strings, the
+        reader of the output does (``dsv32.engine.outputs.logprob_token_text``)."""
+        position = {self.token_id: Logprob(self.logprob, self.rank)}
         for rank, (token_id, logprob) in enumerate(zip(self.top_token_ids, self.top_logprobs, strict=True), start=1):
             if token_id not in position:
-                position[token_id] = entry(token_id, logprob, rank)
+                position[token_id] = Logprob(logprob, rank)
         return position
 
 
@@ -117,6 +114,13 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Row-wise argmax ``[B]`` of ``[B, V]`` logits (the first maximum, as ``Tensor.argmax``): ``max`` finds it twice
     as fast on a CPU (0.3 ms against 0.7 ms for 8 x 129280 fp32 logits on 2 cores)."""
     return logits.max(dim=-1).indices
+
+
+def reads_output_tokens(params: SamplingParams) -> bool:
+    """Whether the sampler looks at a row's output tokens: their count (min_tokens) or their ids (the penalties).
+    A row without either may pass no output tokens at all."""
+    return (params.min_tokens > 0 or params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+            or params.presence_penalty != 0.0)
 
 
 def _edits_logits(row: SamplingRequestState) -> bool:

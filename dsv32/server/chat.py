@@ -93,11 +93,9 @@ def _render_and_tokenize(state: ServerState, request: ChatCompletionRequest) -> 
 
 @dataclass
 class _ChoiceStream:
-    """Per-choice streaming state: the parser, what was read of the engine's text, and pending logprobs."""
+    """Per-choice streaming state: the parser, and logprobs waiting for a chunk to carry them."""
 
     parser: StreamingParser
-    text_sent: int = 0
-    tokens_sent: int = 0
     started: bool = False
     finished: bool = False
     pending_logprobs: list[Any] = field(default_factory=list)
@@ -176,8 +174,8 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
         mode="json"), headers=headers)
 
 
-def _usage(out: RequestOutput) -> UsageInfo:
-    return usage_info(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens)
+def _num_generated(out: RequestOutput) -> int:
+    return sum(len(c.token_ids) for c in out.outputs)
 
 
 def _tool_calls(merged: dict[str, Any]) -> list[ToolCall]:
@@ -188,11 +186,7 @@ def _tool_calls(merged: dict[str, Any]) -> list[ToolCall]:
 
 async def _full_response(state: ServerState, request: ChatCompletionRequest, rendered: ChatEncoding,
                          engine_request: EngineRequest, created: int) -> ChatCompletionResponse:
-    final: RequestOutput | None = None
-    async with contextlib.aclosing(engine_request.outputs()) as outputs:
-        async for out in outputs:
-            final = out
-    assert final is not None
+    final = await engine_request.final_output()
     choices: list[ChatCompletionChoice] = []
     for completion in final.outputs:
         parser = rendered.new_parser(request.separate_reasoning)
@@ -210,7 +204,8 @@ async def _full_response(state: ServerState, request: ChatCompletionRequest, ren
                                             finish_reason=_finish_reason(completion, parser),
                                             stop_reason=_stop_reason(completion)))
     return ChatCompletionResponse(id=engine_request.request_id, created=created, model=state.config.model_name,
-                                  choices=choices, usage=_usage(final))
+                                  choices=choices, usage=usage_info(engine_request.num_prompt_tokens,
+                                                                    _num_generated(final), final.num_cached_tokens))
 
 
 async def _stream(state: ServerState, request: ChatCompletionRequest, rendered: ChatEncoding,
@@ -218,7 +213,8 @@ async def _stream(state: ServerState, request: ChatCompletionRequest, rendered: 
     include_usage = request.stream_options is not None and bool(request.stream_options.include_usage)
     continuous = include_usage and bool(request.stream_options and request.stream_options.continuous_usage_stats)
     choices = [_ChoiceStream(rendered.new_parser(request.separate_reasoning)) for _ in range(request.n)]
-    last: RequestOutput | None = None
+    usage: UsageInfo | None = None  # as of the newest output (the outputs are deltas: the count is kept here)
+    num_generated = 0
 
     def chunk(index: int, delta: DeltaMessage, finish_reason: str | None = None, stop_reason: Any = None,
               logprobs: ChatLogprobs | None = None) -> str:
@@ -226,11 +222,12 @@ async def _stream(state: ServerState, request: ChatCompletionRequest, rendered: 
             id=engine_request.request_id, created=created, model=state.config.model_name,
             choices=[ChatCompletionStreamChoice(index=index, delta=delta, logprobs=logprobs,
                                                 finish_reason=finish_reason, stop_reason=stop_reason)],
-            usage=_usage(last) if continuous and last is not None else None))
+            usage=usage if continuous else None))
 
     async with contextlib.aclosing(engine_request.outputs()) as outputs:
         async for out in outputs:
-            last = out
+            num_generated += _num_generated(out)
+            usage = usage_info(engine_request.num_prompt_tokens, num_generated, out.num_cached_tokens)
             for completion in out.outputs:
                 choice = choices[completion.index]
                 if choice.finished:
@@ -239,17 +236,12 @@ async def _stream(state: ServerState, request: ChatCompletionRequest, rendered: 
                     # Sent at the first engine output so it still marks the time to first token.
                     choice.started = True
                     yield chunk(completion.index, DeltaMessage(role="assistant", content=_echo_text(request)))
-                new_text = completion.text[choice.text_sent:]
-                choice.text_sent = len(completion.text)
-                deltas = choice.parser.feed(new_text) if new_text else []
+                deltas = choice.parser.feed(completion.text) if completion.text else []
                 if completion.finished:
                     deltas += choice.parser.finish()
                 if request.logprobs and completion.logprobs is not None:
-                    new_tokens = completion.token_ids[choice.tokens_sent:]
-                    choice.pending_logprobs += state.logprobs.chat(
-                        new_tokens, completion.logprobs[choice.tokens_sent:len(completion.token_ids)],
-                        request.top_logprobs or 0)
-                    choice.tokens_sent = len(completion.token_ids)
+                    choice.pending_logprobs += state.logprobs.chat(completion.token_ids, completion.logprobs,
+                                                                   request.top_logprobs or 0)
                 delta = _delta_message(deltas, request.include_reasoning, not rendered.forces_tool_call)
                 if not delta.is_empty():
                     logprobs = ChatLogprobs(content=choice.pending_logprobs) if choice.pending_logprobs else None
@@ -261,6 +253,6 @@ async def _stream(state: ServerState, request: ChatCompletionRequest, rendered: 
                     yield chunk(completion.index, DeltaMessage(), finish_reason=_finish_reason(completion,
                                                                                                   choice.parser),
                                 stop_reason=_stop_reason(completion), logprobs=logprobs)
-    if include_usage and last is not None:
+    if include_usage and usage is not None:
         yield sse_event(ChatCompletionStreamResponse(id=engine_request.request_id, created=created,
-                                                     model=state.config.model_name, choices=[], usage=_usage(last)))
+                                                     model=state.config.model_name, choices=[], usage=usage))

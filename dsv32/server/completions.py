@@ -32,20 +32,26 @@ from dsv32.server.state import ServerState
 
 
 class _PromptRun:
-    """One prompt of the batch: its ids, its engine request, and what has been streamed of each completion."""
+    """One prompt of the batch: its ids, its engine request, the usage counts of the outputs read so far, and (when
+    streaming) where each completion's stream stands."""
 
     def __init__(self, text: str, token_ids: list[int], score_only: bool, request: EngineRequest) -> None:
         self.text = text
         self.token_ids = token_ids
         self.score_only = score_only
         self.request = request
-        self.last: RequestOutput | None = None
-        # Per completion index: characters and tokens already streamed, the logprobs text offset of the next token,
-        # and whether its finish chunk went out.
-        self.sent_chars: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
+        self.num_generated = 0  # tokens the client gets, over all completions
+        self.num_cached_tokens = 0
+        # Per completion index: whether its first chunk (the echo) went out, the logprobs text offset of its next
+        # token, and whether its finish chunk went out.
+        self.started: set[int] = set()
         self.next_offset: dict[int, int] = {}
         self.finished: set[int] = set()
+
+    def observe(self, out: RequestOutput) -> None:
+        """Count one output (a delta) into the usage."""
+        self.num_generated += sum(len(_visible(self, c)[1]) for c in out.outputs)
+        self.num_cached_tokens = out.num_cached_tokens
 
 
 async def _tokenize_prompts(state: ServerState, request: CompletionRequest) -> list[tuple[str, list[int]]]:
@@ -124,27 +130,30 @@ def _requests(runs: list[_PromptRun]) -> list[EngineRequest]:
 
 def _usage(runs: list[_PromptRun]) -> UsageInfo:
     prompt = sum(len(run.token_ids) for run in runs)
-    generated = sum(len(_visible(run, c)[1]) for run in runs if run.last for c in run.last.outputs)
-    cached = sum(run.last.num_cached_tokens for run in runs if run.last)
-    return usage_info(prompt, generated, cached)
+    return usage_info(prompt, sum(run.num_generated for run in runs), sum(run.num_cached_tokens for run in runs))
 
 
 async def _full_response(state: ServerState, request: CompletionRequest, runs: list[_PromptRun], request_id: str,
                          created: int) -> Response:
+    finals: dict[int, RequestOutput] = {}  # per prompt, its deltas folded into its first output
     async with contextlib.aclosing(merge_outputs(_requests(runs))) as outputs:
         async for position, out in outputs:
-            runs[position].last = out
+            runs[position].observe(out)
+            if position in finals:
+                finals[position].add(out)
+            else:
+                finals[position] = out
     choices: list[CompletionChoice] = []
     for prompt_index, run in enumerate(runs):
-        assert run.last is not None
-        for completion in run.last.outputs:
+        final = finals[prompt_index]
+        for completion in final.outputs:
             text, token_ids = _visible(run, completion)
             logprobs = CompletionLogprobs() if request.logprobs is not None else None
-            prefix = _echo_prefix(state, request, run, run.last, logprobs)
+            prefix = _echo_prefix(state, request, run, final, logprobs)
             if logprobs is not None and completion.logprobs is not None:
                 state.logprobs.completion(token_ids, completion.logprobs, request.logprobs or 0, logprobs)
-            prompt_logprobs = (state.logprobs.prompt_logprobs(run.last.prompt_logprobs)
-                               if request.prompt_logprobs is not None and run.last.prompt_logprobs else None)
+            prompt_logprobs = (state.logprobs.prompt_logprobs(final.prompt_logprobs)
+                               if request.prompt_logprobs is not None and final.prompt_logprobs else None)
             choices.append(CompletionChoice(index=prompt_index * request.n + completion.index, text=prefix + text,
                                             logprobs=logprobs, finish_reason=_finish_reason(run, completion),
                                             stop_reason=completion.stop_reason, prompt_logprobs=prompt_logprobs))
@@ -167,24 +176,20 @@ async def _stream(state: ServerState, request: CompletionRequest, runs: list[_Pr
     async with contextlib.aclosing(merge_outputs(_requests(runs))) as outputs:
         async for position, out in outputs:
             run = runs[position]
-            run.last = out
+            run.observe(out)
             for completion in out.outputs:
                 if completion.index in run.finished:
                     continue  # n > 1: this one ended in an earlier step while its siblings go on
-                first = completion.index not in run.sent_chars
-                text, token_ids = _visible(run, completion)
-                sent_chars = run.sent_chars.get(completion.index, 0)
-                sent_tokens = run.sent_tokens.get(completion.index, 0)
+                first = completion.index not in run.started
+                run.started.add(completion.index)
+                delta_text, token_ids = _visible(run, completion)
                 logprobs = CompletionLogprobs() if request.logprobs is not None else None
+                # Every completion is in the request's first output, which carries the prompt logprobs for echo.
                 prefix = _echo_prefix(state, request, run, out, logprobs) if first else ""
                 if logprobs is not None and completion.logprobs is not None:
                     run.next_offset[completion.index] = state.logprobs.completion(
-                        token_ids[sent_tokens:], completion.logprobs[sent_tokens:len(token_ids)],
-                        request.logprobs or 0, logprobs, text_offset=None if prefix else run.next_offset.get(
-                            completion.index, 0))
-                run.sent_chars[completion.index] = len(text)
-                run.sent_tokens[completion.index] = len(token_ids)
-                delta_text = text[sent_chars:]
+                        token_ids, completion.logprobs, request.logprobs or 0, logprobs,
+                        text_offset=None if prefix else run.next_offset.get(completion.index, 0))
                 finish_reason = _finish_reason(run, completion)
                 if finish_reason:
                     run.finished.add(completion.index)

@@ -3,12 +3,14 @@ the client goes away or the handler is cancelled, and feed the per-request metri
 
 ``EngineRequest.start()`` waits for the engine's first output before any HTTP status is sent, so a prompt that can
 never fit (400) or a full waiting queue (503) is a proper error response even for ``stream=true`` (SGLang's
-"kick-start"; vLLM validates before streaming too). Everything after that is read from ``outputs()``.
+"kick-start"; vLLM validates before streaming too). Everything after that is read from ``outputs()``: the engine's
+deltas, which a handler that needs the whole answer folds together with ``RequestOutput.add``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -86,8 +88,24 @@ class EngineRequest:
         self._observe(self._first)
         return self._first
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self._prompt_token_ids)
+
+    async def final_output(self) -> RequestOutput:
+        """The whole answer: every output folded into the first."""
+        final: RequestOutput | None = None
+        async with contextlib.aclosing(self.outputs()) as outputs:
+            async for out in outputs:
+                if final is None:
+                    final = out
+                else:
+                    final.add(out)
+        assert final is not None
+        return final
+
     async def outputs(self) -> AsyncIterator[RequestOutput]:
-        """The first output (again) and every later one, until the engine marks the request finished."""
+        """The first output (again) and every later one, until the engine marks the request finished: deltas."""
         assert self._stream is not None and self._first is not None, "start() first"
         try:
             yield self._first
@@ -121,7 +139,7 @@ class EngineRequest:
 
     def _observe(self, out: RequestOutput) -> None:
         assert self._timing is not None
-        self._generated = sum(len(c.token_ids) for c in out.outputs)
+        self._generated += sum(len(c.token_ids) for c in out.outputs)
         self._timing.on_tokens(self._generated)
         if out.finished and not self._finished:
             reason = "abort" if any(c.finish_reason == "abort" for c in out.outputs) else (

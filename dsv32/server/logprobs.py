@@ -1,6 +1,10 @@
 """Engine logprobs -> the two OpenAI shapes: chat's per-token objects (``token``, ``logprob``, ``bytes``,
 ``top_logprobs``) and the legacy completions lists (``tokens``, ``token_logprobs``, ``top_logprobs``,
-``text_offset``)."""
+``text_offset``), plus vLLM's ``prompt_logprobs``.
+
+The engine sends logprob entries as token ids, floats and ranks; their token strings are decoded here, in the API
+server process, with the server's tokenizer (``logprob_token_text``, the helper the offline ``LLM`` uses too), so the
+engine process spends no time on them."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from collections.abc import Sequence as GenericSequence
 from functools import lru_cache
 from typing import Any
 
-from dsv32.engine.outputs import Logprob, PositionLogprobs
+from dsv32.engine.outputs import Logprob, PositionLogprobs, logprob_token_text
 from dsv32.server.protocol import CompletionLogprobs, TokenLogprob, TopLogprob
 from dsv32.tokenizer import Tokenizer
 
@@ -42,10 +46,8 @@ class LogprobFormatter:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
 
-    def text(self, token_id: int, entry: Logprob | None = None) -> str:
-        if entry is not None and entry.decoded_token is not None:
-            return entry.decoded_token
-        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+    def text(self, token_id: int) -> str:
+        return logprob_token_text(self._tokenizer, token_id)
 
     def token_bytes(self, token_id: int, text: str) -> list[int]:
         """The token's exact bytes (a token may hold half of a UTF-8 character, which its text cannot show)."""
@@ -64,8 +66,8 @@ class LogprobFormatter:
         entries: list[TokenLogprob] = []
         for token_id, position in zip(token_ids, positions, strict=False):
             chosen = position.get(token_id)
-            text = self.text(token_id, chosen)
-            top = [TopLogprob(token=(t := self.text(tid, lp)), logprob=_finite(lp.logprob),
+            text = self.text(token_id)
+            top = [TopLogprob(token=(t := self.text(tid)), logprob=_finite(lp.logprob),
                               bytes=self.token_bytes(tid, t)) for tid, lp in self._top(position, top_n)]
             entries.append(TokenLogprob(token=text, logprob=_finite(chosen.logprob) if chosen else _LOGPROB_FLOOR,
                                         bytes=self.token_bytes(token_id, text), top_logprobs=top))
@@ -82,7 +84,7 @@ class LogprobFormatter:
             result.text_offset[-1] + len(result.tokens[-1]) if result.tokens else 0)
         for token_id, position in zip(token_ids, positions, strict=False):
             chosen = position.get(token_id) if position is not None else None
-            text = self.text(token_id, chosen)
+            text = self.text(token_id)
             result.tokens.append(text)
             result.text_offset.append(offset)
             offset += len(text)
@@ -91,7 +93,7 @@ class LogprobFormatter:
                 result.top_logprobs.append(None)
                 continue
             result.token_logprobs.append(_finite(chosen.logprob) if chosen else _LOGPROB_FLOOR)
-            top = {self.text(tid, lp): _finite(lp.logprob) for tid, lp in self._top(position, top_n)}
+            top = {self.text(tid): _finite(lp.logprob) for tid, lp in self._top(position, top_n)}
             # vLLM always lists the chosen token among the alternatives.
             top.setdefault(text, _finite(chosen.logprob) if chosen else _LOGPROB_FLOOR)
             result.top_logprobs.append(top)
@@ -101,5 +103,5 @@ class LogprobFormatter:
                         ) -> list[dict[str, dict[str, Any]] | None]:
         """vLLM's ``prompt_logprobs`` extension shape: token id -> ``{logprob, rank, decoded_token}`` per position."""
         return [None if position is None else {
-            str(tid): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": self.text(tid, lp)}
+            str(tid): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": self.text(tid)}
             for tid, lp in position.items()} for position in positions]

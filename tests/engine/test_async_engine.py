@@ -1,6 +1,7 @@
-"""AsyncLLM (what the server drives): cumulative streaming, stop-string hold-back, abort, overload, errors."""
+"""AsyncLLM (what the server drives): delta streaming, stop-string hold-back, abort, overload, errors."""
 
 import asyncio
+import copy
 import threading
 
 import pytest
@@ -24,6 +25,14 @@ async def collect(engine, prompt_ids, params, request_id):
     return [out async for out in engine.generate(prompt_ids, params, request_id)]
 
 
+def fold(outs):
+    """The whole answer of a request's deltas (the deltas themselves stay as they were)."""
+    whole = copy.deepcopy(outs[0])
+    for out in outs[1:]:
+        whole.add(out)
+    return whole
+
+
 async def wait_until_idle(engine):
     for _ in range(500):
         stats = engine.stats()
@@ -33,19 +42,17 @@ async def wait_until_idle(engine):
     pytest.fail("the engine did not free the aborted request")
 
 
-def test_streams_cumulative_outputs_equal_to_offline(engine, v32):
+def test_streamed_deltas_add_up_to_the_offline_answer(engine, v32):
     prompt = token_prompts([30], seed=20)[0]["prompt_token_ids"]
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=0)
     outs = asyncio.run(collect(engine, prompt, params, "stream-1"))
-    # One output per step, unless the consumer fell behind (then only the newest cumulative one is kept).
-    lengths = [len(o.outputs[0].token_ids) for o in outs]
-    assert lengths == sorted(set(lengths)) and lengths[-1] == 5
+    # One delta per step (several merged if the consumer fell behind): each brings new tokens and their logprobs.
+    assert all(o.outputs[0].token_ids and len(o.outputs[0].logprobs) == len(o.outputs[0].token_ids) for o in outs)
     assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
-    for earlier, later in zip(outs, outs[1:], strict=False):
-        assert later.outputs[0].token_ids[:len(earlier.outputs[0].token_ids)] == earlier.outputs[0].token_ids
-        assert later.outputs[0].text.startswith(earlier.outputs[0].text)
-    final = outs[-1].outputs[0]
-    assert final.finish_reason == "length" and len(final.logprobs) == 5
+    assert outs[0].prompt_token_ids == prompt and all(o.prompt_token_ids == [] for o in outs[1:])
+    whole = fold(outs)
+    final = whole.outputs[0]
+    assert final.finish_reason == "length" and len(final.token_ids) == 5 and len(final.logprobs) == 5
     asyncio.run(engine.shutdown())  # the engine thread must be done with the shared core before it runs offline
     offline = v32.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
     assert final.token_ids == offline.token_ids and final.text == offline.text
@@ -60,15 +67,15 @@ def test_streamed_text_never_shows_part_of_a_stop_string(engine, v32):
     expected = text[:text.find(stop)]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop=[stop])
     outs = asyncio.run(collect(engine, prompt, params, "stop-1"))
-    assert outs[-1].outputs[0].text == expected and outs[-1].outputs[0].finish_reason == "stop"
-    for out in outs:
-        assert expected.startswith(out.outputs[0].text)  # a held-back tail never leaks, even partially
+    assert fold(outs).outputs[0].text == expected and outs[-1].outputs[0].finish_reason == "stop"
+    for streamed in range(1, len(outs) + 1):  # a held-back tail never leaks, even partially
+        assert expected.startswith(fold(outs[:streamed]).outputs[0].text)
 
 
 def test_n_completions_stream_together(engine):
     prompt = token_prompts([20], seed=22)[0]["prompt_token_ids"]
     params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=3, ignore_eos=True)
-    final = asyncio.run(collect(engine, prompt, params, "n-2"))[-1]
+    final = fold(asyncio.run(collect(engine, prompt, params, "n-2")))
     assert final.finished and [c.index for c in final.outputs] == [0, 1]
     assert all(len(c.token_ids) == 3 and c.finish_reason == "length" for c in final.outputs)
 
@@ -88,7 +95,7 @@ def test_abort_ends_the_stream_and_frees_blocks(engine):
 
     outs = asyncio.run(run())
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
-    assert len(outs[-1].outputs[0].token_ids) < 400
+    assert len(fold(outs).outputs[0].token_ids) < 400
 
 
 def test_leaving_the_stream_early_aborts_the_request(engine):
@@ -174,7 +181,7 @@ def test_an_error_adding_one_request_fails_it_alone(engine, monkeypatch):
         with pytest.raises(RequestFailedError, match="simulated bug"):
             await collect(engine, [5] * 10, SamplingParams(max_tokens=2, n=2), "bad")
         outs = await collect(engine, [5] * 10, SamplingParams(max_tokens=2, ignore_eos=True), "works")
-        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 2
+        assert outs[-1].finished and len(fold(outs).outputs[0].token_ids) == 2
         await wait_until_idle(engine)  # nothing of the refused request stayed queued
 
     asyncio.run(run())

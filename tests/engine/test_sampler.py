@@ -12,6 +12,7 @@ from dsv32.engine.sampler import (
     SamplingRequestState,
     TokenLogprobs,
     make_generator,
+    reads_output_tokens,
     token_logprobs,
 )
 from dsv32.engine.sampling_params import SamplingParams
@@ -189,8 +190,7 @@ def test_logprobs_are_raw_log_softmax_with_rank_and_top_alternatives() -> None:
 
 def test_position_logprobs_put_the_chosen_token_first_once() -> None:
     chosen_in_top = TokenLogprobs(7, -0.5, 2, [3, 7], [-0.2, -0.5])
-    assert chosen_in_top.to_position_logprobs(lambda token_id: f"<{token_id}>") == {
-        7: Logprob(-0.5, 2, "<7>"), 3: Logprob(-0.2, 1, "<3>")}
+    assert chosen_in_top.to_position_logprobs() == {7: Logprob(-0.5, 2), 3: Logprob(-0.2, 1)}
     assert list(TokenLogprobs(9, -4.0, 30, [3, 7], [-0.2, -0.5]).to_position_logprobs()) == [9, 3, 7]
 
 
@@ -273,3 +273,16 @@ def test_two_level_inverse_cdf_matches_the_full_cumulative_sum(vocab: int) -> No
     last = int(probs[0].nonzero().max())
     sampler._uniform = lambda rows: torch.ones(len(rows), 1)  # type: ignore[method-assign]
     assert int(sampler._inverse_cdf(probs[:1], [row()])[0]) == last
+
+
+def test_only_min_tokens_and_penalties_read_the_output_tokens() -> None:
+    """The runner passes output tokens only to rows that read them: any other row must sample the same without."""
+    assert not reads_output_tokens(SamplingParams(temperature=0.7, top_p=0.9, logprobs=2, logit_bias={3: 1.0}))
+    for params in (SamplingParams(min_tokens=2), SamplingParams(repetition_penalty=1.2),
+                   SamplingParams(frequency_penalty=0.5), SamplingParams(presence_penalty=-0.5)):
+        assert reads_output_tokens(params)
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(8))
+    params = SamplingParams(temperature=1.0, seed=2, logit_bias={4: 2.0}, logprobs=3)
+    with_outputs = Sampler()(logits, [row(params, [5, 6], [7, 8], make_generator(2))], EOS)
+    without = Sampler()(logits, [row(params, [5, 6], [], make_generator(2))], EOS)
+    assert with_outputs.token_ids.tolist() == without.token_ids.tolist() and with_outputs.logprobs == without.logprobs

@@ -1,6 +1,7 @@
 """The HTTP layer end to end with a scripted engine (a test double of Contract B's AsyncLLM that replays given
-completion text): the exact SSE chunk order for thinking + content + a tool call, the same answer without
-streaming, and what the server asks of the engine (stop strings, forced tool-call prompt).
+completion text as deltas, as the engine sends them): the exact SSE chunk order for thinking + content + a tool
+call, the same answer without streaming, what the server asks of the engine (stop strings, forced tool-call prompt),
+and logprob token strings decoded by the server (the engine sends ids, floats and ranks).
 
 The real engine with random weights never writes a tool call, so this is where a whole tool-call turn goes through
 the server.
@@ -18,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from dsv32.config import EngineConfig, tiny_config
 from dsv32.encoding.encode import DSML_TOKEN
-from dsv32.engine.outputs import CompletionOutput, RequestOutput
+from dsv32.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.validation import RequestValidator
 from dsv32.server.app import build_app
@@ -57,16 +58,21 @@ class ScriptedEngine:
         self.calls.append((prompt_token_ids, sampling_params, prompt))
         scripts = [self.script, *self.extra_scripts][:sampling_params.n]
         for step in range(max(len(script) for script in scripts)):
+            # Deltas, as the engine sends them: this step's piece and token; a finished sibling has nothing new.
             completions = []
             for index, script in enumerate(scripts):
-                played = script[:step + 1]
-                done = len(played) == len(script)
-                completions.append(CompletionOutput(index=index, text="".join(played),
-                                                    token_ids=list(range(100, 100 + len(played))),
-                                                    finish_reason="stop" if done else None,
+                new = script[step:step + 1]
+                done = step + 1 >= len(script)
+                token_ids = [100 + step] if new else []
+                # Asked for logprobs: the token and one alternative per position, without strings (the engine's).
+                logprobs = None if sampling_params.logprobs is None else [
+                    {token_id: Logprob(-0.5, 1), token_id + 1000: Logprob(-1.5, 2)} for token_id in token_ids]
+                completions.append(CompletionOutput(index=index, text="".join(new), token_ids=token_ids,
+                                                    logprobs=logprobs, finish_reason="stop" if done else None,
                                                     stop_reason=self.stop_reason if done else None))
             finished = all(c.finish_reason for c in completions)
-            yield RequestOutput(request_id, prompt, prompt_token_ids, completions, finished=finished)
+            yield RequestOutput(request_id, prompt if step == 0 else None, prompt_token_ids if step == 0 else [],
+                                completions, finished=finished)
 
     def admit(self, num_seqs: int) -> None:
         return None
@@ -201,3 +207,20 @@ def test_streamed_siblings_finish_once_each(tokenizer: Tokenizer) -> None:
     assert "".join(c["text"] for c in choices if c["index"] == 1) == "bcd"
     assert sorted(c["index"] for c in choices if c["finish_reason"]) == [0, 1]
     assert payloads[-1]["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprob_strings_are_decoded_by_the_server(tokenizer: Tokenizer, stream: bool) -> None:
+    engine = ScriptedEngine(tokenizer, ["a", "b", "c"])
+    body = {"messages": USER, "logprobs": True, "top_logprobs": 2, "stream": stream}
+    response = client_for(engine).post("/v1/chat/completions", json=body)
+    if stream:
+        entries = [entry for p in sse_payloads(response) if p["choices"] and p["choices"][0]["logprobs"]
+                   for entry in p["choices"][0]["logprobs"]["content"]]
+    else:
+        entries = response.json()["choices"][0]["logprobs"]["content"]
+    expected = [tokenizer.decode([100 + step], skip_special_tokens=False) for step in range(3)]
+    assert [entry["token"] for entry in entries] == expected
+    assert [[top["token"] for top in entry["top_logprobs"]] for entry in entries] == [
+        [text, tokenizer.decode([100 + step + 1000], skip_special_tokens=False)]
+        for step, text in enumerate(expected)]
