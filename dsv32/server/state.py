@@ -8,7 +8,9 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
+
+from pydantic import BaseModel
 
 from dsv32.engine.client import EngineClient
 from dsv32.engine.validation import RequestValidator
@@ -22,6 +24,7 @@ from dsv32.tokenizer import Tokenizer
 logger = logging.getLogger("dsv32.server")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # A client's request id goes back out in a response header: printable ASCII only.
 _REQUEST_ID = re.compile(r"^[\x20-\x7e]{1,256}$")
@@ -32,14 +35,20 @@ _REQUEST_ID = re.compile(r"^[\x20-\x7e]{1,256}$")
 OFFLOAD_MIN_SIZE = 16384
 
 
+class InFlightRequest(Protocol):
+    """A request between start and close (``dsv32.server.generation.EngineRequest``), as shutdown sees it."""
+
+    async def abort(self) -> None: ...
+
+
 @dataclass
 class ServerState:
     engine: EngineClient
     config: ServerConfig
     metrics: ServerMetrics
     logprobs: LogprobFormatter = field(init=False)
-    # Requests between start and close (dsv32.server.generation.EngineRequest), for aborting them at shutdown.
-    active_requests: set[Any] = field(default_factory=set)
+    # Requests between start and close, for aborting them at shutdown.
+    active_requests: set[InFlightRequest] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.logprobs = LogprobFormatter(self.tokenizer)
@@ -63,11 +72,12 @@ class ServerState:
     def validator(self) -> RequestValidator:
         return self.engine.validator
 
-    async def offload(self, size: int, work: Callable[..., T], *args: Any) -> T:
-        """``work(*args)``, on a worker thread when the input it handles is large (``size`` >= OFFLOAD_MIN_SIZE)."""
+    async def offload(self, size: int, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``work(*args, **kwargs)``, on a worker thread when the input it handles is large (``size`` >=
+        OFFLOAD_MIN_SIZE)."""
         if size >= OFFLOAD_MIN_SIZE:
-            return await asyncio.to_thread(work, *args)
-        return work(*args)
+            return await asyncio.to_thread(work, *args, **kwargs)
+        return work(*args, **kwargs)
 
     def resolve_max_tokens(self, requested: int | None, num_prompt: int) -> int:
         """The output budget of one request: what it asked for (which must fit the context), else
@@ -91,7 +101,7 @@ class ServerState:
                            "the X-Request-Id header).", 400, param="request_id")
         return f"{prefix}-{chosen}-{random_uuid()[:8]}" if chosen else f"{prefix}-{random_uuid()}"
 
-    def log_request(self, request_id: str, request: Any, prompt_tokens: int) -> None:
+    def log_request(self, request_id: str, request: BaseModel, prompt_tokens: int) -> None:
         """Prompt text stays out of the logs unless --log-requests asked for it (prompts can be private)."""
         if self.config.log_requests:
             logger.info("request %s (%d prompt tokens): %s", request_id, prompt_tokens,
