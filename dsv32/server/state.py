@@ -1,5 +1,6 @@
 """``ServerState``: what every route handler shares (the engine, its tokenizer, the server's config and metrics),
-built once when the app is created, plus the checks every generation endpoint starts with."""
+built once when the app is created, plus what every generation endpoint starts with (the model name, the request
+id, the output budget)."""
 
 from __future__ import annotations
 
@@ -79,13 +80,15 @@ class ServerState:
             return await asyncio.to_thread(work, *args, **kwargs)
         return work(*args, **kwargs)
 
-    def resolve_max_tokens(self, requested: int | None, num_prompt: int) -> int:
-        """The output budget of one request: what it asked for (which must fit the context), else
-        ``--default-max-tokens`` or, without one, whatever the context has left."""
-        budget = self.validator.resolve_max_tokens(requested, num_prompt)
-        if requested is None and self.config.default_max_tokens is not None:
-            return min(budget, self.config.default_max_tokens)
-        return budget
+    def max_tokens(self, requested: int | None, num_prompt: int) -> int:
+        """The output budget of one request: what it asked for, else ``--default-max-tokens`` or, without one,
+        whatever the context has left. At least 1: a prompt that leaves no room is then refused by the validator
+        for the one token it would need (vLLM's wording)."""
+        if requested is not None:
+            return requested
+        room = self.max_model_len - num_prompt
+        default = self.config.default_max_tokens
+        return max(1, room if default is None else min(room, default))
 
     def check_model(self, model: str | None) -> None:
         """``model`` may be omitted (vLLM allows it); otherwise it must be a served name or the model path."""
