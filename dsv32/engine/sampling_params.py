@@ -1,7 +1,7 @@
 """``SamplingParams``: what a request asks of the sampler and the stop logic (vLLM's names and defaults), and
 ``StructuredOutputsParams``: the grammar a request's output must follow, parsed and checked as far as that can be
-done without the grammar library (the engine compiles it). ``as_json_schema`` is the one "is this a JSON Schema"
-check (``is_json_schema`` / ``as_json_schema``), shared by the server's request models and the prompt encoding.
+done without the grammar library (the engine compiles it). ``is_json_schema`` is the one "is this a JSON Schema"
+check (``as_json_schema`` refuses what fails it), shared by the server's request models and the prompt encoding.
 Torch-free."""
 
 from __future__ import annotations
