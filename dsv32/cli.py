@@ -371,13 +371,13 @@ def run_run_batch(args: argparse.Namespace) -> int:
     if (configs := configs_from_args(args, "run-batch")) is None:
         return 2
     engine_config, server_config = configs
-    from dsv32.server.batch import run_batch_file
+    from dsv32.server.run_batch import run_batch_file
 
     return run_batch_file(engine_config, server_config, args.input_file, args.output_file, progress=args.progress)
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from dsv32.server.chat_client import run_chat_client
+    from dsv32.client.chat import run_chat_client
 
     return run_chat_client(args)
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from dsv32.bench import report
 from dsv32.bench.datasets import SampleRequest, TokenCounter, sample_random_requests, sample_sharegpt_requests
+from dsv32.client.sse import apayloads, error_message, response_error
 
 METRIC_NAMES = ("ttft", "tpot", "itl", "e2el")
 DEFAULT_PERCENTILE_METRICS = "ttft,tpot,itl"
@@ -293,17 +294,6 @@ def request_body(settings: RequestSettings, sample: SampleRequest) -> dict[str, 
     return {**body, **settings.extra_body}
 
 
-def _error_message(payload: Any) -> str:
-    """The message of an OpenAI-style error body, whichever of the nested / flat forms the server used."""
-    if isinstance(payload, dict):
-        error = payload.get("error", payload)
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
-    return json.dumps(payload)[:500]
-
-
 def _chunk_text(choice: dict[str, Any], chat: bool) -> str:
     if not chat:
         return choice.get("text") or ""
@@ -326,22 +316,11 @@ async def send_request(
     try:
         async with client.stream("POST", settings.api_url, json=request_body(settings, sample)) as response:
             if response.status_code != 200:
-                body = await response.aread()
-                try:
-                    message = _error_message(json.loads(body))
-                except ValueError:
-                    message = body.decode(errors="replace")[:500]
-                outcome.error = f"HTTP {response.status_code}: {message}"
+                outcome.error = response_error(response.status_code, await response.aread())
                 return outcome
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in apayloads(response.aiter_lines()):
                 if "error" in chunk:
-                    outcome.error = f"stream error: {_error_message(chunk)}"
+                    outcome.error = f"stream error: {error_message(chunk)}"
                     return outcome
                 if chunk.get("choices"):
                     now = time.perf_counter()

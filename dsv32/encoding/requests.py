@@ -57,6 +57,7 @@ from dsv32.encoding.encode import (
     thinking_mode_for_prompt,
 )
 from dsv32.encoding.stream import StreamingParser
+from dsv32.engine.sampling_params import as_json_schema
 
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 GENERATING_ROLES = ("user", "developer", "tool")  # roles whose rendering ends by opening the assistant's answer
@@ -236,10 +237,8 @@ def _response_format_schema(response_format: Mapping[str, Any] | None) -> Any:
         return {"type": "object"}
     if kind == "json_schema":
         spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, Mapping) else None
-        if not isinstance(schema, Mapping):
-            raise ValueError("response_format.json_schema.schema must be a JSON Schema object")
-        return schema
+        return as_json_schema(spec.get("schema") if isinstance(spec, Mapping) else None,
+                              "response_format.json_schema.schema")
     raise ValueError(f"response_format.type must be 'text', 'json_object', 'json_schema' or 'structural_tag', got "
                      f"{kind!r}")
 

@@ -52,6 +52,7 @@ class EngineClient(Protocol):
     model_config: ModelConfig
     engine_config: EngineConfig
     max_model_len: int
+    # The engine's limits, which callers check each request against before ``generate`` (the client does not).
     validator: RequestValidator
 
     @property
@@ -65,6 +66,7 @@ class EngineClient(Protocol):
         every step that produced tokens, or several merged into one for a caller that fell behind; the last one has
         ``finished`` True.
 
+        The request was validated by the caller (``validator``); one the engine still cannot take fails alone.
         Raises ``InvalidRequestError`` for a request that can never be served, ``EngineOverloadedError`` when the
         waiting queue is full (unless ``admitted``: room was checked with ``admit`` for the group it belongs to),
         ``EngineDeadError`` when the engine is gone. Leaving the iteration early (or being cancelled) aborts the
@@ -109,8 +111,7 @@ class QueueEngineClient(ABC):
         self.model_config = model_config
         self.engine_config = engine_config
         self.max_model_len = max_model_len
-        self.validator = RequestValidator(max_model_len, model_config.vocab_size, engine_config.max_logprobs,
-                                          engine_config.max_num_seqs)
+        self.validator = RequestValidator.for_engine(engine_config, model_config, max_model_len)
         self._streams: dict[str, _Stream] = {}
         self._calls: dict[int, concurrent.futures.Future[Any]] = {}
         self._call_ids = itertools.count()
@@ -152,7 +153,6 @@ class QueueEngineClient(ABC):
 
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
                        prompt: str | None = None, admitted: bool = False) -> AsyncIterator[RequestOutput]:
-        self.validator.validate(prompt_token_ids, sampling_params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:  # the receiving thread marks the engine dead under it: no stream is left unanswered
             self._check_alive()

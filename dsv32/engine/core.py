@@ -28,7 +28,6 @@ from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import Scheduler, SchedulerOutput, estimate_context_cost_tokens
 from dsv32.engine.spec_decode import MTPProposer
 from dsv32.engine.structured_output import StructuredOutputManager
-from dsv32.engine.validation import RequestValidator
 from dsv32.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -75,8 +74,6 @@ class EngineCore:
         self.runner = ModelRunner(self.executor.model, engine_config, self.device, self.tokenizer.eos_token_id,
                                   self.structured_output, proposer)
         self.max_model_len = self.runner.max_model_len
-        self.validator = RequestValidator(self.max_model_len, self.model_config.vocab_size, engine_config.max_logprobs,
-                                          engine_config.max_num_seqs)
         self.block_manager: BlockPool = make_block_pool(engine_config, self.runner.num_blocks)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
                                    engine_config.max_num_batched_tokens, is_ready=self.structured_output.is_ready,
@@ -90,17 +87,16 @@ class EngineCore:
         self._generation_tokens_total = 0
 
     # ---- requests -----------------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams, strict_max_tokens: bool = True) -> None:
-        """Raise ``InvalidRequestError`` for a request the engine can never serve (see ``RequestValidator``), or
-        ``ValueError`` for a structured-output spec it cannot compile."""
-        self.validator.validate(prompt_token_ids, params, strict_max_tokens)
-        self.structured_output.validate(params)
-
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, stream: bool = True, strict_max_tokens: bool = True) -> None:
+                    prompt: str | None = None, stream: bool = True) -> None:
+        """Queue a request, validated by whoever took it in (``RequestValidator``: the server, the offline ``LLM``).
+        ``ValueError`` (the request fails alone) for what the core still cannot take: a duplicate id, a
+        structured-output spec that does not compile (only the engine has the grammar library), or a request that
+        would break a step (``_check_servable``). ``max_tokens`` is capped to what the context has left."""
         if request_id in self._requests:
             raise ValueError(f"Request id {request_id!r} is already running")
-        self.validate(prompt_token_ids, params, strict_max_tokens)
+        self._check_servable(prompt_token_ids, params)
+        self.structured_output.validate(params)
         prompt_token_ids = list(prompt_token_ids)
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -116,6 +112,20 @@ class EngineCore:
             raise
         self._requests[request_id] = request
         self._prompt_tokens_total += len(prompt_token_ids)
+
+    def _check_servable(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Not a second validation: only what would fail a step, and with it every request in the engine, if a
+        request skipped ``RequestValidator`` (an engine client used directly): a prompt that is empty or leaves no
+        room in the context, token ids the model has no embedding or logit for, more top logprobs than tokens."""
+        vocab_size = self.model_config.vocab_size
+        token_ids = [*prompt_token_ids, *(params.logit_bias or ())]
+        if not 0 < len(prompt_token_ids) < self.max_model_len:
+            raise ValueError(f"The engine cannot serve a prompt of {len(prompt_token_ids)} tokens "
+                             f"(max_model_len={self.max_model_len}).")
+        if not all(0 <= token_id < vocab_size for token_id in token_ids):
+            raise ValueError(f"The request has token ids outside the vocabulary [0, {vocab_size}).")
+        if max(params.logprobs or 0, params.prompt_logprobs or 0) > vocab_size:
+            raise ValueError(f"The request asks for more top logprobs than the vocabulary has ({vocab_size}).")
 
     def _add_sequences(self, request: Request, max_tokens: int) -> None:
         params, prompt_token_ids = request.sampling_params, request.prompt_token_ids

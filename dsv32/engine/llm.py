@@ -1,4 +1,6 @@
-"""The offline API, shaped like vLLM's so users can switch: ``LLM(...).generate(prompts, params)`` and ``.chat``."""
+"""The offline API, shaped like vLLM's so users can switch: ``LLM(...).generate(prompts, params)`` and ``.chat``.
+Requests enter the engine here, so they are validated here (``RequestValidator``, the offline rule: an oversized
+``max_tokens`` is capped at the context length)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dsv32.encoding import prepare_chat_request
 from dsv32.engine.core import EngineCore
 from dsv32.engine.outputs import RequestOutput, fill_decoded_tokens
 from dsv32.engine.sampling_params import SamplingParams
+from dsv32.engine.validation import RequestValidator
 from dsv32.tokenizer import Tokenizer
 
 # A prompt: text (BOS is prepended, as vLLM does for completions) or {"prompt_token_ids": [...]} (used as is).
@@ -40,6 +43,7 @@ class LLM:
         config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
                               **engine_kwargs)
         self.engine = EngineCore(config, model_config)
+        self.validator = RequestValidator.for_engine(config, self.engine.model_config, self.engine.max_model_len)
         self._request_counter = itertools.count()
 
     @property
@@ -91,14 +95,14 @@ class LLM:
             raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
         # Validate everything before running anything, so a bad prompt does not leave half a batch behind.
         for (_, token_ids), params in zip(prompts, params_list, strict=True):
-            self.engine.validate(token_ids, params, strict_max_tokens=False)
+            self.validator.validate(token_ids, params, strict_max_tokens=False)
         ids = [f"offline-{next(self._request_counter)}" for _ in prompts]
-        for request_id, (text, token_ids), params in zip(ids, prompts, params_list, strict=True):
-            self.engine.add_request(request_id, token_ids, params, prompt=text, stream=False,
-                                    strict_max_tokens=False)
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         try:
+            # The engine may still refuse one (a grammar that does not compile): those added before it are aborted.
+            for request_id, (text, token_ids), params in zip(ids, prompts, params_list, strict=True):
+                self.engine.add_request(request_id, token_ids, params, prompt=text, stream=False)
             while self.engine.has_unfinished_requests():
                 # The requests do not stream: each is reported once, finished, and that delta is its whole answer.
                 for out in self.engine.step():
@@ -110,7 +114,7 @@ class LLM:
                     request_id, exc = next(iter(failures.items()))
                     raise RuntimeError(f"request {request_id} failed: {exc}") from exc
         except BaseException:
-            # Interrupted (or the model failed): free what is left, so the engine stays usable.
+            # Refused, interrupted (or the model failed): free what is left, so the engine stays usable.
             for request_id in ids:
                 self.engine.abort_request(request_id)
             raise

@@ -1,5 +1,8 @@
 """``SamplingParams``: what a request asks of the sampler and the stop logic (vLLM's names and defaults), and
-``StructuredOutputsParams``: the grammar a request's output must follow."""
+``StructuredOutputsParams``: the grammar a request's output must follow, parsed and checked as far as that can be
+done without the grammar library (the engine compiles it). ``is_json_schema`` is the one "is this a JSON Schema"
+check (``as_json_schema`` refuses what fails it), shared by the server's request models and the prompt encoding.
+Torch-free."""
 
 from __future__ import annotations
 
@@ -10,18 +13,31 @@ from typing import Any
 _STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
+def is_json_schema(value: Any) -> bool:
+    """The one "is this a JSON Schema" check: an object, or ``true`` / ``false`` (which JSON Schema allows)."""
+    return isinstance(value, dict | bool)
+
+
+def as_json_schema(value: Any, what: str) -> dict[str, Any] | bool:
+    """``value`` if it is a JSON Schema, else a ``ValueError`` naming ``what``."""
+    if not is_json_schema(value):
+        raise ValueError(f"{what} must be a JSON Schema object, got {type(value).__name__}")
+    return value
+
+
 @dataclass(frozen=True)
 class StructuredOutputsParams:
     """vLLM's ``StructuredOutputsParams``: exactly one constraint, kept as plain data (picklable; compiled by the
-    engine). ``json`` is a JSON Schema (dict or JSON text), ``regex`` a regular expression, ``choice`` the strings
-    the output must be one of, ``grammar`` an EBNF grammar (xgrammar's dialect, GBNF-like, rule ``root``),
-    ``json_object`` any JSON object, ``structural_tag`` xgrammar's structural tag as JSON text.
+    engine). ``json`` is a JSON Schema (given as a value or as JSON text, which is parsed here), ``regex`` a regular
+    expression, ``choice`` the strings the output must be one of, ``grammar`` an EBNF grammar (xgrammar's dialect,
+    GBNF-like, rule ``root``), ``json_object`` any JSON object, ``structural_tag`` xgrammar's structural tag as JSON
+    text.
 
     When the prompt leaves the model inside its thinking (it ends with ``<think>``), the constraint starts after
     the ``</think>`` token; the thinking itself stays free.
     """
 
-    json: str | dict[str, Any] | None = None
+    json: str | dict[str, Any] | bool | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
@@ -42,8 +58,9 @@ class StructuredOutputsParams:
             value = getattr(self, kind)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"structured outputs {kind} must be a string, got {type(value).__name__}.")
-        if self.json is not None and not isinstance(self.json, str | dict):
-            raise ValueError(f"structured outputs json must be a JSON Schema object, got {type(self.json).__name__}.")
+        if self.json is not None:
+            # Frozen: the parsed schema replaces its text once, here, so every later reader sees a value.
+            object.__setattr__(self, "json", _parse_json_schema(self.json))
         if self.structural_tag is not None:
             check_structural_tag(self.structural_tag)
 
@@ -59,6 +76,15 @@ class StructuredOutputsParams:
         if isinstance(value, dict | list):
             value = json.dumps(value, sort_keys=True, ensure_ascii=False)
         return f"{self.kind}:{value}"
+
+
+def _parse_json_schema(value: str | dict[str, Any] | bool) -> dict[str, Any] | bool:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"structured outputs json is not valid JSON: {exc}") from None
+    return as_json_schema(value, "structured outputs json")
 
 
 def _fail_unless(condition: bool, message: str) -> None:
@@ -81,8 +107,7 @@ def check_structural_tag(text: str) -> None:
         _fail_unless(isinstance(structures, list) and bool(structures), "structures must be a non-empty list")
         for index, structure in enumerate(structures):
             _fail_unless(isinstance(structure, dict) and isinstance(structure.get("begin"), str)
-                         and isinstance(structure.get("end"), str)
-                         and isinstance(structure.get("schema", True), dict | bool),
+                         and isinstance(structure.get("end"), str) and is_json_schema(structure.get("schema", True)),
                          f"structures[{index}] must be an object with string begin and end and a schema object")
         _fail_unless(isinstance(triggers, list) and bool(triggers) and all(isinstance(t, str) and t for t in triggers),
                      "triggers must be a non-empty list of strings")

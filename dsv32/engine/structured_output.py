@@ -108,16 +108,9 @@ def _unsupported_keywords(schema: Any, path: str = "#") -> Iterator[str]:
         yield from _unsupported_keywords(schema.get(key), f"{path}/{key}")
 
 
-def _json_schema(spec: StructuredOutputsParams) -> Any:
-    """The spec's JSON Schema as a Python value (``ValueError`` if it is not JSON or uses unenforced keywords)."""
-    schema = spec.json
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"structured outputs json is not valid JSON: {exc}") from None
-    if not isinstance(schema, dict | bool):
-        raise ValueError(f"structured outputs json must be a JSON Schema object, got {type(schema).__name__}")
+def _enforceable(schema: Any) -> Any:
+    """``schema`` (parsed and checked by ``StructuredOutputsParams``), or ``ValueError`` if it uses keywords the
+    grammar cannot enforce."""
     unsupported = list(_unsupported_keywords(schema))
     if unsupported:
         raise ValueError(f"JSON Schema keyword {unsupported[0]} is not supported by structured outputs (the grammar "
@@ -206,7 +199,7 @@ class XgrammarBackend:
         xgr, kind, ws = self._xgr.Grammar, spec.kind, self._config.max_whitespace
         try:
             if kind == "json":
-                return xgr.from_json_schema(json.dumps(_json_schema(spec)), max_whitespace_cnt=ws)
+                return xgr.from_json_schema(json.dumps(_enforceable(spec.json)), max_whitespace_cnt=ws)
             if kind == "json_object":
                 return xgr.from_json_schema('{"type": "object"}', strict_mode=False, max_whitespace_cnt=ws)
             if kind == "regex":

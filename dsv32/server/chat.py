@@ -151,12 +151,12 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
         raise APIError(f'"{choice_name}" tool choice requires --tool-call-parser to be set', 400, param="tool_choice")
     size = sum(len(message.text() or "") for message in request.messages)
     rendered, prompt_ids = await state.offload(size, _render_and_tokenize, state, request)
-    max_tokens = state.resolve_max_tokens(request.requested_max_tokens(), len(prompt_ids))
     tool_call_tag = rendered.tool_call_structural_tag(request.parallel_tool_calls)
     # parallel_tool_calls=false: a tool-call grammar allows one call; without one, a stop string ends the first.
     single_call = not request.parallel_tool_calls and bool(rendered.tools) and tool_call_tag is None
     params = build_sampling_params(
-        request, max_tokens=max_tokens, validator=state.validator,
+        request, prompt_ids, state.validator,
+        max_tokens=state.max_tokens(request.requested_max_tokens(), len(prompt_ids)),
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         extra_stop=[_INVOKE_END] if single_call else [],
         structured_outputs=structured_outputs_params(request, tool_call_tag))

@@ -66,7 +66,7 @@ def _tokenize_prompts_now(state: ServerState, request: CompletionRequest) -> lis
         if isinstance(prompt, str):
             prompts.append((prompt, state.tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)))
         else:
-            state.validator.check_token_ids(prompt, "prompt")
+            state.validator.check_token_ids(prompt, "prompt")  # the tokenizer decodes only ids it has
             prompts.append((state.tokenizer.decode(prompt, skip_special_tokens=False), list(prompt)))
         if not prompts[-1][1]:
             raise APIError("Prompt cannot be empty.", 400, param="prompt")
@@ -97,10 +97,11 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
         admit_all(state, len(prompts) * request.n)
     for index, (text, token_ids) in enumerate(prompts):
         score_only = request.max_tokens == 0
-        max_tokens = state.resolve_max_tokens(1 if score_only else request.max_tokens, len(token_ids))
         want_prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         params = build_sampling_params(
-            request, max_tokens=max_tokens, validator=state.validator, logprobs=request.logprobs,
+            request, token_ids, state.validator,
+            max_tokens=state.max_tokens(1 if score_only else request.max_tokens, len(token_ids)),
+            logprobs=request.logprobs,
             prompt_logprobs=request.prompt_logprobs if request.prompt_logprobs is not None else want_prompt_logprobs,
             structured_outputs=structured_outputs)
         sub_id = request_id if len(request.prompts()) == 1 else f"{request_id}-{index}"

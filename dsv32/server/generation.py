@@ -1,10 +1,11 @@
 """One engine request as the HTTP layer drives it: start it, turn engine refusals into HTTP errors, abort it when
 the client goes away or the handler is cancelled, and feed the per-request metrics.
 
-``EngineRequest.start()`` waits for the engine's first output before any HTTP status is sent, so a prompt that can
-never fit (400) or a full waiting queue (503) is a proper error response even for ``stream=true`` (SGLang's
-"kick-start"; vLLM validates before streaming too). Everything after that is read from ``outputs()``: the engine's
-deltas, which a handler that needs the whole answer folds together with ``RequestOutput.add``.
+Requests arrive validated (``dsv32.server.sampling``). ``EngineRequest.start()`` waits for the engine's first output
+before any HTTP status is sent, so what only the engine can refuse (a structured-output grammar that does not
+compile: 400) or a full waiting queue (503) is a proper error response even for ``stream=true`` (SGLang's
+"kick-start"). Everything after that is read from ``outputs()``: the engine's deltas, which a handler that needs the
+whole answer folds together with ``RequestOutput.add``.
 """
 
 from __future__ import annotations

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from dsv32.engine.outputs import EngineStats
 
 # vLLM's bucket edges, so histograms line up with theirs in the same dashboard.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -33,7 +34,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class EngineStatsCollector(Collector):
     """Reads the engine's counters when Prometheus scrapes, so they are never stale and cost nothing in between."""
 
-    def __init__(self, stats: Callable[[], Any], model_name: str) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
         self._stats = stats
         self._labels = {"model_name": model_name, "engine": "0"}
 
@@ -83,7 +84,7 @@ class EngineStatsCollector(Collector):
 class ServerMetrics:
     """The registry behind ``/metrics`` plus the per-request histograms and counters the server observes."""
 
-    def __init__(self, model_name: str, engine_stats: Callable[[], Any]) -> None:
+    def __init__(self, model_name: str, engine_stats: Callable[[], EngineStats]) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.registry.register(EngineStatsCollector(engine_stats, model_name))

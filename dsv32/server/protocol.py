@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from dsv32.engine.sampling_params import as_json_schema, is_json_schema
+
 # OpenAI's rule for function names, plus '.' and ':' which MCP-style tool names use. A quote or '>' would break the
 # DSML `<｜DSML｜invoke name="...">` tag the model has to reproduce.
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
@@ -139,8 +141,8 @@ class ResponseFormat(OpenAIBaseModel):
 def check_json_schema(schema: Any, where: str) -> None:
     """A structural check of a tool's JSON Schema: enough to refuse schemas no client meant to send (a list, an
     unknown ``type``, ``properties`` that are not schemas, ``required`` that is not a list of names)."""
-    if not isinstance(schema, dict):
-        raise ValueError(f"{where} must be a JSON Schema object, got {type(schema).__name__}")
+    if isinstance(as_json_schema(schema, where), bool):
+        return  # true / false: any value, or none
     kind = schema.get("type")
     kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
     for k in kinds:
@@ -155,7 +157,8 @@ def check_json_schema(schema: Any, where: str) -> None:
     required = schema.get("required")
     if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
         raise ValueError(f"{where}.required must be a list of property names")
-    if "items" in schema and not isinstance(schema["items"], (dict, bool, list)):
+    # A list of schemas is the older (draft 4) tuple form.
+    if "items" in schema and not (is_json_schema(schema["items"]) or isinstance(schema["items"], list)):
         raise ValueError(f"{where}.items must be a schema")
 
 

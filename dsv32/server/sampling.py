@@ -1,13 +1,15 @@
-"""From an API request to the engine's ``SamplingParams``: OpenAI's defaults, the ``logit_bias`` form and the
-structured-outputs constraint, each failure an HTTP 400 with vLLM's wording. What a request may ask of this engine
-(context length, vocabulary, logprobs, ``n``) is ``RequestValidator``'s to decide."""
+"""From an API request to the engine's validated ``SamplingParams``: the fields the request sets (the rest keep
+``SamplingParams``' defaults), the ``logit_bias`` form, and the one structured-outputs constraint its fields ask
+for, each failure an HTTP 400 with vLLM's wording. ``build_sampling_params`` ends with the server's one
+``RequestValidator`` call per engine request (context length, vocabulary, logprobs, ``n``): nothing downstream
+repeats it."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from dsv32.engine.sampling_params import SamplingParams, StructuredOutputsParams
+from dsv32.engine.sampling_params import SamplingParams, StructuredOutputsParams, as_json_schema
 from dsv32.engine.validation import RequestValidator
 from dsv32.server.errors import APIError
 from dsv32.server.protocol import SamplingFields
@@ -55,10 +57,10 @@ def _structured_outputs_sources(request: SamplingFields) -> dict[str, dict[str, 
     if response_format is not None and response_format.type != "text":
         if response_format.type == "json_schema":
             schema = (response_format.json_schema or {}).get("schema")
-            if not isinstance(schema, dict):
-                raise APIError("response_format.json_schema.schema must be a JSON Schema object.", 400,
-                               param="response_format")
-            sources["response_format"] = {"json": schema}
+            try:
+                sources["response_format"] = {"json": as_json_schema(schema, "response_format.json_schema.schema")}
+            except ValueError as exc:
+                raise APIError(str(exc), 400, param="response_format") from None
         elif response_format.type == "json_object":
             sources["response_format"] = {"json_object": True}
         else:
@@ -86,37 +88,31 @@ def structured_outputs_params(request: SamplingFields, tool_call_tag: str | None
         raise APIError(f"{field}: {exc}", 400, param=field) from None
 
 
-def build_sampling_params(request: SamplingFields, *, max_tokens: int, validator: RequestValidator,
-                          logprobs: int | None = None, prompt_logprobs: int | None = None,
+# Request fields that mean what the ``SamplingParams`` field of the same name means: copied when the request sets
+# them; unset (None) ones keep ``SamplingParams``' default.
+_SAME_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "stop_token_ids")
+
+
+def build_sampling_params(request: SamplingFields, prompt_token_ids: list[int], validator: RequestValidator, *,
+                          max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None,
                           extra_stop: list[str] | None = None,
                           structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
-    """The engine's parameters for ``request``, checked by ``validator``; ``None`` fields take vLLM's defaults.
-    ``extra_stop`` adds stop strings the server needs on top of the client's."""
-    validator.check_n(request.n)
+    """The engine's parameters for ``request`` on ``prompt_token_ids``, validated (``InvalidRequestError``, a 400,
+    for what this engine cannot serve). ``extra_stop`` adds stop strings the server needs on top of the client's."""
+    fields = {name: value for name in _SAME_FIELDS if (value := getattr(request, name)) is not None}
     try:
         params = SamplingParams(
-            n=request.n,
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=0 if request.top_k is None else request.top_k,
-            min_p=0.0 if request.min_p is None else request.min_p,
-            seed=request.seed,
-            presence_penalty=request.presence_penalty or 0.0,
-            frequency_penalty=request.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+            **fields,
             logit_bias=_logit_bias(request),
-            min_tokens=request.min_tokens,
             max_tokens=max_tokens,
-            ignore_eos=request.ignore_eos,
             stop=request.stop_list() + list(extra_stop or []),
-            stop_token_ids=list(request.stop_token_ids or []),
             include_stop_str_in_output=request.include_stop_str_in_output or request.no_stop_trim,
-            skip_special_tokens=request.skip_special_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             structured_outputs=structured_outputs,
         )
     except ValueError as exc:
         raise APIError(str(exc), 400) from None
-    validator.check_params(params)
+    validator.validate(prompt_token_ids, params)
     return params

@@ -1,5 +1,6 @@
 """``ServerState``: what every route handler shares (the engine, its tokenizer, the server's config and metrics),
-built once when the app is created, plus the checks every generation endpoint starts with."""
+built once when the app is created, plus what every generation endpoint starts with (the model name, the request
+id, the output budget)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
+
+from pydantic import BaseModel
 
 from dsv32.engine.client import EngineClient
 from dsv32.engine.validation import RequestValidator
@@ -22,6 +25,7 @@ from dsv32.tokenizer import Tokenizer
 logger = logging.getLogger("dsv32.server")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # A client's request id goes back out in a response header: printable ASCII only.
 _REQUEST_ID = re.compile(r"^[\x20-\x7e]{1,256}$")
@@ -32,14 +36,20 @@ _REQUEST_ID = re.compile(r"^[\x20-\x7e]{1,256}$")
 OFFLOAD_MIN_SIZE = 16384
 
 
+class InFlightRequest(Protocol):
+    """A request between start and close (``dsv32.server.generation.EngineRequest``), as shutdown sees it."""
+
+    async def abort(self) -> None: ...
+
+
 @dataclass
 class ServerState:
     engine: EngineClient
     config: ServerConfig
     metrics: ServerMetrics
     logprobs: LogprobFormatter = field(init=False)
-    # Requests between start and close (dsv32.server.generation.EngineRequest), for aborting them at shutdown.
-    active_requests: set[Any] = field(default_factory=set)
+    # Requests between start and close, for aborting them at shutdown.
+    active_requests: set[InFlightRequest] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.logprobs = LogprobFormatter(self.tokenizer)
@@ -63,19 +73,22 @@ class ServerState:
     def validator(self) -> RequestValidator:
         return self.engine.validator
 
-    async def offload(self, size: int, work: Callable[..., T], *args: Any) -> T:
-        """``work(*args)``, on a worker thread when the input it handles is large (``size`` >= OFFLOAD_MIN_SIZE)."""
+    async def offload(self, size: int, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``work(*args, **kwargs)``, on a worker thread when the input it handles is large (``size`` >=
+        OFFLOAD_MIN_SIZE)."""
         if size >= OFFLOAD_MIN_SIZE:
-            return await asyncio.to_thread(work, *args)
-        return work(*args)
+            return await asyncio.to_thread(work, *args, **kwargs)
+        return work(*args, **kwargs)
 
-    def resolve_max_tokens(self, requested: int | None, num_prompt: int) -> int:
-        """The output budget of one request: what it asked for (which must fit the context), else
-        ``--default-max-tokens`` or, without one, whatever the context has left."""
-        budget = self.validator.resolve_max_tokens(requested, num_prompt)
-        if requested is None and self.config.default_max_tokens is not None:
-            return min(budget, self.config.default_max_tokens)
-        return budget
+    def max_tokens(self, requested: int | None, num_prompt: int) -> int:
+        """The output budget of one request: what it asked for, else ``--default-max-tokens`` or, without one,
+        whatever the context has left. At least 1: a prompt that leaves no room is then refused by the validator
+        for the one token it would need (vLLM's wording)."""
+        if requested is not None:
+            return requested
+        room = self.max_model_len - num_prompt
+        default = self.config.default_max_tokens
+        return max(1, room if default is None else min(room, default))
 
     def check_model(self, model: str | None) -> None:
         """``model`` may be omitted (vLLM allows it); otherwise it must be a served name or the model path."""
@@ -91,7 +104,7 @@ class ServerState:
                            "the X-Request-Id header).", 400, param="request_id")
         return f"{prefix}-{chosen}-{random_uuid()[:8]}" if chosen else f"{prefix}-{random_uuid()}"
 
-    def log_request(self, request_id: str, request: Any, prompt_tokens: int) -> None:
+    def log_request(self, request_id: str, request: BaseModel, prompt_tokens: int) -> None:
         """Prompt text stays out of the logs unless --log-requests asked for it (prompts can be private)."""
         if self.config.log_requests:
             logger.info("request %s (%d prompt tokens): %s", request_id, prompt_tokens,

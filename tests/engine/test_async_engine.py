@@ -110,12 +110,16 @@ def test_leaving_the_stream_early_aborts_the_request(engine):
     asyncio.run(run())
 
 
-def test_rejects_too_long_prompts_and_duplicate_ids(engine):
+def test_unvalidated_requests_fail_alone_and_duplicate_ids_are_refused(engine):
+    """Callers validate (``engine.validator``); one that did not still fails alone: the engine serves on."""
+    with pytest.raises(ValueError, match=r"you requested 520 tokens \(20 in the messages, 500 in the completion"):
+        engine.validator.validate([5] * 20, SamplingParams(max_tokens=500))
+
     async def run():
-        with pytest.raises(ValueError, match="maximum context length is 512 tokens"):
+        with pytest.raises(ValueError, match="cannot serve a prompt of 600 tokens"):
             await anext(engine.generate([5] * 600, SamplingParams(), "long"))
-        with pytest.raises(ValueError, match=r"you requested 520 tokens \(20 in the messages, 500 in the completion"):
-            await anext(engine.generate([5] * 20, SamplingParams(max_tokens=500), "long-2"))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await anext(engine.generate([5, 10**9], SamplingParams(), "out-of-vocabulary"))
         first = engine.generate([5] * 20, SamplingParams(max_tokens=3), "dup")
         await anext(first)
         with pytest.raises(ValueError, match="already running"):

@@ -186,7 +186,7 @@ def test_too_long_prompt_is_rejected_with_vllm_wording(v32):
     with pytest.raises(ValueError, match="maximum context length is 512 tokens"):
         v32.generate(too_long, SamplingParams(max_tokens=4), use_tqdm=False)
     with pytest.raises(ValueError, match="you requested 1010 tokens \\(10 in the messages, 1000 in the completion\\)"):
-        v32.engine.validate(token_prompts([10])[0]["prompt_token_ids"], SamplingParams(max_tokens=1000))
+        v32.validator.validate(token_prompts([10])[0]["prompt_token_ids"], SamplingParams(max_tokens=1000))
     # Offline, an oversized max_tokens is capped at max_model_len instead.
     out = v32.generate(token_prompts([500], seed=13), SamplingParams(max_tokens=1000, ignore_eos=True),
                        use_tqdm=False)[0]

@@ -142,8 +142,7 @@ def test_thinking_stays_free_until_think_end(llm: LLM) -> None:
 
 
 def test_bad_specs_are_value_errors_naming_the_problem(llm: LLM) -> None:
-    core = llm.engine
-    ids = [0, 1000]
+    manager = llm.engine.structured_output
     cases = [
         ({"regex": "a(b"}, "parenthesis"),
         ({"json": {"type": "objekt"}}, "objekt"),
@@ -155,7 +154,7 @@ def test_bad_specs_are_value_errors_naming_the_problem(llm: LLM) -> None:
     ]
     for spec, needle in cases:
         with pytest.raises(ValueError, match=re.escape(needle)):
-            core.validate(ids, SamplingParams(structured_outputs=StructuredOutputsParams(**spec)))
+            manager.validate(SamplingParams(structured_outputs=StructuredOutputsParams(**spec)))
     with pytest.raises(ValueError, match="exactly one constraint"):
         StructuredOutputsParams(regex="a", choice=["a"])
     with pytest.raises(ValueError, match="non-empty list"):

@@ -1,4 +1,4 @@
-"""RequestValidator: the one set of checks every path applies (server, engine clients, engine core)."""
+"""RequestValidator: the one check of a request, where it enters (the server, the offline LLM)."""
 
 import pytest
 
@@ -29,25 +29,21 @@ def test_the_configured_logprobs_limit_rules() -> None:
 
 def test_context_length_strict_and_offline() -> None:
     with pytest.raises(InvalidRequestError) as info:
-        VALIDATOR.resolve_max_tokens(20, 90)
+        VALIDATOR.validate([1] * 90, SamplingParams(max_tokens=20))
     assert str(info.value) == ("This model's maximum context length is 100 tokens. However, you requested 110 tokens "
                                "(90 in the messages, 20 in the completion). Please reduce the length of the messages "
                                "or completion.")  # vLLM's wording, which agent frameworks grep for
     assert info.value.param == "messages"
-    with pytest.raises(InvalidRequestError, match=r"you requested 110 tokens \(90 in the messages, 20 in the"):
-        VALIDATOR.validate([1] * 90, SamplingParams(max_tokens=20))
+    VALIDATOR.validate([1] * 80, SamplingParams(max_tokens=20))
     VALIDATOR.validate([1] * 90, SamplingParams(max_tokens=20), strict_max_tokens=False)
     with pytest.raises(InvalidRequestError, match="your request has 100 input tokens"):
         VALIDATOR.validate([1] * 100, SamplingParams(max_tokens=20), strict_max_tokens=False)
     with pytest.raises(InvalidRequestError, match="cannot be empty"):
         VALIDATOR.validate([], SamplingParams())
-    assert VALIDATOR.resolve_max_tokens(None, 30) == 70 and VALIDATOR.resolve_max_tokens(10, 30) == 10
-    with pytest.raises(InvalidRequestError, match="you requested 101 tokens"):
-        VALIDATOR.resolve_max_tokens(None, 100)
 
 
 def test_n_is_bounded_by_max_num_seqs() -> None:
-    VALIDATOR.check_n(4)
+    VALIDATOR.validate([1], SamplingParams(n=4))
     with pytest.raises(InvalidRequestError, match="max_num_seqs=4") as info:
-        VALIDATOR.check_n(5)
+        VALIDATOR.validate([1], SamplingParams(n=5))
     assert info.value.param == "n"

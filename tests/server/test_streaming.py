@@ -13,7 +13,7 @@ import json
 import httpx
 import pytest
 
-from dsv32.server.chat_client import run_chat_client
+from dsv32.client.chat import run_chat_client
 from tests.server.conftest import ServerProcess
 
 USER = [{"role": "user", "content": "Tell me a long story."}]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from dsv32.server.batch import parse_line, read_input, run_batch
+from dsv32.server.run_batch import parse_line, read_input, run_batch
 
 CHAT = "/v1/chat/completions"
 

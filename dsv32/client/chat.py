@@ -9,12 +9,12 @@ answer being generated (closing the stream aborts it on the server).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Iterator
 from typing import Any, TextIO
 
 import httpx
+
+from dsv32.client.sse import error_message, payloads, response_error
 
 HELP = "commands: /thinking on|off, /clear, /exit (Ctrl-D); Ctrl-C stops an answer"
 _DIM, _RESET = "\033[2m", "\033[0m"
@@ -22,26 +22,6 @@ _DIM, _RESET = "\033[2m", "\033[0m"
 
 class ChatError(Exception):
     """The server refused a request or could not be reached; the message is for the user."""
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}"
-
-
-def _sse_payloads(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    for line in lines:
-        if not line.startswith("data:"):
-            continue
-        data = line[len("data:"):].strip()
-        if data == "[DONE]":
-            return
-        payload = json.loads(data)
-        if "error" in payload:
-            raise ChatError(str(payload["error"].get("message")))
-        yield payload
 
 
 class ChatSession:
@@ -67,7 +47,7 @@ class ChatSession:
         except httpx.HTTPError as exc:
             raise ChatError(f"cannot reach {self._args.url}: {exc}") from None
         if response.status_code != 200:
-            raise ChatError(_error_message(response))
+            raise ChatError(response_error(response.status_code, response.content))
         if not self.model:
             self.model = response.json()["data"][0]["id"]
 
@@ -92,9 +72,10 @@ class ChatSession:
         try:
             with self._client.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
-                    response.read()
-                    raise ChatError(_error_message(response))
-                for payload in _sse_payloads(response.iter_lines()):
+                    raise ChatError(response_error(response.status_code, response.read()))
+                for payload in payloads(response.iter_lines()):
+                    if "error" in payload:
+                        raise ChatError(error_message(payload))
                     for choice in payload.get("choices", []):
                         delta = choice.get("delta", {})
                         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
