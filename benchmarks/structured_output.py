@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsv32 import LLM, SamplingParams  # noqa: E402
 from dsv32.encoding import prepare_chat_request  # noqa: E402
-from dsv32.engine.request import Sequence  # noqa: E402
+from dsv32.engine.request import TokenSequence  # noqa: E402
 from dsv32.engine.sampling_params import StructuredOutputsParams  # noqa: E402
 from dsv32.engine.structured_output import StructuredOutputManager  # noqa: E402
 
@@ -84,11 +84,11 @@ def measure_mask(manager: StructuredOutputManager, batch: int, steps: int, seed:
     rng = random.Random(seed)
     all_specs = list(specs().values())
     vocab = manager.backend.vocab_size
-    seqs: list[Sequence] = []
+    seqs: list[TokenSequence] = []
 
-    def new_seq(i: int) -> Sequence:
+    def new_seq(i: int) -> TokenSequence:
         params = SamplingParams(structured_outputs=all_specs[i % len(all_specs)])
-        seq = Sequence(f"bench-{i}", 0, [0, 1000], params, max_tokens=10_000)
+        seq = TokenSequence(f"bench-{i}", 0, [0, 1000], params, max_tokens=10_000)
         manager.add(seq)
         return seq
 
@@ -124,12 +124,12 @@ def measure_mask(manager: StructuredOutputManager, batch: int, steps: int, seed:
 def hook_overhead_us(manager: StructuredOutputManager, batch: int, steps: int = 2000) -> float:
     """Median microseconds per step that the engine's structured-output hooks (poll, fill_bitmask, one accept per
     row) cost a batch of unconstrained sequences while the backend is loaded and a constrained sequence is alive."""
-    alive = Sequence("alive", 0, [0, 1000], SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")),
+    alive = TokenSequence("alive", 0, [0, 1000], SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")),
                      max_tokens=10)
     manager.add(alive)
     manager.compile(alive.sampling_params.structured_outputs).result()
     manager.poll()
-    seqs = [Sequence(f"free-{i}", 0, [0, 1000], SamplingParams(), max_tokens=10) for i in range(batch)]
+    seqs = [TokenSequence(f"free-{i}", 0, [0, 1000], SamplingParams(), max_tokens=10) for i in range(batch)]
     times = []
     for _ in range(steps):
         start = time.perf_counter()

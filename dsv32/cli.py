@@ -13,8 +13,7 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable
-from collections.abc import Sequence as GenericSequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dsv32.config import (
@@ -405,7 +404,7 @@ _EXTERNAL_SUBCOMMANDS = (
 )
 
 
-def _add_external(group_parser: argparse.ArgumentParser, group: str, chosen: GenericSequence[str]) -> None:
+def _add_external(group_parser: argparse.ArgumentParser, group: str, chosen: Sequence[str]) -> None:
     subparsers = group_parser.add_subparsers(dest=f"{group}_command", metavar="COMMAND", required=True)
     for grp, name, module_name, add_name, run_name, help_text in _EXTERNAL_SUBCOMMANDS:
         if grp != group:
@@ -421,7 +420,7 @@ def _add_external(group_parser: argparse.ArgumentParser, group: str, chosen: Gen
             sub.set_defaults(handler=getattr(module, run_name))
 
 
-def build_parser(argv: GenericSequence[str] = ()) -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsv32",
         description="DeepSeek-V3.2 inference engine with an OpenAI-compatible server.",
@@ -460,7 +459,7 @@ def build_parser(argv: GenericSequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: GenericSequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)

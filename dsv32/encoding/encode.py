@@ -12,8 +12,7 @@ other conversation, because reasoning before the last user message is never rend
 """
 
 import json
-from collections.abc import Mapping
-from collections.abc import Sequence as GenericSequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
@@ -78,7 +77,7 @@ def thinking_mode_for_prompt(prompt: str) -> str:
     return "thinking" if prompt.endswith(THINK_START) else "chat"
 
 
-def render_tools(tools: GenericSequence[Mapping[str, Any]]) -> str:
+def render_tools(tools: Sequence[Mapping[str, Any]]) -> str:
     """The tools section of a system/developer message; ``tools`` is the OpenAI list ``[{"type": "function",
     "function": {...}}]`` and each function dict is rendered as one line of JSON."""
     schemas = "\n".join(to_json(tool["function"]) for tool in tools)
@@ -103,7 +102,7 @@ def encode_arguments_to_dsml(arguments: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_tool_calls(tool_calls: GenericSequence[Mapping[str, Any]]) -> str:
+def render_tool_calls(tool_calls: Sequence[Mapping[str, Any]]) -> str:
     """The DSML block of an assistant message, including the ``\\n\\n`` that separates it from the content."""
     invokes = [
         f'<{DSML_TOKEN}invoke name="{call["name"]}">\n{encode_arguments_to_dsml(call["arguments"])}\n'
@@ -191,7 +190,7 @@ def _validate(index: int, message: Any) -> None:
         _decoded_tool_calls(index, message["tool_calls"])
 
 
-def find_last_user_index(messages: GenericSequence[Mapping[str, Any]]) -> int:
+def find_last_user_index(messages: Sequence[Mapping[str, Any]]) -> int:
     """Index of the last user or developer message, -1 if there is none."""
     for index in range(len(messages) - 1, -1, -1):
         if messages[index].get("role") in ("user", "developer"):
@@ -237,7 +236,7 @@ def _render_developer(message: Mapping[str, Any]) -> str:
     return USER_TOKEN + body + ASSISTANT_TOKEN
 
 
-def _render_tool(index: int, messages: GenericSequence[Mapping[str, Any]], opens_thinking: bool) -> str:
+def _render_tool(index: int, messages: Sequence[Mapping[str, Any]], opens_thinking: bool) -> str:
     """One ``<result>``; the first of a run opens ``<function_results>``, the last one closes it."""
     assistant_index = index - 1
     while assistant_index >= 0 and messages[assistant_index]["role"] == "tool":
@@ -276,7 +275,7 @@ def _render_assistant(index: int, message: Mapping[str, Any], renders_reasoning:
     return prompt + EOS_TOKEN
 
 
-def _render_message(index: int, messages: GenericSequence[Mapping[str, Any]], thinking: bool, last_user: int) -> str:
+def _render_message(index: int, messages: Sequence[Mapping[str, Any]], thinking: bool, last_user: int) -> str:
     message = messages[index]
     role = message["role"]
     if role == "system":
@@ -294,9 +293,9 @@ def _render_message(index: int, messages: GenericSequence[Mapping[str, Any]], th
 
 
 def encode_messages(
-    messages: GenericSequence[Mapping[str, Any]],
+    messages: Sequence[Mapping[str, Any]],
     thinking_mode: str = "thinking",
-    context: GenericSequence[Mapping[str, Any]] | None = None,
+    context: Sequence[Mapping[str, Any]] | None = None,
     drop_thinking: bool = True,
     add_default_bos_token: bool = True,
 ) -> str:
@@ -309,7 +308,7 @@ def encode_messages(
     """
     if thinking_mode not in THINKING_MODES:
         raise ValueError(f"thinking_mode must be 'chat' or 'thinking', got {thinking_mode!r}")
-    if not isinstance(messages, GenericSequence) or isinstance(messages, str | bytes):
+    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
         raise ValueError("messages must be a list of message dicts")
     context = list(context or [])
     full = context + list(messages)

@@ -6,8 +6,7 @@ raises on model output: it is the streaming parser fed the whole text, so malfor
 rules (see ``stream.py``) and streaming and non-streaming results are identical by construction.
 """
 
-from collections.abc import Iterable, Mapping
-from collections.abc import Sequence as GenericSequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from dsv32.encoding.stream import Delta, StreamingParser
@@ -38,7 +37,7 @@ def merge_deltas(deltas: Iterable[Delta]) -> dict[str, Any]:
 
 
 def parse_message_from_completion_text(
-    text: str, thinking_mode: str, tools: GenericSequence[Mapping[str, Any]] | None = None
+    text: str, thinking_mode: str, tools: Sequence[Mapping[str, Any]] | None = None
 ) -> dict[str, Any]:
     """Parse a whole completion (decoded with special tokens kept, prompt excluded).
 

@@ -43,8 +43,7 @@ Where vLLM (``--tokenizer-mode deepseek_v32``) and SGLang (``_use_dpsk_v32_encod
   reach the prompt, as it does in both servers when pydantic dumps unset fields).
 """
 
-from collections.abc import Mapping
-from collections.abc import Sequence as GenericSequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,8 +265,8 @@ def _continuation_prefix(final: Mapping[str, Any], prompt: str) -> tuple[str, st
 
 
 def prepare_chat_request(
-    messages: GenericSequence[Mapping[str, Any]],
-    tools: GenericSequence[Mapping[str, Any]] | None = None,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
     tool_choice: str | Mapping[str, Any] | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     reasoning_effort: str | None = None,
@@ -281,7 +280,7 @@ def prepare_chat_request(
     ``thinking`` is DeepSeek's API field (``{"type": "enabled"}``), ``reasoning`` SGLang's (``{"enabled": true}``).
     With ``continue_final_message`` the last message must be an assistant message; the model continues its text.
     """
-    if not isinstance(messages, GenericSequence) or isinstance(messages, str) or not messages:
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise ValueError("messages must be a non-empty list")
     normalized = [_normalize_message(index, message) for index, message in enumerate(messages)]
     final = normalized.pop() if continue_final_message else None

@@ -38,8 +38,7 @@ order (JSON readers take the last one).
 import json
 import re
 import uuid
-from collections.abc import Mapping
-from collections.abc import Sequence as GenericSequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Any
@@ -125,7 +124,7 @@ class _Progress(Enum):
     FAIL = auto()  # cannot be what was expected
 
 
-def _longest_marker_prefix_suffix(text: str, markers: GenericSequence[str]) -> int:
+def _longest_marker_prefix_suffix(text: str, markers: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of one of ``markers`` (text to hold back)."""
     longest = max(len(marker) for marker in markers) - 1
     for length in range(min(len(text), longest), 0, -1):
@@ -135,7 +134,7 @@ def _longest_marker_prefix_suffix(text: str, markers: GenericSequence[str]) -> i
     return 0
 
 
-def _earliest_marker(text: str, markers: GenericSequence[str]) -> tuple[int, str] | None:
+def _earliest_marker(text: str, markers: Sequence[str]) -> tuple[int, str] | None:
     """(position, marker) of the earliest marker occurrence; on a tie the longer marker wins."""
     best: tuple[int, str] | None = None
     for marker in markers:
@@ -145,7 +144,7 @@ def _earliest_marker(text: str, markers: GenericSequence[str]) -> tuple[int, str
     return best
 
 
-def _match_start(text: str, candidates: GenericSequence[str]) -> str | _Progress:
+def _match_start(text: str, candidates: Sequence[str]) -> str | _Progress:
     """The candidate ``text`` starts with, ``MORE`` if ``text`` could still become one, else ``FAIL``."""
     for candidate in candidates:
         if text.startswith(candidate):
@@ -203,7 +202,7 @@ class StreamingParser:
     any name (the reference parser's behaviour); ``[]`` accepts none.
     """
 
-    def __init__(self, thinking_mode: str, tools: GenericSequence[Mapping[str, Any]] | None = None) -> None:
+    def __init__(self, thinking_mode: str, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
         if thinking_mode not in THINKING_MODES:
             raise ValueError(f"thinking_mode must be 'chat' or 'thinking', got {thinking_mode!r}")
         self._schemas: dict[str, Mapping[str, Any]] | None = None

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dsv32.config import EngineConfig
-from dsv32.engine.request import Sequence
+from dsv32.engine.request import TokenSequence
 
 
 class BlockPool(Protocol):
@@ -55,19 +55,19 @@ class BlockPool(Protocol):
 
     def blocks_needed(self, num_tokens: int) -> int: ...
 
-    def find_cached_prefix(self, seq: Sequence) -> list[int]: ...
+    def find_cached_prefix(self, seq: TokenSequence) -> list[int]: ...
 
     def record_prefix_query(self, num_query_tokens: int, num_hit_tokens: int) -> None: ...
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool: ...
+    def allocate(self, seq: TokenSequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool: ...
 
-    def register_computed_blocks(self, seq: Sequence) -> None: ...
+    def register_computed_blocks(self, seq: TokenSequence) -> None: ...
 
-    def free(self, seq: Sequence) -> None: ...
+    def free(self, seq: TokenSequence) -> None: ...
 
     def reset_prefix_cache(self) -> bool: ...
 
-    def shares_pool(self, a: Sequence, b: Sequence) -> bool: ...
+    def shares_pool(self, a: TokenSequence, b: TokenSequence) -> bool: ...
 
 
 def make_block_pool(engine_config: EngineConfig, num_blocks: int) -> BlockPool:
@@ -121,7 +121,7 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+    def find_cached_prefix(self, seq: TokenSequence) -> list[int]:
         """Block ids of the longest cached prefix of ``seq``'s tokens (not yet referenced: pass them to
         ``allocate``). At most ``num_tokens - 1`` tokens are served from cache, so the last token is always computed
         and yields the logits to sample from."""
@@ -145,7 +145,7 @@ class BlockManager:
         self.prefix_cache_hits += num_hit_tokens
 
     # ---- mutation -----------------------------------------------------------------------------------
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
+    def allocate(self, seq: TokenSequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
         """Make room for ``num_new_tokens`` more computed tokens of ``seq``. ``cached_block_ids`` (from
         ``find_cached_prefix``, for a sequence with no blocks yet) become its first blocks and count as computed
         tokens: the caller advances ``num_computed_tokens`` past them. Returns False, changing nothing, when there
@@ -173,7 +173,7 @@ class BlockManager:
             seq.block_ids.append(block_id)
         return True
 
-    def register_computed_blocks(self, seq: Sequence) -> None:
+    def register_computed_blocks(self, seq: TokenSequence) -> None:
         """Offer ``seq``'s newly completed full blocks to the prefix cache (call after its KV was written). Only
         blocks of known tokens count (with speculation the accepted drafts are computed before they are appended),
         and with ``match_next_token`` only blocks followed by a known token."""
@@ -195,7 +195,7 @@ class BlockManager:
                     block.next_token = seq.token_ids[(i + 1) * self.block_size]
         seq.num_registered_blocks = num_full
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: TokenSequence) -> None:
         """Drop ``seq``'s references. Tail blocks are freed first so they are evicted before the shared head."""
         for block_id in reversed(seq.block_ids):
             block = self._blocks[block_id]
@@ -216,7 +216,7 @@ class BlockManager:
         self._cached.clear()
         return True
 
-    def shares_pool(self, a: Sequence, b: Sequence) -> bool:
+    def shares_pool(self, a: TokenSequence, b: TokenSequence) -> bool:
         """Whether freeing ``b``'s blocks can make room for ``a`` (always: one pool)."""
         return True
 
@@ -229,7 +229,7 @@ class BlockManager:
 
 class DataParallelBlockManager:
     """One ``BlockManager`` per data-parallel attention rank behind the ``BlockManager`` interface the scheduler
-    uses; ``Sequence.dp_rank`` says whose blocks a sequence holds."""
+    uses; ``TokenSequence.dp_rank`` says whose blocks a sequence holds."""
 
     def __init__(self, dp_size: int, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  match_next_token: bool = False) -> None:
@@ -258,27 +258,27 @@ class DataParallelBlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return self.ranks[0].blocks_needed(num_tokens)
 
-    def _place(self, seq: Sequence) -> BlockManager:
+    def _place(self, seq: TokenSequence) -> BlockManager:
         """``seq``'s rank, chosen on its first admission: the longest cached prefix, then the most free blocks."""
         if seq.dp_rank is None:
             hits = [len(rank.find_cached_prefix(seq)) for rank in self.ranks]
             seq.dp_rank = max(range(len(self.ranks)), key=lambda r: (hits[r], self.ranks[r].num_free_blocks, -r))
         return self.ranks[seq.dp_rank]
 
-    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+    def find_cached_prefix(self, seq: TokenSequence) -> list[int]:
         return self._place(seq).find_cached_prefix(seq)
 
     def record_prefix_query(self, num_query_tokens: int, num_hit_tokens: int) -> None:
         self.ranks[0].record_prefix_query(num_query_tokens, num_hit_tokens)
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
+    def allocate(self, seq: TokenSequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
         return self._place(seq).allocate(seq, num_new_tokens, cached_block_ids)
 
-    def register_computed_blocks(self, seq: Sequence) -> None:
+    def register_computed_blocks(self, seq: TokenSequence) -> None:
         if seq.dp_rank is not None:
             self.ranks[seq.dp_rank].register_computed_blocks(seq)
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: TokenSequence) -> None:
         """Release ``seq``'s blocks; a sequence that holds none may be placed anew when it comes back."""
         if seq.dp_rank is not None:
             self.ranks[seq.dp_rank].free(seq)
@@ -289,5 +289,5 @@ class DataParallelBlockManager:
             return False
         return all(rank.reset_prefix_cache() for rank in self.ranks)
 
-    def shares_pool(self, a: Sequence, b: Sequence) -> bool:
+    def shares_pool(self, a: TokenSequence, b: TokenSequence) -> bool:
         return a.dp_rank == b.dp_rank

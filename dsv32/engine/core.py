@@ -21,7 +21,7 @@ from dsv32.engine.block_manager import BlockPool, make_block_pool
 from dsv32.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from dsv32.engine.executor import make_executor
 from dsv32.engine.outputs import CompletionOutput, EngineStats, RequestOutput, SpecDecodeStats
-from dsv32.engine.request import Request, Sequence, child_sampling_params
+from dsv32.engine.request import Request, TokenSequence, child_sampling_params
 from dsv32.engine.runner import ModelRunner, SampledToken, resolve_device
 from dsv32.engine.sampler import make_generator
 from dsv32.engine.sampling_params import SamplingParams
@@ -81,7 +81,7 @@ class EngineCore:
                                    context_cost_tokens=estimate_context_cost_tokens(self.model_config))
         self.spec_decode_stats = SpecDecodeStats() if num_spec else None
         self._requests: dict[str, Request] = {}
-        self._completions: dict[Sequence, _CompletionState] = {}
+        self._completions: dict[TokenSequence, _CompletionState] = {}
         self._failures: dict[str, Exception] = {}
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -131,7 +131,7 @@ class EngineCore:
         params, prompt_token_ids = request.sampling_params, request.prompt_token_ids
         for index in range(params.n):
             child = child_sampling_params(params, index)
-            seq = Sequence(request.request_id, index, prompt_token_ids, child, max_tokens,
+            seq = TokenSequence(request.request_id, index, prompt_token_ids, child, max_tokens,
                            prefill_leader=request.sequences[0] if index else None)
             seq.generator = make_generator(child.seed)
             if index == 0 and params.prompt_logprobs is not None:
@@ -203,7 +203,7 @@ class EngineCore:
                 seq.spec_token_ids = drafts
         return [out for request in touched.values() if (out := self._report(request)) is not None]
 
-    def _observe_spec_decode(self, sched_out: SchedulerOutput, num_accepted: dict[Sequence, int]) -> None:
+    def _observe_spec_decode(self, sched_out: SchedulerOutput, num_accepted: dict[TokenSequence, int]) -> None:
         if self.spec_decode_stats is None:
             return
         for item in sched_out.scheduled:
@@ -283,7 +283,7 @@ class EngineCore:
                 self.structured_output.remove(seq)
         return out
 
-    def _completion_delta(self, seq: Sequence) -> CompletionOutput:
+    def _completion_delta(self, seq: TokenSequence) -> CompletionOutput:
         """What ``seq`` gained since its previous report; moves its cursors past it."""
         state = self._completions[seq]
         token_ids = seq.token_ids[seq.num_prompt_tokens + state.num_tokens_reported:]

@@ -7,7 +7,7 @@ deltas that can never contain (part of) a stop string.
 
 from __future__ import annotations
 
-from collections.abc import Sequence as GenericSequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dsv32.tokenizer import Tokenizer
@@ -30,7 +30,7 @@ class IncrementalDetokenizer:
     ``tokenizer.decode(output_ids)``.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: GenericSequence[int],
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
                  skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
@@ -45,7 +45,7 @@ class IncrementalDetokenizer:
     def _decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
 
-    def step(self, new_token_ids: GenericSequence[int]) -> str:
+    def step(self, new_token_ids: Sequence[int]) -> str:
         """Add this step's tokens; return the text they complete (possibly empty while a character is unfinished)."""
         delta = []
         for token_id in new_token_ids:
@@ -78,7 +78,7 @@ class StopMatch:
     text: str
 
 
-def find_stop_string(text: str, new_char_count: int, stop_strings: GenericSequence[str],
+def find_stop_string(text: str, new_char_count: int, stop_strings: Sequence[str],
                      include_stop_str_in_output: bool = False) -> StopMatch | None:
     """The first stop string in ``text`` that ends within its last ``new_char_count`` characters.
 
@@ -104,7 +104,7 @@ def find_stop_string(text: str, new_char_count: int, stop_strings: GenericSequen
     return StopMatch(stop=best_stop, text=text[:best_end] if include_stop_str_in_output else text[:best_start])
 
 
-def stop_prefix_length(text: str, stop_strings: GenericSequence[str]) -> int:
+def stop_prefix_length(text: str, stop_strings: Sequence[str]) -> int:
     """Length of the longest end of ``text`` that is a proper beginning of a stop string: the characters a stream
     must hold back, because the next tokens could complete a stop string that starts there."""
     longest = 0
@@ -126,7 +126,7 @@ class StopChecker:
     it is ever streamed).
     """
 
-    def __init__(self, stop_strings: GenericSequence[str], include_stop_str_in_output: bool = False) -> None:
+    def __init__(self, stop_strings: Sequence[str], include_stop_str_in_output: bool = False) -> None:
         if any(not stop for stop in stop_strings):
             raise ValueError("stop strings must be non-empty.")
         self.stop_strings = list(stop_strings)

@@ -5,8 +5,7 @@ Requests enter the engine here, so they are validated here (``RequestValidator``
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
-from collections.abc import Sequence as GenericSequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -22,7 +21,7 @@ from dsv32.tokenizer import Tokenizer
 
 # A prompt: text (BOS is prepended, as vLLM does for completions) or {"prompt_token_ids": [...]} (used as is).
 PromptType = str | Mapping[str, Any]
-Messages = GenericSequence[Mapping[str, Any]]
+Messages = Sequence[Mapping[str, Any]]
 
 
 class LLM:
@@ -53,8 +52,8 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
-    def generate(self, prompts: PromptType | GenericSequence[PromptType],
-                 sampling_params: SamplingParams | GenericSequence[SamplingParams] | None = None,
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in the order of ``prompts``."""
         if isinstance(prompts, str | Mapping):
@@ -62,9 +61,9 @@ class LLM:
         token_prompts = [self._tokenize(p) for p in prompts]
         return self._run(token_prompts, sampling_params, use_tqdm)
 
-    def chat(self, messages: Messages | GenericSequence[Messages],
-             sampling_params: SamplingParams | GenericSequence[SamplingParams] | None = None, use_tqdm: bool = True,
-             tools: GenericSequence[Mapping[str, Any]] | None = None,
+    def chat(self, messages: Messages | Sequence[Messages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             tools: Sequence[Mapping[str, Any]] | None = None,
              chat_template_kwargs: Mapping[str, Any] | None = None) -> list[RequestOutput]:
         """Chat completion of one conversation (a list of messages) or of a batch of them, rendered with the
         DeepSeek-V3.2 encoding (``chat_template_kwargs={"thinking": True}`` for thinking mode)."""
@@ -85,7 +84,7 @@ class LLM:
         raise ValueError(f"a prompt is a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, got {prompt!r}")
 
     def _run(self, prompts: list[tuple[str | None, list[int]]],
-             sampling_params: SamplingParams | GenericSequence[SamplingParams] | None,
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None,
              use_tqdm: bool) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()

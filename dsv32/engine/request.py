@@ -1,6 +1,6 @@
-"""Per-request state inside the engine: a ``Request`` (what the user asked) forks into ``n`` ``Sequence``s.
+"""Per-request state inside the engine: a ``Request`` (what the user asked) forks into ``n`` ``TokenSequence``s.
 
-A ``Sequence`` is the unit the scheduler and the KV cache see: one token stream (prompt + generated tokens) with
+A ``TokenSequence`` is the unit the scheduler and the KV cache see: one token stream (prompt + generated tokens) with
 its own blocks. Following vLLM v1, a sequence has no "prefill" or "decode" phase: it has ``num_tokens`` known tokens
 and ``num_computed_tokens`` whose KV is in the cache; each step the scheduler lets some of it catch up. ``n > 1``
 forks the request into ``n`` sequences sharing the prompt (the prefix cache makes the shared prompt cheap).
@@ -38,7 +38,7 @@ def hash_block_tokens(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
 
 
 @dataclass(eq=False)
-class Sequence:
+class TokenSequence:
     """One completion's token stream and its cache bookkeeping."""
 
     request_id: str
@@ -47,7 +47,7 @@ class Sequence:
     sampling_params: SamplingParams  # this completion's own params (n == 1, seed offset by index)
     max_tokens: int  # resolved: min(params.max_tokens, max_model_len - prompt length)
     # With prefix caching, siblings wait until this sequence has computed the shared prompt, then hit the cache.
-    prefill_leader: Sequence | None = None
+    prefill_leader: TokenSequence | None = None
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
@@ -130,7 +130,7 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    sequences: list[Sequence] = field(default_factory=list)
+    sequences: list[TokenSequence] = field(default_factory=list)
     stream: bool = True  # report after every step that changed it; else only once finished
     # Report cursors (each report is a delta): whether the prompt went out, and the prompt-logprob positions that did.
     reported: bool = False

@@ -23,7 +23,7 @@ import torch
 
 from dsv32.config import EngineConfig, ModelConfig
 from dsv32.engine.executor.base import ModelHandle
-from dsv32.engine.request import Sequence
+from dsv32.engine.request import TokenSequence
 from dsv32.engine.sampler import (
     PROMPT_LOGPROBS_CHUNK_ROWS,
     Sampler,
@@ -107,7 +107,7 @@ def plan_kv_cache(engine_config: EngineConfig, model_config: ModelConfig, bytes_
 
 @dataclass
 class SampledToken:
-    seq: Sequence
+    seq: TokenSequence
     token_id: int
     logprobs: TokenLogprobs | None
 
@@ -117,24 +117,24 @@ class StepResult:
     # The new tokens, in order; with speculation a sequence has its accepted drafts and one more token.
     sampled: list[SampledToken]
     # Logprobs of the next prompt tokens still unreported whose predecessors were computed this step, in order.
-    prompt_logprobs: list[tuple[Sequence, list[TokenLogprobs]]]
+    prompt_logprobs: list[tuple[TokenSequence, list[TokenLogprobs]]]
     # Speculation: drafts accepted per sequence that verified some, and the next drafts.
-    num_accepted: dict[Sequence, int]
-    drafts: dict[Sequence, list[int]]
+    num_accepted: dict[TokenSequence, int]
+    drafts: dict[TokenSequence, list[int]]
 
 
 @dataclass
 class _SampleRows:
     """A sequence that samples this step: logits rows ``first_row ..`` for its last known token and its drafts."""
 
-    seq: Sequence
+    seq: TokenSequence
     first_row: int
     draft_token_ids: list[int]
 
 
 @dataclass
 class _PromptLogprobRows:
-    seq: Sequence
+    seq: TokenSequence
     first_row: int  # flat-batch row of the first position whose next token is a prompt token
     targets: list[int]  # the prompt tokens those rows predict
 
@@ -182,13 +182,13 @@ class ModelRunner:
         sampled = [token for tokens in accepted_tokens.values() for token in tokens]
         num_accepted = {seq: len(tokens) - 1 for seq, tokens in accepted_tokens.items()}
         prompt_logprobs = [(rows.seq, self._prompt_logprobs(hidden, rows)) for rows in prompt_rows]
-        drafts: dict[Sequence, list[int]] = {}
+        drafts: dict[TokenSequence, list[int]] = {}
         if self.proposer is not None:
             inputs = self._draft_inputs(batch, scheduled, accepted_tokens)
             drafts = self.proposer.propose(self.model, self.kv_cache, batch, hidden, inputs)
         return StepResult(sampled, prompt_logprobs, num_accepted, drafts)
 
-    def _sample(self, hidden: torch.Tensor, sample_rows: list[_SampleRows]) -> dict[Sequence, list[SampledToken]]:
+    def _sample(self, hidden: torch.Tensor, sample_rows: list[_SampleRows]) -> dict[TokenSequence, list[SampledToken]]:
         """Each sampling sequence's new tokens: its accepted drafts, then the token drawn where the first draft was
         rejected (or after the last). Position ``j`` of every sequence still verifying is sampled in one call."""
         if not sample_rows:
@@ -205,7 +205,7 @@ class ModelRunner:
         if grammar_mask is not None:
             position0 = torch.tensor(offsets[:-1], device=self.device)
             logits[position0] = grammar_mask.apply(logits[position0])
-        new_tokens: dict[Sequence, list[SampledToken]] = {item.seq: [] for item in sample_rows}
+        new_tokens: dict[TokenSequence, list[SampledToken]] = {item.seq: [] for item in sample_rows}
         verifying = list(range(len(sample_rows)))
         position = 0
         while verifying:
@@ -227,7 +227,7 @@ class ModelRunner:
         return new_tokens
 
     @staticmethod
-    def _output_tokens(seq: Sequence, new_tokens: list[SampledToken]) -> list[int]:
+    def _output_tokens(seq: TokenSequence, new_tokens: list[SampledToken]) -> list[int]:
         """The output tokens the sampler sees for ``seq``: those generated so far plus the ones accepted earlier in
         this step (speculative decoding). A copy, made only for the rows whose params read them (min_tokens,
         penalties): the others, nearly every row, would pay for copying their whole output every step."""
@@ -237,7 +237,7 @@ class ModelRunner:
 
     @staticmethod
     def _draft_inputs(batch: ForwardBatch, scheduled: list[ScheduledSeq],
-                      accepted_tokens: dict[Sequence, list[SampledToken]]) -> list[DraftInput]:
+                      accepted_tokens: dict[TokenSequence, list[SampledToken]]) -> list[DraftInput]:
         """Per scheduled sequence, the rows whose input tokens were right and the token after each."""
         inputs = []
         for b, item in enumerate(scheduled):

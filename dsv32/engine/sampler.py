@@ -14,7 +14,7 @@ and renormalised, which gives each token exactly probability ``p`` (rejection sa
 
 from __future__ import annotations
 
-from collections.abc import Sequence as GenericSequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +40,8 @@ class SamplingRequestState:
     """
 
     params: SamplingParams
-    prompt_token_ids: GenericSequence[int]
-    output_token_ids: GenericSequence[int]
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
     generator: torch.Generator | None = None
 
 
@@ -89,7 +89,7 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: GenericSequence[int]) -> list[TokenLogprobs]:
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]) -> list[TokenLogprobs]:
     """Raw logprob and rank of ``token_ids[i]`` under ``logits[i]``, plus the ``num_top[i]`` most likely tokens."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, token_ids.view(-1, 1))
@@ -142,7 +142,7 @@ def take_rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return tensor[_rows_tensor(rows, tensor.device)]
 
 
-def _padded(sequences: list[GenericSequence[int]], pad: int, device: torch.device) -> torch.Tensor:
+def _padded(sequences: list[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     """Token id lists as one ``[len(sequences), longest]`` tensor, padded with ``pad``."""
     out = torch.full((len(sequences), max((len(s) for s in sequences), default=0)), pad, dtype=torch.long)
     for row, sequence in enumerate(sequences):
@@ -150,7 +150,7 @@ def _padded(sequences: list[GenericSequence[int]], pad: int, device: torch.devic
     return out.to(device)
 
 
-def _token_counts(sequences: list[GenericSequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+def _token_counts(sequences: list[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """How often each vocabulary id occurs in each sequence: ``[len(sequences), vocab_size]`` float32."""
     ids = _padded(sequences, vocab_size, device)  # the padding id lands in an extra column that is dropped
     counts = torch.zeros(len(sequences), vocab_size + 1, dtype=torch.float32, device=device)
@@ -173,8 +173,8 @@ class Sampler:
         else:
             self._shared_generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: GenericSequence[SamplingRequestState], eos_token_id: int,
-                 draft_token_ids: GenericSequence[int | None] | None = None) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRequestState], eos_token_id: int,
+                 draft_token_ids: Sequence[int | None] | None = None) -> SamplerOutput:
         """One token per row. ``draft_token_ids[i]`` (speculative decoding): the token a greedy drafter proposed
         for row ``i`` (None: no draft); the draft is accepted iff the returned token equals it."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
@@ -207,7 +207,7 @@ class Sampler:
                 logprobs[i] = row_logprobs
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
-    def processed_logits(self, logits: torch.Tensor, rows: GenericSequence[SamplingRequestState],
+    def processed_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRequestState],
                          eos_token_id: int) -> torch.Tensor:
         """The float32 logits after min_tokens, logit_bias and penalties: what greedy rows take the argmax of, and
         what sampled rows' temperature, min_p, top-k and top-p then work on."""
@@ -217,7 +217,7 @@ class Sampler:
         return self._apply_penalties(logits, rows)
 
     @staticmethod
-    def _ban_stop_tokens_before_min_tokens(logits: torch.Tensor, rows: GenericSequence[SamplingRequestState],
+    def _ban_stop_tokens_before_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRequestState],
                                            eos_token_id: int) -> torch.Tensor:
         # As vLLM: EOS is banned even with ignore_eos (which only stops EOS from ending the request).
         batch_rows: list[int] = []
@@ -233,7 +233,7 @@ class Sampler:
         return logits.index_put(index, torch.tensor(float("-inf"), device=logits.device))
 
     @staticmethod
-    def _apply_logit_bias(logits: torch.Tensor, rows: GenericSequence[SamplingRequestState]) -> torch.Tensor:
+    def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRequestState]) -> torch.Tensor:
         batch_rows: list[int] = []
         token_ids: list[int] = []
         biases: list[float] = []
@@ -248,7 +248,7 @@ class Sampler:
         return logits.index_put(index, torch.tensor(biases, dtype=logits.dtype, device=logits.device), accumulate=True)
 
     @staticmethod
-    def _apply_penalties(logits: torch.Tensor, rows: GenericSequence[SamplingRequestState]) -> torch.Tensor:
+    def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRequestState]) -> torch.Tensor:
         """Repetition penalty over prompt + output tokens (HF/vLLM: positive logits divided, negative multiplied);
         OpenAI frequency (per occurrence) and presence (once) penalties over output tokens, subtracted."""
         penalized = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0

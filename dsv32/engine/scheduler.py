@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from dsv32.config import ModelConfig
 from dsv32.engine.block_manager import BlockPool
-from dsv32.engine.request import Sequence, SequenceStatus
+from dsv32.engine.request import SequenceStatus, TokenSequence
 
 # Context length K at which one token's context-dependent cost (lightning-indexer scores over the whole context, MHA
 # prefill attention) equals its context-free cost (projections, MoE), for the built-in ``tiny`` preset on a CPU:
@@ -103,7 +103,7 @@ def estimate_context_cost_tokens(config: ModelConfig) -> float:
 
 @dataclass
 class ScheduledSeq:
-    seq: Sequence
+    seq: TokenSequence
     num_new_tokens: int  # known tokens computed for it this step, from position seq.num_computed_tokens
     spec_token_ids: list[int] = field(default_factory=list)  # drafts verified after them
 
@@ -130,7 +130,7 @@ class Scheduler:
     """Continuous batching over a ``BlockPool``: a FIFO waiting queue and a running list."""
 
     def __init__(self, block_manager: BlockPool, max_num_seqs: int,
-                 max_num_batched_tokens: int, is_ready: Callable[[Sequence], bool] | None = None,
+                 max_num_batched_tokens: int, is_ready: Callable[[TokenSequence], bool] | None = None,
                  num_speculative_tokens: int = 0,
                  context_cost_tokens: float | None = DEFAULT_CONTEXT_COST_TOKENS,
                  min_prefill_chunk: int = MIN_PREFILL_CHUNK) -> None:
@@ -148,8 +148,8 @@ class Scheduler:
         self.min_prefill_chunk = max(1, min_prefill_chunk)
         self._cost_budget = float(max_num_batched_tokens)
         self._any_prefill = False
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[TokenSequence] = deque()
+        self.running: list[TokenSequence] = []
         self.num_preemptions = 0
 
     @property
@@ -164,11 +164,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: TokenSequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def finish(self, seq: Sequence, finish_reason: str, stop_reason: int | str | None = None) -> None:
+    def finish(self, seq: TokenSequence, finish_reason: str, stop_reason: int | str | None = None) -> None:
         """End ``seq`` (stopped, length or aborted) wherever it is, and release its blocks."""
         if seq.is_finished:
             return
@@ -227,7 +227,7 @@ class Scheduler:
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
-        held_back: list[Sequence] = []
+        held_back: list[TokenSequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self._waits_for_leader(seq) or (self.is_ready is not None and not self.is_ready(seq)):
@@ -273,7 +273,7 @@ class Scheduler:
         self._cost_budget -= chunk_cost(num_new, start, self.context_cost_tokens)
         self._any_prefill = True
 
-    def _num_slots(self, seq: Sequence, start: int, num_new: int, num_drafts: int) -> int:
+    def _num_slots(self, seq: TokenSequence, start: int, num_new: int, num_drafts: int) -> int:
         """Cache slots a step needs past position ``start``: its tokens and drafts and, when the sequence catches up
         (and so drafts after the step), the k - 1 positions the drafter's chain writes past them, but never beyond
         the last position whose KV the sequence can need (its last possible token is never computed)."""
@@ -283,7 +283,7 @@ class Scheduler:
             num_slots = max(num_slots, min(num_slots + self.num_speculative_tokens - 1, last_needed - start))
         return num_slots
 
-    def _waits_for_leader(self, seq: Sequence) -> bool:
+    def _waits_for_leader(self, seq: TokenSequence) -> bool:
         """An n > 1 sibling waits until its leader has computed (and cached) the shared prompt."""
         leader = seq.prefill_leader
         return (
@@ -293,7 +293,7 @@ class Scheduler:
             and leader.num_computed_tokens < leader.num_prompt_tokens
         )
 
-    def _victim(self, seq: Sequence, order: list[Sequence]) -> Sequence:
+    def _victim(self, seq: TokenSequence, order: list[TokenSequence]) -> TokenSequence:
         """The last sequence in ``order`` whose blocks ``seq`` could use (with data-parallel attention: one on the
         same rank), taken out of ``order``; ``seq`` itself when there is none before it."""
         for i in range(len(order) - 1, -1, -1):
@@ -301,7 +301,7 @@ class Scheduler:
                 return order.pop(i)
         raise AssertionError("a scheduled sequence is missing from the step's order")
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: TokenSequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
@@ -311,7 +311,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def on_step_done(self, out: SchedulerOutput, num_accepted: Mapping[Sequence, int]) -> None:
+    def on_step_done(self, out: SchedulerOutput, num_accepted: Mapping[TokenSequence, int]) -> None:
         """The model wrote the scheduled tokens' KV: advance each sequence over its known tokens and its accepted
         drafts (``num_accepted``), and offer its full blocks to the prefix cache."""
         for item in out.scheduled:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from collections.abc import Sequence as GenericSequence
+from collections.abc import TokenSequence as Sequence
 from dataclasses import dataclass
 
 import torch
 
 from dsv32.engine.executor.base import ModelHandle
-from dsv32.engine.request import Sequence
+from dsv32.engine.request import TokenSequence
 from dsv32.engine.sampler import argmax
 from dsv32.model.batch import ForwardBatch
 from dsv32.model.cache import KVCache
@@ -33,7 +33,7 @@ from dsv32.model.cache import KVCache
 class DraftInput:
     """One scheduled sequence after verification, as a drafter sees it."""
 
-    seq: Sequence
+    seq: TokenSequence
     first_row: int  # main-batch row of position ``start`` (its first computed position this step)
     start: int
     next_token_ids: list[int]  # t_{p+1} for each computed position p = start.. whose input was right
@@ -52,7 +52,7 @@ class Proposer(ABC):
 
     @abstractmethod
     def propose(self, model: ModelHandle, kv_cache: KVCache, batch: ForwardBatch, hidden: torch.Tensor,
-                inputs: list[DraftInput]) -> dict[Sequence, list[int]]:
+                inputs: list[DraftInput]) -> dict[TokenSequence, list[int]]:
         """Drafts for the inputs with ``propose`` set; ``batch``/``hidden`` are the main model's step."""
 
 
@@ -60,7 +60,7 @@ class MTPProposer(Proposer):
     """Greedy drafts from the checkpoint's MTP layer (module 0, rerun for k > 1, as vLLM and SGLang do)."""
 
     def propose(self, model: ModelHandle, kv_cache: KVCache, batch: ForwardBatch, hidden: torch.Tensor,
-                inputs: list[DraftInput]) -> dict[Sequence, list[int]]:
+                inputs: list[DraftInput]) -> dict[TokenSequence, list[int]]:
         device = hidden.device
         bs = kv_cache.block_size
         rows: list[int] = []
@@ -115,7 +115,7 @@ class OracleProposer(Proposer):
     """Drafts from known continuations, keyed by prompt: the true ones give the verify path's ceiling, ``wrong``
     ones (each true token + 1) are all rejected. A sequence whose prompt it does not know gets no drafts."""
 
-    def __init__(self, num_speculative_tokens: int, continuations: Mapping[tuple[int, ...], GenericSequence[int]],
+    def __init__(self, num_speculative_tokens: int, continuations: Mapping[tuple[int, ...], Sequence[int]],
                  vocab_size: int, wrong: bool = False) -> None:
         super().__init__(num_speculative_tokens)
         self.continuations = {tuple(k): list(v) for k, v in continuations.items()}
@@ -123,8 +123,8 @@ class OracleProposer(Proposer):
         self.wrong = wrong
 
     def propose(self, model: ModelHandle, kv_cache: KVCache, batch: ForwardBatch, hidden: torch.Tensor,
-                inputs: list[DraftInput]) -> dict[Sequence, list[int]]:
-        drafts: dict[Sequence, list[int]] = {}
+                inputs: list[DraftInput]) -> dict[TokenSequence, list[int]]:
+        drafts: dict[TokenSequence, list[int]] = {}
         for item in inputs:
             continuation = self.continuations.get(tuple(item.seq.prompt_token_ids))
             if not item.propose or continuation is None:

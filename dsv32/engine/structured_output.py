@@ -21,7 +21,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from collections.abc import Sequence as GenericSequence
+from collections.abc import TokenSequence as Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from dsv32.config import StructuredOutputsConfig
-from dsv32.engine.request import Sequence
+from dsv32.engine.request import TokenSequence
 from dsv32.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from dsv32.tokenizer import Tokenizer
 
@@ -119,7 +119,7 @@ def _enforceable(schema: Any) -> Any:
     return schema
 
 
-def choice_grammar(choices: GenericSequence[str]) -> str:
+def choice_grammar(choices: Sequence[str]) -> str:
     """An EBNF grammar whose language is exactly ``choices``."""
     return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
 
@@ -287,8 +287,8 @@ class StructuredOutputManager:
         self._backend_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._compiled: OrderedDict[str, Future[Any]] = OrderedDict()
-        self._sequences: dict[Sequence, _SequenceGrammar] = {}
-        self._pending: dict[Sequence, _SequenceGrammar] = {}  # waiting for their grammar to compile
+        self._sequences: dict[TokenSequence, _SequenceGrammar] = {}
+        self._pending: dict[TokenSequence, _SequenceGrammar] = {}  # waiting for their grammar to compile
         self._bitmask: torch.Tensor | None = None
 
     @property
@@ -324,7 +324,7 @@ class StructuredOutputManager:
         return future
 
     # ---- sequences ----------------------------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: TokenSequence) -> None:
         spec = seq.sampling_params.structured_outputs
         if spec is None:
             return
@@ -332,24 +332,24 @@ class StructuredOutputManager:
         self._sequences[seq] = state
         self._pending[seq] = state
 
-    def _starts_in_reasoning(self, prompt_token_ids: GenericSequence[int]) -> bool:
+    def _starts_in_reasoning(self, prompt_token_ids: Sequence[int]) -> bool:
         start, end = self._tokenizer.think_start_id, self._tokenizer.think_end_id
         for token_id in reversed(prompt_token_ids):
             if token_id in (start, end):
                 return token_id == start
         return False
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: TokenSequence) -> None:
         self._sequences.pop(seq, None)
         self._pending.pop(seq, None)
 
-    def is_ready(self, seq: Sequence) -> bool:
+    def is_ready(self, seq: TokenSequence) -> bool:
         """Whether ``seq`` can be scheduled: it has no constraint or its grammar is compiled."""
         return seq not in self._pending
 
-    def poll(self) -> list[tuple[Sequence, Exception]]:
+    def poll(self) -> list[tuple[TokenSequence, Exception]]:
         """Give the sequences whose grammar finished compiling their matcher; returns those whose compile failed."""
-        failed: list[tuple[Sequence, Exception]] = []
+        failed: list[tuple[TokenSequence, Exception]] = []
         for seq, state in list(self._pending.items()):
             if not state.compiled.done():
                 continue
@@ -366,7 +366,7 @@ class StructuredOutputManager:
             wait_futures([state.compiled for state in self._pending.values()], timeout=timeout,
                          return_when="FIRST_COMPLETED")
 
-    def fill_bitmask(self, seqs: GenericSequence[Sequence]) -> StepBitmask | None:
+    def fill_bitmask(self, seqs: Sequence[TokenSequence]) -> StepBitmask | None:
         """The bitmask for the rows of ``seqs`` (a step's sampling rows, in order) that are constrained now; None
         when none is."""
         if not self._sequences:
@@ -387,7 +387,7 @@ class StructuredOutputManager:
             matcher.fill_bitmask(self._bitmask, row)
         return StepBitmask(backend, self._bitmask, rows)
 
-    def accept(self, seq: Sequence, token_id: int) -> bool:
+    def accept(self, seq: TokenSequence, token_id: int) -> bool:
         """Feed a generated token to ``seq``'s grammar; True when the output must end here (the grammar is
         complete). ``ValueError`` if the grammar does not allow the token."""
         state = self._sequences.get(seq)
@@ -401,7 +401,7 @@ class StructuredOutputManager:
             raise ValueError(f"token {token_id} does not follow the request's structured outputs grammar")
         return state.matcher.must_stop()
 
-    def rollback(self, seq: Sequence, num_tokens: int) -> None:
+    def rollback(self, seq: TokenSequence, num_tokens: int) -> None:
         """Undo the last ``num_tokens`` tokens accepted for ``seq`` (rejected speculative tokens). Tokens of the
         free thinking part are not tracked, so roll back only tokens generated after it."""
         state = self._sequences.get(seq)

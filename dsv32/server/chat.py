@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncGenerator
-from collections.abc import Sequence as GenericSequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,7 +112,7 @@ def _stop_reason(completion: CompletionOutput) -> int | str | None:
     return None if completion.stop_reason == _INVOKE_END else completion.stop_reason
 
 
-def _delta_message(deltas: GenericSequence[Delta], include_reasoning: bool, include_content: bool = True
+def _delta_message(deltas: Sequence[Delta], include_reasoning: bool, include_content: bool = True
                    ) -> DeltaMessage:
     """Folds one step's parser deltas into one chunk delta (a step may end reasoning and start content).
     ``include_content=False`` drops content: a forced tool call cut off by max_tokens is markup, not an answer."""

@@ -9,7 +9,7 @@ engine process spends no time on them."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence as GenericSequence
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -61,7 +61,7 @@ class LogprobFormatter:
         ranked = sorted(position.items(), key=lambda item: (-item[1].logprob, item[0]))
         return ranked[:limit]
 
-    def chat(self, token_ids: GenericSequence[int], positions: GenericSequence[PositionLogprobs],
+    def chat(self, token_ids: Sequence[int], positions: Sequence[PositionLogprobs],
              top_n: int) -> list[TokenLogprob]:
         entries: list[TokenLogprob] = []
         for token_id, position in zip(token_ids, positions, strict=False):
@@ -73,7 +73,7 @@ class LogprobFormatter:
                                         bytes=self.token_bytes(token_id, text), top_logprobs=top))
         return entries
 
-    def completion(self, token_ids: GenericSequence[int], positions: GenericSequence[PositionLogprobs | None],
+    def completion(self, token_ids: Sequence[int], positions: Sequence[PositionLogprobs | None],
                    top_n: int, into: CompletionLogprobs, text_offset: int | None = None) -> int:
         """Appends one entry per token to ``into``; a ``None`` position (the first prompt token, which nothing
         precedes) gets null logprobs. ``text_offset`` (the character offset of the first token; default: right after
@@ -99,7 +99,7 @@ class LogprobFormatter:
             result.top_logprobs.append(top)
         return offset
 
-    def prompt_logprobs(self, positions: GenericSequence[PositionLogprobs | None]
+    def prompt_logprobs(self, positions: Sequence[PositionLogprobs | None]
                         ) -> list[dict[str, dict[str, Any]] | None]:
         """vLLM's ``prompt_logprobs`` extension shape: token id -> ``{logprob, rank, decoded_token}`` per position."""
         return [None if position is None else {

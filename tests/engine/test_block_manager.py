@@ -1,17 +1,17 @@
 """Block accounting and prefix cache: allocation, sharing by reference count, LRU eviction, no leaks."""
 
 from dsv32.engine.block_manager import BlockManager
-from dsv32.engine.request import Sequence, hash_block_tokens
+from dsv32.engine.request import TokenSequence, hash_block_tokens
 from dsv32.engine.sampling_params import SamplingParams
 
 BS = 4
 
 
-def make_seq(tokens: list[int]) -> Sequence:
-    return Sequence("r", 0, tokens, SamplingParams(), max_tokens=8)
+def make_seq(tokens: list[int]) -> TokenSequence:
+    return TokenSequence("r", 0, tokens, SamplingParams(), max_tokens=8)
 
 
-def compute(manager: BlockManager, seq: Sequence, cached: list[int] | None = None) -> None:
+def compute(manager: BlockManager, seq: TokenSequence, cached: list[int] | None = None) -> None:
     """Pretend the model computed the whole sequence: allocate, advance, register."""
     num_cached = len(cached or []) * BS
     assert manager.allocate(seq, seq.num_tokens - num_cached, cached)

@@ -5,7 +5,7 @@ import random
 
 from dsv32.config import tiny_config
 from dsv32.engine.block_manager import BlockManager
-from dsv32.engine.request import Sequence
+from dsv32.engine.request import TokenSequence
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import (
     DEFAULT_CONTEXT_COST_TOKENS,
@@ -19,8 +19,8 @@ from dsv32.engine.scheduler import (
 BS = 4
 
 
-def make_seq(prompt_len: int, max_tokens: int, first_token: int = 0, rid: str = "r") -> Sequence:
-    return Sequence(rid, 0, [first_token + i for i in range(prompt_len)], SamplingParams(), max_tokens=max_tokens)
+def make_seq(prompt_len: int, max_tokens: int, first_token: int = 0, rid: str = "r") -> TokenSequence:
+    return TokenSequence(rid, 0, [first_token + i for i in range(prompt_len)], SamplingParams(), max_tokens=max_tokens)
 
 
 def fake_step(sched: Scheduler) -> SchedulerOutput:
@@ -332,7 +332,7 @@ def test_cost_aware_chunking_with_prefix_cache_and_preemption_completes_everythi
         seqs = []
         for i in range(rng.randint(1, 8)):
             prompt = shared + [100 * i + j for j in range(rng.randint(1, 40))]
-            seqs.append(Sequence(f"r{i}", 0, prompt, SamplingParams(), max_tokens=rng.randint(1, 20)))
+            seqs.append(TokenSequence(f"r{i}", 0, prompt, SamplingParams(), max_tokens=rng.randint(1, 20)))
             sched.add(seqs[-1])
         run_to_completion(sched)
         assert all(s.is_finished for s in seqs)

@@ -13,7 +13,7 @@ import pytest
 
 from dsv32 import LLM, SamplingParams
 from dsv32.config import tiny_config
-from dsv32.engine.request import Sequence
+from dsv32.engine.request import TokenSequence
 from dsv32.engine.sampling_params import StructuredOutputsParams
 from dsv32.engine.structured_output import bound_structural_tag_whitespace, choice_grammar
 from tests.engine.conftest import make_engine
@@ -166,7 +166,7 @@ def test_matcher_accept_and_rollback(llm: LLM) -> None:
     manager = llm.engine.structured_output
     tokenizer = llm.get_tokenizer()
     spec = StructuredOutputsParams(choice=["abc", "abd"])
-    seq = Sequence("r", 0, [5, 6], SamplingParams(structured_outputs=spec), max_tokens=8)
+    seq = TokenSequence("r", 0, [5, 6], SamplingParams(structured_outputs=spec), max_tokens=8)
     manager.add(seq)
     manager.compile(spec).result()
     assert manager.poll() == [] and manager.is_ready(seq)
