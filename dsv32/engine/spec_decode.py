@@ -16,8 +16,7 @@ ones the cost of rejecting everything.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from collections.abc import TokenSequence as Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
