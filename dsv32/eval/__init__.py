@@ -1,0 +1,1 @@
+"""Accuracy evaluation of a running OpenAI-compatible server (``dsv32 eval gsm8k``)."""

@@ -1,8 +1,11 @@
 """Normalisations: RMSNorm (every DeepSeek norm) and the indexer key's LayerNorm.
 
-RMSNorm:   y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back to the input dtype.
+RMSNorm:   y = w * (x / sqrt(mean(x^2) + eps)): the normalisation in fp32, rounded to the input dtype before and after
+           the weight (as HF and DeepSeek do).
 LayerNorm: y = w * (x - mean(x)) / sqrt(var(x) + eps) + b, in fp32 (the indexer's ``k_norm``).
-Norm weights stay in fp32, as in the V3.2 checkpoint.
+Norm weights are loaded in fp32, as the V3.2 checkpoint stores them. RMSNorm also keeps a copy in the compute dtype
+when that copy is exact (a bf16 checkpoint's norms), so the weight product runs in the compute dtype and rounds the
+same; otherwise it multiplies by the fp32 weight.
 """
 
 from __future__ import annotations
