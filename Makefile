@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test serve test lint
+.PHONY: install install-test serve test test-fast lint
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ serve: install
 test: install-test
 	$(BIN)/python -m ruff check dsv32 tests benchmarks
 	$(BIN)/python -m pytest -q -x tests
+
+# The unit tier: every test but those marked e2e (they start servers, engine or worker processes, a browser).
+test-fast: install-test
+	$(BIN)/python -m ruff check dsv32 tests benchmarks
+	$(BIN)/python -m pytest -q -x -m "not e2e" tests
 
 lint: install-test
 	$(BIN)/python -m ruff check dsv32 tests benchmarks

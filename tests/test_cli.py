@@ -150,6 +150,7 @@ def test_help_is_available_for_every_subcommand(argv: list[str], capsys: pytest.
     assert capsys.readouterr().out.startswith("usage: dsv32")
 
 
+@pytest.mark.e2e
 def test_console_script_runs() -> None:
     result = subprocess.run([sys.executable, "-m", "dsv32.cli", "serve", "--help"], capture_output=True, text=True,
                             timeout=120)
@@ -157,6 +158,7 @@ def test_console_script_runs() -> None:
     assert "--max-num-batched-tokens" in result.stdout and "--tool-call-parser" in result.stdout
 
 
+@pytest.mark.e2e
 def test_missing_checkpoint_is_a_clear_error(caplog: pytest.LogCaptureFixture, tmp_path) -> None:
     assert main(["serve", str(tmp_path / "no-such-model")]) == 1
     assert "cannot load" in caplog.text and "config.json" in caplog.text

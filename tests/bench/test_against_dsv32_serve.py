@@ -15,6 +15,8 @@ from tests.server.conftest import ServerProcess, start_server
 from .helpers import run_bench
 from .test_serve import VLLM_RESULT_KEYS
 
+pytestmark = pytest.mark.e2e
+
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "gsm8k_sample.jsonl"
 
 

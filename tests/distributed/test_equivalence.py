@@ -16,7 +16,7 @@ from dsv32.cli import build_parser, engine_config_from_args
 from dsv32.engine.executor.multiproc import MultiprocExecutor
 from tests.distributed.conftest import ARCHS, make_llm, prompt_logits
 
-pytestmark = pytest.mark.usefixtures("restore_threads")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("restore_threads")]
 
 LONG_PROMPT = [random.Random(0).randrange(100, 120000) for _ in range(150)]  # > index_topk = 64
 PROMPTS = [LONG_PROMPT[:90], LONG_PROMPT[10:40], LONG_PROMPT[:7], LONG_PROMPT, LONG_PROMPT[50:115]]

@@ -28,6 +28,8 @@ from tests.server.conftest import (
     wait_until_gone,
 )
 
+pytestmark = pytest.mark.e2e
+
 # Everything ends within this many seconds of a worker's death (stated in the README).
 FAULT_DEADLINE_S = 10.0
 PROMPT = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0.0,

@@ -10,6 +10,8 @@ import pytest
 
 from tests.server.conftest import ServerProcess, server_factory  # noqa: F401 - the fixture
 
+pytestmark = pytest.mark.e2e
+
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
                                                  "parameters": {"type": "object", "properties": {
                                                      "city": {"type": "string"}}, "required": ["city"]}}}

@@ -26,6 +26,7 @@ def spin_in_child(count: int | None) -> str | None:
         process.join(30)
 
 
+@pytest.mark.e2e
 def test_spin_count_is_set_in_the_child_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(OPENMP_SPIN_ENV, raising=False)
     assert spin_in_child(None) == str(DEFAULT_OPENMP_SPIN)
@@ -33,6 +34,7 @@ def test_spin_count_is_set_in_the_child_only(monkeypatch: pytest.MonkeyPatch) ->
     assert OPENMP_SPIN_ENV not in os.environ
 
 
+@pytest.mark.e2e
 def test_an_inherited_spin_count_wins_over_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(OPENMP_SPIN_ENV, "77")
     assert spin_in_child(None) == "77"

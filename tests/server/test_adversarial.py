@@ -30,6 +30,8 @@ from tests.server.conftest import API_KEY
 from tests.server.fuzz_target import AUTH, FuzzTarget, failure_report
 from tests.server.hostile import CHAT, Hostile
 
+pytestmark = pytest.mark.e2e
+
 MAX_WAITING = 16
 FUZZ = settings(derandomize=True, database=None, deadline=None, phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=list(HealthCheck))

@@ -21,6 +21,8 @@ import pytest
 
 from tests.server.conftest import API_KEY, ServerProcess
 
+pytestmark = pytest.mark.e2e
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Flags for a headless run as root without network side traffic, each test run in a fresh profile.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

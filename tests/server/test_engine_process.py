@@ -18,6 +18,8 @@ import pytest
 
 from tests.server.conftest import process_alive, spawn_server, wait_until_gone
 
+pytestmark = pytest.mark.e2e
+
 LONG = {"prompt": "Count with me:", "max_tokens": 900, "ignore_eos": True}
 
 

@@ -35,6 +35,8 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from tests.server.fuzz_target import AUTH, FuzzTarget, ServerDied, failure_report
 from tests.server.hostile import error_envelope_problem
 
+pytestmark = pytest.mark.e2e
+
 EXAMPLES = int(os.environ.get("DSV32_SCHEMATHESIS_EXAMPLES", "25"))
 SEED = 20
 TIME_LIMIT_S = 10.0

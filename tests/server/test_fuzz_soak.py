@@ -8,7 +8,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.benchmark_scripts import BENCHMARKS
+
+pytestmark = pytest.mark.e2e
 
 
 def test_short_soak_loses_nothing_and_leaks_nothing() -> None:

@@ -14,6 +14,8 @@ import pytest
 
 from tests.server.conftest import ServerProcess, wait_until_gone
 
+pytestmark = pytest.mark.e2e
+
 BODY = {"prompt": "Count with me:", "max_tokens": 400, "ignore_eos": True}
 
 

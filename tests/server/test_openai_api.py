@@ -16,6 +16,8 @@ import pytest
 
 from tests.server.conftest import API_KEY, ServerProcess
 
+pytestmark = pytest.mark.e2e
+
 MAX_MODEL_LEN = 1024
 MAX_NUM_SEQS = 8
 MAX_LOGPROBS = 30  # above vLLM's default 20: the configured limit rules in the server and the engine alike

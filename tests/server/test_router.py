@@ -23,6 +23,8 @@ import pytest
 
 from tests.server.conftest import ServerProcess, free_port
 
+pytestmark = pytest.mark.e2e
+
 ROUTER_START_TIMEOUT_S = 60.0
 
 

@@ -106,6 +106,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                            "--dtype", "float32"], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.e2e
 def test_run_batch_through_the_tiny_model(tmp_path: Path) -> None:
     source, output = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
     lines = [request("chat-1", max_tokens=4), "oops", request("text-1", "/v1/completions", max_tokens=3),
@@ -139,6 +140,7 @@ def test_run_batch_through_the_tiny_model(tmp_path: Path) -> None:
     assert [rerun[i] for i in (0, 2, 4)] == [out[i] for i in (0, 2, 4)]
 
 
+@pytest.mark.e2e
 def test_unreadable_input_is_a_one_line_error(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "dsv32.cli", "run-batch", "-i", str(tmp_path / "missing.jsonl"),
                            "-o", str(tmp_path / "out.jsonl")], capture_output=True, text=True, timeout=60)
