@@ -272,7 +272,14 @@ class DataParallelBlockManager:
         self.ranks[0].record_prefix_query(num_query_tokens, num_hit_tokens)
 
     def allocate(self, seq: TokenSequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
-        return self._place(seq).allocate(seq, num_new_tokens, cached_block_ids)
+        if self._place(seq).allocate(seq, num_new_tokens, cached_block_ids):
+            return True
+        if not seq.block_ids:
+            # It holds nothing on the rank it was placed on for this try: unplaced, its next try may go to a rank
+            # that has room by then (kept there, a waiting sequence would stall the queue behind it until that
+            # rank freed blocks, however many the others had).
+            seq.dp_rank = None
+        return False
 
     def register_computed_blocks(self, seq: TokenSequence) -> None:
         if seq.dp_rank is not None:

@@ -4,7 +4,7 @@ import itertools
 import random
 
 from dsv32.config import tiny_config
-from dsv32.engine.block_manager import BlockManager
+from dsv32.engine.block_manager import BlockManager, DataParallelBlockManager
 from dsv32.engine.request import TokenSequence
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import (
@@ -167,6 +167,24 @@ def test_finish_from_waiting_and_running_frees_blocks():
     sched.finish(b, "abort")
     assert not sched.has_unfinished and manager.num_free_blocks == 16
     assert a.finish_reason == b.finish_reason == "abort"
+
+
+def test_with_data_parallel_attention_the_head_of_the_queue_goes_to_a_rank_with_room():
+    """A waiting sequence that found no room on the rank it was tried on is placed anew at the next step, instead of
+    stalling the queue until that rank frees blocks while the other has them."""
+    manager = DataParallelBlockManager(dp_size=2, num_blocks=4, block_size=BS)
+    sched = Scheduler(manager, max_num_seqs=8, max_num_batched_tokens=64, context_cost_tokens=None)
+    done_soon, long_running, head = make_seq(12, 1), make_seq(8, 8, first_token=20), make_seq(12, 2, first_token=40)
+    for seq in (done_soon, long_running, head):
+        sched.add(seq)
+    # Ranks 0 and 1 take three and two of their four blocks; ``head`` needs three, and finds them on neither.
+    first = fake_step(sched)
+    assert [item.seq for item in first.scheduled] == [done_soon, long_running]
+    assert (done_soon.dp_rank, long_running.dp_rank) == (None, 1) and done_soon.is_finished  # rank 0 is free again
+    second = fake_step(sched)
+    assert [item.seq for item in second.scheduled] == [long_running, head] and head.dp_rank == 0
+    run_to_completion(sched)
+    assert manager.num_free_blocks == manager.num_blocks
 
 
 def test_random_workloads_never_leak_or_stall():
