@@ -124,6 +124,23 @@ def test_add_folds_deltas_into_the_cumulative_output() -> None:
     assert plain.outputs[0].logprobs is None and plain.prompt_logprobs is None and plain.outputs[0].text == "ab"
 
 
+def test_add_takes_completions_and_lists_a_delta_brings_first() -> None:
+    lp = {5: Logprob(-0.5, 1)}
+    whole = RequestOutput("r", "p", [1, 2], [CompletionOutput(0, "a", [3])], prompt_logprobs=[None, lp])
+    # A completion the output does not hold yet is taken as it comes; logprobs start with the first delta that has
+    # them; a delta without prompt logprobs (None) leaves those reported before as they were.
+    whole.add(RequestOutput("r", None, [], [CompletionOutput(1, "x", [7], -0.5, [lp]),
+                                            CompletionOutput(0, "b", [4], -0.5, [lp])]))
+    assert [completion.index for completion in whole.outputs] == [0, 1]
+    assert whole.outputs[0] == CompletionOutput(0, "ab", [3, 4], -0.5, [lp])
+    assert whole.outputs[1] == CompletionOutput(1, "x", [7], -0.5, [lp])
+    assert (whole.prompt, whole.prompt_token_ids, whole.prompt_logprobs) == ("p", [1, 2], [None, lp])
+    # CompletionOutput.add alone: the text and lists grow, the finish fields are the delta's.
+    completion = CompletionOutput(0, "a", [3], -0.1, finish_reason=None)
+    completion.add(CompletionOutput(0, "", [], -0.1, [], "stop", 8))
+    assert completion == CompletionOutput(0, "a", [3], -0.1, [], "stop", 8) and completion.finished
+
+
 class _RecordingClient(QueueEngineClient):
     """A client whose engine is the test: commands are recorded, outputs are fed by hand."""
 
