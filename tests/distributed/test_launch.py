@@ -26,6 +26,7 @@ from tests.server.conftest import (
     spawn_server,
     start_server,
     wait_until_gone,
+    wait_until_healthy,
 )
 
 pytestmark = pytest.mark.e2e
@@ -233,16 +234,7 @@ def test_torchrun_launch(tmp_path: Path, tp1_tokens) -> None:
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = ServerProcess(launcher, f"http://127.0.0.1:{port}", log_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert launcher.poll() is None, server.log()[-3000:]
-            try:
-                if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, server.log()[-3000:]
-            time.sleep(0.3)
+        assert wait_until_healthy(launcher, server.base_url, 120), server.log()[-3000:]
         assert complete(server) == tp1_tokens
         assert "model loaded on 2 ranks" in server.log()
         ranks = [int(c) for task in Path(f"/proc/{launcher.pid}/task").iterdir()

@@ -293,7 +293,7 @@ def test_slow_loris_clients_do_not_block_others(target: FuzzTarget) -> None:
             head = request_head(CHAT, content_length=1000)
             sock.sendall(head[:40] if i % 2 == 0 else head + b'{"messages": [{"role": "us')
             stalled.append(sock)
-        time.sleep(0.5)
+        time.sleep(0.5)  # the stall itself: the probes below run while they hold their connections
         for path, method in (("/health", "GET"), (CHAT, "POST"), ("/metrics", "GET")):
             started = time.monotonic()
             try:
@@ -334,8 +334,9 @@ def _disconnect(target: FuzzTarget, stage: str, body: dict, reset: bool) -> None
             sock.sendall(request_head(path, len(data)) + data[: len(data) // 2])
         else:
             sock.sendall(request_head(path, len(data)) + data)
-            if stage == "full request sent":
-                time.sleep(0.3)
+            if stage in ("full request sent", "mid generation (not streamed)"):
+                # Disconnect once the engine has the request, before anything of the answer is read.
+                target.server.wait_for_metrics(lambda m: m.get("vllm:num_requests_running", 0.0) >= 1, 10.0)
             elif stage == "response headers read":
                 _read_until(sock, b"\r\n\r\n", 10)
             elif stage == "first event read":
@@ -344,8 +345,6 @@ def _disconnect(target: FuzzTarget, stage: str, body: dict, reset: bool) -> None
             elif stage == "several events read":
                 for _ in range(5):
                     _read_until(sock, b"\n\n", 10)
-            elif stage == "mid generation (not streamed)":
-                time.sleep(1.0)
     finally:
         if reset:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")

@@ -30,7 +30,10 @@ def test_full_waiting_queue_answers_503(server: ServerProcess) -> None:
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
             first = asyncio.create_task(client.post("/v1/completions", json={**BODY, "max_tokens": 150}))
-            await asyncio.sleep(1.0)  # let it be admitted before the others arrive
+            # The others arrive once it has been admitted (it holds the one slot).
+            admitted = await asyncio.to_thread(server.wait_for_metrics,
+                                               lambda m: m["vllm:num_requests_running"] == 1)
+            assert admitted["vllm:num_requests_running"] == 1, "the first request was never admitted"
             others = [asyncio.create_task(client.post("/v1/completions", json={**BODY, "max_tokens": 20}))
                       for _ in range(4)]
             return [await first, *[await task for task in others]]
