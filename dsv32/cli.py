@@ -20,6 +20,7 @@ from dsv32.config import (
     DEVICES,
     DISTRIBUTED_EXECUTOR_BACKENDS,
     DTYPES,
+    ENFORCE_EAGER_ENV,
     KERNEL_BACKEND_ENV,
     KERNEL_BACKENDS,
     KV_CACHE_DTYPES,
@@ -162,6 +163,13 @@ def add_engine_arguments(eng: argparse._ArgumentGroup) -> None:
     eng.add_argument("--openmp-spin-count", type=int, default=engine.openmp_spin_count, metavar="N",
                      help="GOMP_SPINCOUNT of the engine's processes (default: $GOMP_SPINCOUNT if set, else 20000000: "
                           "the model's threads stay hot between a step's parallel regions).")
+    eng.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=engine.enforce_eager,
+                     help="Run every step eagerly: no compiled decode graphs (default: off, unless "
+                          f"${ENFORCE_EAGER_ENV} is 1). Off, decode steps of up to the largest --cuda-graph-sizes "
+                          "sequences run as graphs compiled at start-up.")
+    eng.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
+                     help="Decode batch sizes to capture (compiled graphs on CPU); a step runs on the smallest size "
+                          "that holds it (default: 1 2 4 8 16 24 32 48 64 ... up to --max-num-seqs).")
     eng.add_argument("--structured-outputs-config", default="{}", metavar="JSON",
                      help='Structured outputs (JSON schema, regex, choice, grammar, constrained tool calls), as a JSON '
                           'object: {"backend": "xgrammar", "max_whitespace": 16} (the defaults; backend "auto" = '
@@ -288,6 +296,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_logprobs=args.max_logprobs,
         kernel_backend=args.kernel_backend,
         openmp_spin_count=args.openmp_spin_count,
+        enforce_eager=args.enforce_eager,
+        cuda_graph_sizes=args.cuda_graph_sizes,
         structured_outputs_config=StructuredOutputsConfig.from_json(args.structured_outputs_config),
         speculative_config=speculative_config_from_args(args),
         **(parallel_config_from_args(args) if hasattr(args, "tensor_parallel_size") else {}),

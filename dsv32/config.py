@@ -363,6 +363,7 @@ STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
 DISTRIBUTED_EXECUTOR_BACKENDS = ("mp",)  # local workers are processes this one spawns (vLLM's "mp")
 KERNEL_BACKENDS = ("auto", "torch", "triton")  # dsv32.kernels: auto = Triton on CUDA when it imports, else torch
 KERNEL_BACKEND_ENV = "DSV32_KERNEL_BACKEND"  # the default of EngineConfig.kernel_backend
+ENFORCE_EAGER_ENV = "DSV32_ENFORCE_EAGER"  # the default of EngineConfig.enforce_eager (1 / true / yes)
 
 
 @dataclass(frozen=True)
@@ -437,10 +438,21 @@ class EngineConfig:
     # libgomp's spin count (GOMP_SPINCOUNT) in the processes the engine starts (the engine-core process, the model's
     # workers; never the caller's own); None: the one they inherit if set, else 20M (``dsv32.engine.lifetime``).
     openmp_spin_count: int | None = None
+    # Every step eagerly (vLLM's --enforce-eager): no compiled decode graphs (``dsv32.model.graphs``). Default
+    # $DSV32_ENFORCE_EAGER, else off.
+    enforce_eager: bool = field(
+        default_factory=lambda: os.environ.get(ENFORCE_EAGER_ENV, "").lower() in ("1", "true", "yes"))
+    # The decode batch sizes captured (vLLM's --cuda-graph-sizes); None: ``DEFAULT_CAPTURE_SIZES`` up to
+    # max_num_seqs.
+    cuda_graph_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative_config, dict):
             object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
+        if self.cuda_graph_sizes is not None:
+            object.__setattr__(self, "cuda_graph_sizes", tuple(self.cuda_graph_sizes))
+            if not self.cuda_graph_sizes or any(not isinstance(s, int) or s <= 0 for s in self.cuda_graph_sizes):
+                raise ConfigError(f"--cuda-graph-sizes must be positive integers, got {list(self.cuda_graph_sizes)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +165,11 @@ class ModelRunner:
                     engine_config.kv_cache_dtype, self.plan.num_blocks, self.block_size, self.plan.max_tokens,
                     self.plan.num_bytes / GiB, bytes_per_token, self.plan.max_model_len, self.plan.max_model_len,
                     self.plan.max_tokens / self.plan.max_model_len)
+        start = time.perf_counter()
+        sizes = model.capture_decode_graphs(self.kv_cache)
+        if sizes:
+            logger.info("decode graphs compiled for batch sizes %s in %.1f s (--enforce-eager runs eagerly)",
+                        list(sizes), time.perf_counter() - start)
 
     @property
     def max_model_len(self) -> int:

@@ -135,8 +135,22 @@ def using_backend(backend: KernelBackend) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+# The backend per device type that ops resolve to while ``torch.compile`` traces a captured graph
+# (``dsv32.model.graphs``): dynamo cannot read a context variable. Set once per process by the first model that
+# captures graphs on that device type (``trace_with``).
+_TRACED: dict[str, KernelBackend] = {}
+
+
+def trace_with(device_type: str, backend: KernelBackend) -> bool:
+    """Make ``backend`` the one ops on ``device_type`` resolve to inside compiled graphs; False if another backend
+    already holds that place in this process (a graph of this model would then run the other's ops)."""
+    return _TRACED.setdefault(device_type, backend) is backend
+
+
 def get_backend(device: torch.device | str) -> KernelBackend:
     """The backend of the ``using_backend`` block around this call, else the process default for ``device``
-    (chosen on first use)."""
+    (chosen on first use); while a graph is compiled, the one ``trace_with`` set."""
+    if torch.compiler.is_compiling():
+        return _TRACED[torch.device(device).type]
     active = _ACTIVE.get()
     return active if active is not None else _backend_for(torch.device(device).type)

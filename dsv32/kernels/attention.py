@@ -69,6 +69,15 @@ class AttentionMetadata:
         return cls(slot_mapping, prefills, len(decodes), rows, decode_slots, decode_lens, max_len)
 
 
+    @classmethod
+    def for_decodes(cls, slot_mapping: torch.Tensor, decode_slots: torch.Tensor,
+                    decode_lens: torch.Tensor) -> AttentionMetadata:
+        """A step of decodes only, from tensors alone (what a captured decode graph is given): query ``b`` is token
+        row ``b``, its context the first ``decode_lens[b]`` of ``decode_slots[b]``."""
+        num_decodes, max_len = decode_slots.shape
+        return cls(slot_mapping, [], num_decodes, slice(0, num_decodes), decode_slots, decode_lens, max_len)
+
+
 @dataclass(frozen=True)
 class MLAWeights:
     """``W_kvb`` in the compute dtype, prepared once at load, and its absorbed parts laid out for batched GEMMs:

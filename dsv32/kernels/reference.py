@@ -256,6 +256,39 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     return torch.bmm(topk_weights.float()[:, None, :], y.float())[:, 0]
 
 
+def fused_moe_fixed_shape(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                          topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                          w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``fused_moe``'s result with shapes that depend only on ``T`` (no sort, count or host sync: what a captured
+    decode graph can hold); ids outside ``[0, E)`` contribute nothing (expert parallel: another rank's experts).
+    Few pairs (``T * k <= E``, a decode at small batch): each (token, expert) pair gathers its expert's weights, so
+    only the routed experts are read, one batched GEMM pair over the pairs. More pairs: every expert runs every
+    token and a dense ``[T, E]`` routing matrix (zero where not routed) combines them, each expert read once."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
+    routed = (topk_ids >= 0) & (topk_ids < num_experts)
+    ids = topk_ids.clamp(0, num_experts - 1)
+    weights = topk_weights.float() * routed
+    if num_tokens * top_k <= num_experts:
+        flat = ids.flatten()
+        g13, g2 = w13[flat], w2[flat]
+        if w13_scale is not None:
+            g13 = dequantize_experts(g13, w13_scale[flat], x.dtype)
+        if w2_scale is not None:
+            g2 = dequantize_experts(g2, w2_scale[flat], x.dtype)
+        h = torch.bmm(x.repeat_interleave(top_k, dim=0)[:, None, :], g13.transpose(1, 2))
+        y = torch.bmm(_swiglu(h), g2.transpose(1, 2)).view(num_tokens, top_k, -1)
+        return torch.bmm(weights[:, None, :], y.float())[:, 0]
+    if w13_scale is not None:
+        w13 = dequantize_experts(w13, w13_scale, x.dtype)
+    if w2_scale is not None:
+        w2 = dequantize_experts(w2, w2_scale, x.dtype)
+    dense = weights.new_zeros(num_tokens, num_experts).scatter_add_(1, ids, weights)
+    h = torch.bmm(x[None].expand(num_experts, -1, -1), w13.transpose(1, 2))  # [E, T, 2I]
+    y = torch.bmm(_swiglu(h), w2.transpose(1, 2))  # [E, T, H]
+    return torch.einsum("te,eth->th", dense, y.float())
+
+
 # Routed experts run as one padded batched GEMM pair when that wastes at most this factor of rows (dense routing:
 # few experts, many tokens each); else one GEMM pair per expert that got tokens.
 MOE_PADDING_FACTOR = 4

@@ -1,7 +1,8 @@
 """Paged KV-cache storage of one model: per layer, the MLA latent + rope key and the indexer key of every token.
 
 All sequences share one pool of ``num_blocks * block_size`` slots per layer; the engine decides which slots a
-sequence owns (its block table) and the model reads/writes them by slot index. The row formats (``auto`` / ``fp8``)
+sequence owns (its block table) and the model reads/writes them by slot index. One more block, ``scratch_block``,
+belongs to no sequence: the padding rows of a captured decode step (``dsv32.model.graphs``) write and read there. The row formats (``auto`` / ``fp8``)
 are ``dsv32.kernels.cache_format``'s.
 """
 
@@ -26,7 +27,8 @@ class KVCache:
         self.layout = layout
         self.block_size = block_size
         self.num_blocks = num_blocks
-        slots = num_blocks * block_size
+        self.scratch_block = num_blocks
+        slots = (num_blocks + 1) * block_size
         self.latent = [torch.zeros(slots, layout.latent_width, dtype=layout.storage_dtype, device=device)
                        for _ in range(num_layers)]
         self.index_k = [torch.zeros(slots, layout.index_width, dtype=layout.storage_dtype, device=device)

@@ -44,6 +44,7 @@ from dsv32.kernels.attention import AttentionMetadata
 from dsv32.kernels.cache_format import CacheLayout, normalize_kv_cache_dtype
 from dsv32.model.batch import ForwardBatch
 from dsv32.model.cache import KVCache
+from dsv32.model.graphs import DecodeGraphs
 from dsv32.model.linear import Linear
 from dsv32.model.mla import MLA
 from dsv32.model.moe import MLP, MoE
@@ -149,6 +150,8 @@ class DeepseekForCausalLM(nn.Module):
         self.parallel = parallel
         # The kernels this model's calls run on (the engine sets them from its config); None: the process default.
         self.kernel_backend: KernelBackend | None = None
+        # Captured decode steps (``dsv32.model.graphs``); None: every step runs eagerly.
+        self.decode_graphs: DecodeGraphs | None = None
         self.model = DeepseekModel(config, dtype, parallel)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype, parallel.dense_shard)
         n_mtp = config.num_nextn_predict_layers if with_mtp else 0
@@ -190,13 +193,39 @@ class DeepseekForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Final-normed hidden states ``[T, hidden]`` of every token in the batch; writes their KV to the cache."""
+        if self.decode_graphs is not None:
+            hidden = self.decode_graphs.run(batch, kv_cache)
+            if hidden is not None:
+                return hidden
         local, mine, order = self._split(batch)
         meta = local.attention_metadata(kv_cache.block_size)
-        rope = self.rope_tables(local.positions)
-        x, residual = self.model.embed_tokens(local.input_ids), None
+        hidden = self._run_layers(local.input_ids, local.positions, meta, kv_cache, local.rank_token_counts)
+        return self._join(hidden, batch, local, order)
+
+    @_on_kernels
+    @torch.inference_mode()
+    def capture_decode_graphs(self, kv_cache: KVCache) -> tuple[int, ...]:
+        """Compile the decode graphs of every capture size now (``dsv32.model.graphs``); the sizes captured, none
+        when this model runs eagerly."""
+        if self.decode_graphs is None:
+            return ()
+        self.decode_graphs.capture(kv_cache)
+        return self.decode_graphs.sizes
+
+    def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                       decode_slots: torch.Tensor, decode_lens: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """``forward`` of a step of decodes only, given as tensors (``AttentionMetadata.for_decodes``): the function
+        ``dsv32.model.graphs`` captures."""
+        meta = AttentionMetadata.for_decodes(slot_mapping, decode_slots, decode_lens)
+        return self._run_layers(input_ids, positions, meta, kv_cache)
+
+    def _run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                    kv_cache: KVCache, token_counts: list[int] | None = None) -> torch.Tensor:
+        rope = self.rope_tables(positions)
+        x, residual = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
-            x, residual = layer(x, residual, rope, meta, kv_cache, local.rank_token_counts)
-        return self._join(self.model.norm.add_forward(x, residual)[0], batch, local, order)
+            x, residual = layer(x, residual, rope, meta, kv_cache, token_counts)
+        return self.model.norm.add_forward(x, residual)[0]
 
     def _split(self, batch: ForwardBatch) -> tuple[ForwardBatch, torch.Tensor | None, torch.Tensor | None]:
         """Data-parallel attention: this rank's part of the batch, its token rows, and every rank's rows in rank

@@ -71,7 +71,8 @@ class Linear(nn.Module):
             x = x.to(self.dtype)
         if self.weight_scale_inv is not None:
             return get_backend(x.device).fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
-        if self.packed_weight is not None:
+        # oneDNN's packed weight is opaque to torch.compile; a compiled graph packs its (frozen) weights itself.
+        if self.packed_weight is not None and not torch.compiler.is_compiling():
             return packed_linear(x, self.packed_weight)
         return matmul_wt(x, self.weight)
 

@@ -30,6 +30,7 @@ from dsv32.config import ModelConfig
 from dsv32.distributed.parallel import SINGLE_PROCESS, ExpertRange, ParallelContext, Shard
 from dsv32.kernels import get_backend
 from dsv32.kernels.fp8 import FP8_DTYPE
+from dsv32.kernels.reference import fused_moe_fixed_shape
 from dsv32.model.linear import Linear
 
 
@@ -153,6 +154,9 @@ class Experts(nn.Module):
         backend = get_backend(x.device)
         if x.shape[0] == 0:
             return x.new_zeros(x.shape, dtype=torch.float32)
+        if torch.compiler.is_compiling():  # a captured decode graph: shapes must not depend on the routing
+            return fused_moe_fixed_shape(x, self.gate_up_proj, self.down_proj, weights, ids - self.experts.first,
+                                         self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
         if not self.is_expert_slice:
             return backend.fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids,
                                      self.gate_up_proj_scale_inv, self.down_proj_scale_inv)

@@ -128,3 +128,43 @@ def test_model_experts_run_fp8_weights_with_their_block_scales() -> None:
     experts.gate_up_proj, experts.down_proj = nn.Parameter(w13, False), nn.Parameter(w2, False)
     experts.gate_up_proj_scale_inv, experts.down_proj_scale_inv = s13, s2
     assert torch.equal(experts(x, weights, ids), expected)
+
+
+@pytest.mark.parametrize(("num_tokens", "num_experts", "top_k"), [(1, 8, 2), (3, 8, 2), (4, 8, 2), (16, 8, 2)])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fixed_shape_moe_matches_fused_moe(num_tokens: int, num_experts: int, top_k: int, fp8: bool) -> None:
+    """Both formulations of the captured graphs' MoE (gathered pairs: T * k <= E; every expert, densely weighted:
+    more) give ``fused_moe``'s result."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(num_tokens, 128, generator=gen)
+    w13 = torch.randn(num_experts, 2 * 128, 128, generator=gen) * 0.05
+    w2 = torch.randn(num_experts, 128, 128, generator=gen) * 0.05
+    scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    if fp8:
+        (w13, s13), (w2, s2) = _quantize_experts(w13), _quantize_experts(w2)
+        scales = (s13, s2)
+    weights, ids = _routing(num_tokens, num_experts, top_k, gen)
+    expected = reference.fused_moe(x, w13, w2, weights, ids, *scales)
+    got = reference.fused_moe_fixed_shape(x, w13, w2, weights, ids, *scales)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 8])
+def test_fixed_shape_moe_skips_other_ranks_experts(num_tokens: int) -> None:
+    """Expert parallel: ids outside this rank's ``[0, E)`` (another rank's experts) add nothing."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(num_tokens, 32, generator=gen)
+    w13 = torch.randn(4, 48, 32, generator=gen)
+    w2 = torch.randn(4, 32, 24, generator=gen)
+    weights, ids = _routing(num_tokens, 8, 2, gen)
+    ids -= 2  # this rank holds experts 2..5 of 8, as local ids 0..3
+    local = (ids >= 0) & (ids < 4)
+    expected = torch.zeros(num_tokens, 32)
+    for t in range(num_tokens):
+        for j in range(2):
+            if local[t, j]:
+                expected[t] += reference.fused_moe(x[t:t + 1], w13, w2, weights[t:t + 1, j:j + 1],
+                                                   ids[t:t + 1, j:j + 1])[0]
+    got = reference.fused_moe_fixed_shape(x, w13, w2, weights, ids)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)

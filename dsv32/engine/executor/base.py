@@ -35,6 +35,9 @@ class ModelHandle(Protocol):
     def __call__(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Final-normed hidden states of every token of ``batch``; writes their KV to ``kv_cache``."""
 
+    def capture_decode_graphs(self, kv_cache: KVCache) -> tuple[int, ...]:
+        """Compile the decode graphs now (every rank); the batch sizes captured (none: the model runs eagerly)."""
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def forward_mtp(self, batch: ForwardBatch, previous_hidden: torch.Tensor, kv_cache: KVCache,

@@ -10,6 +10,7 @@ from dsv32.config import TINY_PRESET, EngineConfig, ModelConfig
 from dsv32.distributed.parallel import SINGLE_PROCESS, ParallelContext
 from dsv32.kernels import select_backend
 from dsv32.model.deepseek import DeepseekForCausalLM
+from dsv32.model.graphs import DecodeGraphs, capture_sizes
 from dsv32.model.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -28,4 +29,7 @@ def load_engine_model(engine_config: EngineConfig, model_config: ModelConfig, de
     model.kernel_backend = select_backend(device.type, engine_config.kernel_backend)
     if parallel.rank == 0:
         logger.info("kernel backend for %s: %s", device.type, model.kernel_backend.name)
+    if not engine_config.enforce_eager:
+        model.decode_graphs = DecodeGraphs.for_model(
+            model, capture_sizes(engine_config.max_num_seqs, engine_config.cuda_graph_sizes), device)
     return model

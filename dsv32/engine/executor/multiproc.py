@@ -140,6 +140,9 @@ class DistributedModel:
     def __call__(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         return self._call("forward", batch, kv_cache)
 
+    def capture_decode_graphs(self, kv_cache: KVCache) -> tuple[int, ...]:
+        return self._call("capture_decode_graphs", kv_cache)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._call("compute_logits", hidden)
 

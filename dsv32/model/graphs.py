@@ -1,0 +1,152 @@
+"""Captured decode steps: the CPU counterpart of CUDA graphs (vLLM's ``cudagraph_capture_sizes``).
+
+A decode step of a small model is mostly overhead: a few hundred small torch ops with Python between them (a 4-layer
+step measured 7 ms eager for ~1 ms of arithmetic). ``DecodeGraphs`` compiles the model's ``decode_forward`` (the
+step as a function of tensors alone: token ids, positions, cache slots, context slots and lengths, and the paged
+cache) with ``torch.compile``: Inductor generates C++ for the pointwise chains between the GEMMs (norms, RoPE,
+routing, softmax), packs the frozen weights for oneDNN once, and its C++ wrapper calls the kernels without Python
+in between.
+
+Shapes: a step of ``B`` decodes is padded to the next capture size ``B'`` (its padding rows read and write the
+cache's ``scratch_block``); the context width ``L`` (the longest context of the step) is a dynamic dimension, padded
+up to ``index_topk + 1`` with the lightning indexer (so every step takes the same top-k path: a context shorter than
+that has all its positions selected, exactly what the uncompiled step attends) and to 2 without it. Batch size 1 is
+compiled on its own (its shapes static but ``L``), the other sizes share one graph with a dynamic batch dimension;
+the fixed-shape MoE (``fused_moe_fixed_shape``) switches formulation at ``B' * top_k > n_experts``, one more graph.
+Every graph is compiled when the runner warms the sizes up at start-up (``capture``), never while serving.
+
+Steps that are not decode-only (prefill chunks, speculative verification), larger than the largest capture size or
+split by data-parallel attention run eagerly, as does everything with ``--enforce-eager``. On CUDA the same
+mechanism would add CUDA graphs per capture size (``triton.cudagraphs``); it is not enabled there yet.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from dsv32.kernels import trace_with
+from dsv32.model.batch import ForwardBatch
+from dsv32.model.cache import KVCache
+
+if TYPE_CHECKING:
+    from dsv32.model.deepseek import DeepseekForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# vLLM's capture sizes, the ones a CPU engine reaches: a step of B decodes runs on the smallest size >= B.
+DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Inductor's settings for the captured step: weights are constants (packed for oneDNN once), and the C++ wrapper
+# calls the kernels without Python between them.
+_INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+
+
+def capture_sizes(max_num_seqs: int, sizes: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The batch sizes captured for an engine of ``max_num_seqs`` sequences: ``sizes`` (default
+    ``DEFAULT_CAPTURE_SIZES``) up to ``max_num_seqs``, and ``max_num_seqs`` itself when it falls between two."""
+    chosen = sorted({s for s in (sizes or DEFAULT_CAPTURE_SIZES) if 0 < s <= max_num_seqs})
+    if sizes is None and (not chosen or chosen[-1] < max_num_seqs) and max_num_seqs <= DEFAULT_CAPTURE_SIZES[-1]:
+        chosen.append(max_num_seqs)
+    return tuple(chosen)
+
+
+class DecodeGraphs:
+    """The compiled decode step of one model (one rank's shard) for batch sizes ``sizes``."""
+
+    def __init__(self, model: DeepseekForCausalLM, sizes: Sequence[int]) -> None:
+        self.model = model
+        self.sizes = tuple(sorted(sizes))
+        config = model.config
+        self.min_width = config.index_topk + 1 if config.has_indexer else 2
+        self.captured: set[int] = set()
+        self.steps_run = 0  # steps served by a graph (the others ran eagerly)
+        self._step = torch.compile(model.decode_forward, options=_INDUCTOR_OPTIONS)
+
+    @classmethod
+    def for_model(cls, model: DeepseekForCausalLM, sizes: Sequence[int], device: torch.device) -> DecodeGraphs | None:
+        """Graphs for ``model`` on ``device``, or None (logged) where they do not apply."""
+        if not sizes:
+            return None
+        if device.type != "cpu":
+            logger.info("decode graphs: CPU only for now; %s steps run eagerly", device.type)
+            return None
+        if model.parallel.data_parallel:
+            logger.info("decode graphs: not with data-parallel attention; steps run eagerly")
+            return None
+        backend = model.kernel_backend
+        if backend is not None and not trace_with(device.type, backend):
+            logger.warning("decode graphs: another model in this process compiled its steps on another kernel "
+                           "backend; steps run eagerly")
+            return None
+        return cls(model, sizes)
+
+    def size_for(self, num_seqs: int) -> int | None:
+        """The capture size a step of ``num_seqs`` decodes runs on (None: larger than every size)."""
+        i = bisect.bisect_left(self.sizes, num_seqs)
+        return self.sizes[i] if i < len(self.sizes) else None
+
+    def run(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor | None:
+        """The step's final hidden states ``[T, hidden]``, or None when it is not one the graphs serve."""
+        num_seqs = batch.num_seqs
+        if batch.num_tokens != num_seqs or batch.dp_ranks is not None:
+            return None
+        size = self.size_for(num_seqs)
+        if size is None or size not in self.captured:
+            return None
+        self.steps_run += 1
+        return self._call(size, batch, kv_cache)[:num_seqs]
+
+    def capture(self, kv_cache: KVCache) -> float:
+        """Compile and run every capture size once on a dummy step in the scratch block (largest first, as vLLM);
+        returns the seconds it took."""
+        start = time.perf_counter()
+        block_size, scratch = kv_cache.block_size, kv_cache.scratch_block
+        device = self.model.inv_freq.device
+        for size in reversed(self.sizes):
+            batch = ForwardBatch(
+                input_ids=torch.zeros(size, dtype=torch.long, device=device),
+                positions=torch.zeros(size, dtype=torch.long, device=device),
+                query_start_loc=list(range(size + 1)),
+                seq_lens=[1] * size,
+                block_tables=torch.full((size, 1), scratch, dtype=torch.long, device=device),
+                slot_mapping=torch.full((size,), scratch * block_size, dtype=torch.long, device=device),
+            )
+            self._call(size, batch, kv_cache)
+            self.captured.add(size)
+        return time.perf_counter() - start
+
+    def _call(self, size: int, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        """Run the compiled step on ``batch`` padded to ``size`` rows and to the context width the graph takes."""
+        num_seqs = batch.num_seqs
+        device = batch.input_ids.device
+        block_size = kv_cache.block_size
+        scratch_slot = kv_cache.scratch_block * block_size
+        width = max(max(batch.seq_lens), self.min_width)
+        # Context slot of every position < width of every sequence; positions past a sequence's blocks repeat its
+        # last block (masked by its length, so any slot serves).
+        tables = batch.block_tables
+        blocks = (torch.arange(width, device=device) // block_size).clamp(max=tables.shape[1] - 1)
+        offsets = torch.arange(width, device=device) % block_size
+        decode_slots = torch.full((size, width), scratch_slot, dtype=torch.long, device=device)
+        decode_slots[:num_seqs] = tables[:, blocks] * block_size + offsets
+        decode_lens = torch.ones(size, dtype=torch.long, device=device)
+        decode_lens[:num_seqs] = torch.tensor(batch.seq_lens, dtype=torch.long, device=device)
+        input_ids = _padded(batch.input_ids, size, 0)
+        positions = _padded(batch.positions, size, 0)
+        slot_mapping = _padded(batch.slot_mapping, size, scratch_slot)
+        torch._dynamo.mark_dynamic(decode_slots, 1)
+        if size > 1:
+            for tensor in (input_ids, positions, slot_mapping, decode_slots, decode_lens):
+                torch._dynamo.mark_dynamic(tensor, 0)
+        return self._step(input_ids, positions, slot_mapping, decode_slots, decode_lens, kv_cache)
+
+
+def _padded(values: torch.Tensor, size: int, fill: int) -> torch.Tensor:
+    out = values.new_full((size,), fill)
+    out[:values.shape[0]] = values
+    return out

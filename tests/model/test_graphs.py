@@ -1,0 +1,84 @@
+"""Compiled decode graphs (``dsv32.model.graphs``) compute what the eager step computes: for V3.2 (the indexer
+selecting once contexts pass index_topk) and V3, batches padded to a capture size and batches beyond the largest
+(eager), greedy tokens are identical and their logprobs agree within 1e-4 (float32); with MTP speculation too.
+Compiling takes tens of seconds: these tests are ``slow``, outside ``make test-fast``."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dsv32 import LLM, SamplingParams
+from dsv32.config import EngineConfig, ModelConfig, tiny_config
+from dsv32.model.graphs import DEFAULT_CAPTURE_SIZES, capture_sizes
+
+ARCHS = {
+    "v32": tiny_config(),
+    "v3": tiny_config().with_overrides(architecture="DeepseekV3ForCausalLM", index_topk=0),
+}
+SIZES = [1, 2, 4]
+_RNG = random.Random(0)
+# Five sequences (more than the largest capture size: eager until two finish), of lengths around the tiny model's
+# index_topk (64): some select from the start, one crosses it while decoding.
+PROMPTS = [[_RNG.randrange(100, 120000) for _ in range(n)] for n in (7, 30, 90, 50, 66)]
+MAX_TOKENS = [24, 20, 16, 12, 8]
+
+
+def make_llm(model_config: ModelConfig, enforce_eager: bool, **kwargs: object) -> LLM:
+    return LLM("tiny", model_config=model_config, dtype="float32", max_model_len=512, max_num_seqs=8, device="cpu",
+               enforce_eager=enforce_eager, cuda_graph_sizes=SIZES, **kwargs)
+
+
+def greedy(llm: LLM) -> list[tuple[list[int], list[float]]]:
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0) for n in MAX_TOKENS]
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids),
+             [step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)])
+            for o in outs]
+
+
+def assert_same(got: list[tuple[list[int], list[float]]], expected: list[tuple[list[int], list[float]]]) -> None:
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
+    for (_, lp), (_, lp_expected) in zip(got, expected, strict=True):
+        assert max(abs(a - b) for a, b in zip(lp, lp_expected, strict=True)) < 1e-4
+
+
+_EAGER: dict[str, list[tuple[list[int], list[float]]]] = {}
+
+
+def eager(arch: str) -> list[tuple[list[int], list[float]]]:
+    if arch not in _EAGER:
+        _EAGER[arch] = greedy(make_llm(ARCHS[arch], enforce_eager=True))
+    return _EAGER[arch]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_compiled_decode_matches_eager(arch: str) -> None:
+    llm = make_llm(ARCHS[arch], enforce_eager=False)
+    graphs = llm.engine.executor.model.decode_graphs
+    assert graphs is not None and graphs.captured == set(SIZES)
+    got = greedy(llm)
+    assert graphs.steps_run > 0  # the decodes of four sequences and fewer ran on graphs
+    assert_same(got, eager(arch))
+
+
+@pytest.mark.slow
+def test_compiled_decode_under_mtp_speculation() -> None:
+    llm = make_llm(ARCHS["v32"], enforce_eager=False,
+                   speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    assert [tokens for tokens, _ in greedy(llm)] == [tokens for tokens, _ in eager("v32")]
+
+
+def test_enforce_eager_compiles_nothing() -> None:
+    llm = make_llm(ARCHS["v3"], enforce_eager=True)
+    assert llm.engine.executor.model.decode_graphs is None
+
+
+def test_capture_sizes() -> None:
+    assert capture_sizes(64) == (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    assert capture_sizes(5) == (1, 2, 4, 5)  # max_num_seqs between two sizes is captured too
+    assert capture_sizes(1000)[-1] == DEFAULT_CAPTURE_SIZES[-1]  # bigger batches run eagerly
+    assert capture_sizes(8, [8, 1, 3, 16]) == (1, 3, 8)  # the user's sizes, up to max_num_seqs
+    assert EngineConfig(cuda_graph_sizes=[2, 1]).cuda_graph_sizes == (2, 1)
