@@ -17,6 +17,10 @@ from typing import Any
 
 import pytest
 
+# Engines in tests run eagerly unless a test asks for compiled decode graphs (tests/model/test_graphs.py): compiling
+# takes tens of seconds per engine. Servers and workers the tests start inherit it.
+os.environ.setdefault("DSV32_ENFORCE_EAGER", "1")
+
 pytest_plugins = ("pytester",)  # tests/test_tiers.py runs a pytest session of its own
 
 # Fixtures that start processes: a test using one, directly or through another fixture, is e2e.

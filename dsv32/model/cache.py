@@ -2,8 +2,8 @@
 
 All sequences share one pool of ``num_blocks * block_size`` slots per layer; the engine decides which slots a
 sequence owns (its block table) and the model reads/writes them by slot index. One more block, ``scratch_block``,
-belongs to no sequence: the padding rows of a captured decode step (``dsv32.model.graphs``) write and read there. The row formats (``auto`` / ``fp8``)
-are ``dsv32.kernels.cache_format``'s.
+belongs to no sequence: the padding rows of a captured decode step (``dsv32.model.graphs``) write and read there.
+The row formats (``auto`` / ``fp8``) are ``dsv32.kernels.cache_format``'s.
 """
 
 from __future__ import annotations

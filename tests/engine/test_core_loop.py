@@ -53,6 +53,9 @@ class FakeModel:
     def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str) -> None:
         return None
 
+    def capture_decode_graphs(self, kv_cache: None) -> tuple[int, ...]:
+        return ()  # runs eagerly
+
     def __call__(self, batch: ForwardBatch, kv_cache: None) -> torch.Tensor:
         if CRASH in batch.input_ids.tolist():
             raise RuntimeError("the model step failed")

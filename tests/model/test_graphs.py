@@ -1,7 +1,8 @@
 """Compiled decode graphs (``dsv32.model.graphs``) compute what the eager step computes: for V3.2 (the indexer
 selecting once contexts pass index_topk) and V3, batches padded to a capture size and batches beyond the largest
 (eager), greedy tokens are identical and their logprobs agree within 1e-4 (float32); with MTP speculation too.
-Compiling takes tens of seconds: these tests are ``slow``, outside ``make test-fast``."""
+Compiling takes tens of seconds and runs the C++ compiler (processes): those tests are ``e2e``, outside
+``make test-fast``."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def eager(arch: str) -> list[tuple[list[int], list[float]]]:
     return _EAGER[arch]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_compiled_decode_matches_eager(arch: str) -> None:
     llm = make_llm(ARCHS[arch], enforce_eager=False)
@@ -64,7 +65,7 @@ def test_compiled_decode_matches_eager(arch: str) -> None:
     assert_same(got, eager(arch))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_compiled_decode_under_mtp_speculation() -> None:
     llm = make_llm(ARCHS["v32"], enforce_eager=False,
                    speculative_config={"method": "mtp", "num_speculative_tokens": 1})
