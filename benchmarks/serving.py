@@ -197,9 +197,10 @@ class RunningServer:
 
 
 def vllm_bench(python: Path, checkpoint: Path, port: int, concurrency: int, num_prompts: int, result: Path,
-               detailed: bool = False) -> dict:
+               detailed: bool = False, seed: int | None = None) -> dict:
     """vLLM's own `bench serve` (random INPUT_LEN in / OUTPUT_LEN out, --ignore-eos) against 127.0.0.1:port; returns
-    its saved result JSON (``detailed``: with every request's error message, under ``errors``)."""
+    its saved result JSON (``detailed``: with every request's error message, under ``errors``). ``seed`` picks the
+    random prompts (vLLM's default: 0, the same prompts every run, which a server's prefix cache then serves)."""
     command = [str(python), str(PEERS / "vllm_cli.py"), "bench", "serve", "--backend", "vllm"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--model", MODEL_NAME, "--tokenizer", str(checkpoint)]
     command += ["--dataset-name", "random", "--random-input-len", str(INPUT_LEN)]
@@ -208,6 +209,8 @@ def vllm_bench(python: Path, checkpoint: Path, port: int, concurrency: int, num_
     command += ["--save-result", "--result-dir", str(result.parent), "--result-filename", result.name]
     if detailed:
         command.append("--save-detailed")
+    if seed is not None:
+        command += ["--seed", str(seed)]
     run_step(command, result.with_suffix(".log"))
     return json.loads(result.read_text())
 

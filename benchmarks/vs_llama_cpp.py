@@ -341,8 +341,10 @@ def serve_and_bench(spec: ServerSpec, port: int, vllm_python: Path, checkpoint: 
                 print(f"  vllm bench serve against {spec.name}, concurrency {concurrency}, repeat {repeat + 1}",
                       flush=True)
                 result_file = args.work_dir / f"{tag}-c{concurrency}-r{repeat}.json"
+                # A fresh prompt set for every run: a server's prefix cache must not serve prompts it saw before.
+                seed = 1 + repeat * len(BATCH_SIZES) + BATCH_SIZES.index(concurrency)
                 results[concurrency].append(vllm_bench(vllm_python, checkpoint, port, concurrency, args.num_prompts,
-                                                       result_file, detailed=True))
+                                                       result_file, detailed=True, seed=seed))
     return results
 
 
@@ -431,8 +433,9 @@ def serving_markdown(serving: dict[str, dict[int, ServingSummary]], args: argpar
         f"## Served: `vllm bench serve`, random {INPUT_LEN} in / {OUTPUT_LEN} out, --ignore-eos",
         "",
         f"`vllm bench serve --backend vllm --dataset-name random --random-input-len {INPUT_LEN} --random-output-len "
-        f"{OUTPUT_LEN} --ignore-eos --num-prompts {args.num_prompts} --max-concurrency C` (tokenizer: the "
-        f"checkpoint's), {args.repeats} runs per concurrency against one server start. dsv32: `dsv32 serve CKPT "
+        f"{OUTPUT_LEN} --ignore-eos --num-prompts {args.num_prompts} --max-concurrency C --seed S` (tokenizer: the "
+        f"checkpoint's), {args.repeats} runs per concurrency against one server start, each run with prompts of its "
+        "own (S), so no prefix cache serves a prompt it saw in an earlier run. dsv32: `dsv32 serve CKPT "
         f"--dtype bfloat16 --max-model-len {MAX_MODEL_LEN}{' --enforce-eager' if args.enforce_eager else ''}` "
         f"(OMP_NUM_THREADS={args.threads}); llama.cpp: `llama-server -m GGUF -t {args.threads} "
         f"-np {LLAMA_SERVER_SLOTS} -c {LLAMA_SERVER_CONTEXT}`. Failed: requests that got no answer over all runs "
