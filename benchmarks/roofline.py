@@ -27,7 +27,8 @@ V vocab_size, Hi/Di index_n_heads/index_head_dim, topk index_topk:
                                   w (r+dr+Di) T                               llama.cpp: top-k as a mask over dense
                                                                                 attention, every row read
 
-(dsv32 loads no MTP layer without speculative decoding, so none is counted; the KV term is small beside the weights.)
+(dsv32 loads no MTP layer without speculative decoding, so none is counted; the KV term is small beside the weights;
+FP8 checkpoints are refused: the formula covers bf16 and fp32 ones.)
 
 The memory bandwidth: STREAM's triad a = b + s c on three fp32 arrays of --triad-mib MiB each (far beyond L3) in
 torch with the same thread count, 3 x the array bytes per pass; and a read-only pass (a.sum()) beside it.
@@ -355,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         args.work_dir.mkdir(parents=True, exist_ok=True)
         checkpoint, checkpoint_line = roofline_checkpoint(args)
         config = ModelConfig.from_pretrained(str(checkpoint))
+        if config.quantization is not None:
+            raise BenchmarkError(f"{checkpoint} is an FP8 checkpoint: the byte formula covers bf16 and fp32 ones")
         weight_bytes = 4 if config.torch_dtype == "float32" else 2
         step_bytes = {b: decode_step_bytes(config, b, CONTEXT, weight_bytes) for b in BATCH_SIZES}
         files, formula = checkpoint_file_bytes(checkpoint), all_weight_bytes(config, weight_bytes)

@@ -5,19 +5,22 @@ What is measured (prompt 128, 32 new tokens, greedy, EOS ignored, batch / concur
 
 a. Offline. dsv32's ``LLM`` (prefix caching off, after a warm-up generate): prefill tok/s = B x 128 / the time of a
    generate with max_tokens=1 (the time to the first token), decode tok/s = B x 31 / (the time of a max_tokens=32
-   generate minus that). llama.cpp measured by its own tools: ``llama-batched-bench -npp 128 -ntg 32 -npl 1,8``
-   (S_PP t/s: prefill, S_TG t/s: decode, per batch size) and ``llama-bench -p 128 -n 32`` (pp128: its batch-1 prefill
-   figure, which the main table uses; tg32, decode from an empty context: for reference only).
+   generate minus that; a stall in either generate skews that repeat's sample, which the median absorbs). llama.cpp
+   measured by its own tools: ``llama-batched-bench -npp 128 -ntg 32 -npl 1,8`` (S_PP t/s: prefill, S_TG t/s:
+   decode, per batch size) and ``llama-bench -p 128 -n 32`` (pp128: its batch-1 prefill figure, which the main
+   table uses; tg32, decode from an empty context: for reference only).
 b. Served. vLLM's ``vllm bench serve`` (random 128 in / 32 out, --ignore-eos, --max-concurrency 1 and 8) against
    ``dsv32 serve CKPT --max-model-len 1024`` and ``llama-server -m GGUF -np 8 -c 8192``; the tokenizer is the
-   checkpoint's. llama-server closes keep-alive connections now and then: failed requests are counted and reported.
+   checkpoint's; every run draws prompts of its own (--seed), so no prefix cache serves a prompt of an earlier run.
+   llama-server closes keep-alive connections now and then: failed requests are counted and reported.
 
 How: each engine alone in its own process, one after the other (llama.cpp first), with the same thread count
-(--threads, default 2: llama.cpp's ``-t``, dsv32's torch threads / OMP_NUM_THREADS); the load average is checked
-before each engine starts (a busy machine is named in the report). Every figure is taken --repeats times and reported
-as its median and spread (min-max), never the best; the ratios dsv32 / llama.cpp are of the medians. llama.cpp's
-offline figures are checked against those in ../shared/peers/README.md (2 threads, noise about ±15%): a llama.cpp
-far below them is handicapped, and the report then says the comparison is BROKEN.
+(--threads, default 2: llama.cpp's ``-t``, dsv32's torch threads / OMP_NUM_THREADS); the machine's load (the share
+of its CPUs busy over 2 s) is checked before each engine starts (a busy machine is named in the report). Every
+figure is taken --repeats times and reported as its median and spread (min-max), never the best; the ratios
+dsv32 / llama.cpp are of the medians. llama.cpp's offline figures are checked against those in
+../shared/peers/README.md (2 threads, noise about ±15%): a llama.cpp far below them is handicapped, and the report
+then says the comparison is BROKEN.
 
 The checkpoint: ../shared/peers/make_tiny_checkpoint.py --arch v32 --dtype bfloat16 --kv-lora-rank 512 --rope-dim 64
 --index-heads 16 --index-head-dim 128 --index-topk 64 (hidden 256, 4 layers; HF's classes, random weights, the real
