@@ -67,9 +67,9 @@ from benchmarks.serving import (  # noqa: E402  (the repository root, not benchm
     BenchmarkError,
     checkout_description,
     clean_env,
+    engine_turn,
     machine_description,
     make_checkpoint,
-    note_machine_load,
 )
 from benchmarks.vs_llama_cpp import (  # noqa: E402
     Spread,
@@ -298,7 +298,8 @@ def report(rows: list[Row], step_bytes: dict[int, StepBytes], bandwidth: dict, c
         f"- {args.threads} threads; dsv32 mode: {'eager' if args.enforce_eager else 'its default'}; every figure: "
         f"median (min-max) of {args.repeats} repeats (bandwidth: of {TRIAD_PASSES} passes); context {CONTEXT} "
         f"tokens per sequence (prompt {INPUT_LEN}, {OUTPUT_LEN} new).",
-        "- Load before each engine started: " + ("; ".join(args.busy) if args.busy else "idle for every one") + ".",
+        "- Load before and while each engine ran: " + ("; ".join(args.busy) if args.busy else "idle for every one")
+        + ".",
         f"- Memory bandwidth, {args.threads} threads, fp32 arrays of {args.triad_mib} MiB: triad {show(triad)} GB/s, "
         f"read-only {show(read)} GB/s.",
         "",
@@ -365,17 +366,18 @@ def main(argv: list[str] | None = None) -> int:
                         f"files ({formula / files:.3f}x)")
         print(f"{checkpoint}: {weights_line}", flush=True)
 
-        note_machine_load("the bandwidth test", args.cores, args.busy)
-        bandwidth = measure_bandwidth(args)
+        with engine_turn("the bandwidth test", args.cores, args.busy):
+            bandwidth = measure_bandwidth(args)
         print(f"triad {show(Spread.of(bandwidth['triad']))} GB/s, read {show(Spread.of(bandwidth['read']))} GB/s")
-        note_machine_load("dsv32", args.cores, args.busy)
-        samples, _ = run_dsv32_offline(checkpoint, args.work_dir, args.threads, args.repeats, args.enforce_eager)
+        with engine_turn("dsv32", args.cores, args.busy):
+            samples, _ = run_dsv32_offline(checkpoint, args.work_dir, args.threads, args.repeats, args.enforce_eager)
         rows = [Row("dsv32", b, Spread.of(samples[f"decode@{b}"]), step_bytes[b].total) for b in BATCH_SIZES]
         if args.llama_dir:
             ensure_llama(args.llama_dir, args.work_dir)
             gguf = convert_to_gguf(args.llama_dir, checkpoint, args.work_dir)
-            note_machine_load("llama.cpp", args.cores, args.busy)
-            for b, values in llama_decode(args, gguf).items():
+            with engine_turn("llama.cpp", args.cores, args.busy):
+                decode = llama_decode(args, gguf)
+            for b, values in decode.items():
                 dense = decode_step_bytes(config, b, CONTEXT, weight_bytes, dense_attention=True)
                 rows.append(Row("llama.cpp", b, Spread.of(values), dense.total))
 

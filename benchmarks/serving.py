@@ -8,6 +8,7 @@ repository root on ``sys.path``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,39 @@ def note_machine_load(name: str, cores: int, busy: list[str]) -> None:
     if load:
         print(f"warning: the machine is not idle before {name} starts ({load}): its figures are handicapped")
         busy.append(f"{name}: {load}")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have been waited for (and theirs, recursively)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@contextlib.contextmanager
+def watch_other_load(name: str, cores: int, busy: list[str]) -> Iterator[None]:
+    """Around one engine's run (its processes children of this one, waited for by the end of the block): the share
+    of the CPUs that other work used meanwhile, from /proc/stat less this process tree's CPU time. Above
+    BUSY_LOAD_PER_CORE: a warning, and a line in ``busy`` (the report's load line), since the engine shared the
+    machine for part of its run even if it was idle when the engine started."""
+    before, own_before, start = _cpu_times(), _own_cpu_seconds(), time.monotonic()
+    yield
+    after, elapsed = _cpu_times(), time.monotonic() - start
+    if before is None or after is None or elapsed <= 0:
+        return
+    busy_s = (after[0] - before[0]) / os.sysconf("SC_CLK_TCK")
+    other = max(0.0, busy_s - (_own_cpu_seconds() - own_before)) / (elapsed * cores)
+    if other > BUSY_LOAD_PER_CORE:
+        print(f"warning: other work used {other:.0%} of the CPUs while {name} ran: its figures are handicapped")
+        busy.append(f"{name}: other work used {other:.0%} of the CPUs during its run")
+
+
+@contextlib.contextmanager
+def engine_turn(name: str, cores: int, busy: list[str]) -> Iterator[None]:
+    """One engine's turn on the machine: its load checked before it starts, and other work's share of the CPUs
+    while it runs (``note_machine_load``, ``watch_other_load``)."""
+    note_machine_load(name, cores, busy)
+    with watch_other_load(name, cores, busy):
+        yield
 
 
 @dataclass(frozen=True)

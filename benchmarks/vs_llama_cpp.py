@@ -16,7 +16,8 @@ b. Served. vLLM's ``vllm bench serve`` (random 128 in / 32 out, --ignore-eos, --
 
 How: each engine alone in its own process, one after the other (llama.cpp first), with the same thread count
 (--threads, default 2: llama.cpp's ``-t``, dsv32's torch threads / OMP_NUM_THREADS); the machine's load (the share
-of its CPUs busy over 2 s) is checked before each engine starts (a busy machine is named in the report). Every
+of its CPUs busy over 2 s) is checked before each engine starts, and other work's share while it runs (a busy
+machine is named in the report). Every
 figure is taken --repeats times and reported as its median and spread (min-max), never the best; the ratios
 dsv32 / llama.cpp are of the medians. llama.cpp's offline figures are checked against those in
 ../shared/peers/README.md (2 threads, noise about ±15%): a llama.cpp far below them is handicapped, and the report
@@ -66,11 +67,11 @@ from benchmarks.serving import (  # noqa: E402  (the repository root, not benchm
     checkout_description,
     clean_env,
     dsv32_server,
+    engine_turn,
     ensure_vllm,
     free_port,
     machine_description,
     make_checkpoint,
-    note_machine_load,
     ratio,
     run_step,
     vllm_bench,
@@ -335,10 +336,10 @@ def serve_and_bench(spec: ServerSpec, port: int, vllm_python: Path, checkpoint: 
     """Start one server, run ``vllm bench serve`` against it --repeats times at each concurrency, stop it; the result
     JSONs per concurrency (with every request's error)."""
     tag = "llama" if spec.name == LLAMA else "dsv32"
-    note_machine_load(f"{spec.name} (serving)", args.cores, args.busy)
     print(f"starting {spec.name} on port {port}", flush=True)
     results: dict[int, list[dict]] = {c: [] for c in BATCH_SIZES}
-    with RunningServer(spec, port, args.work_dir / f"{tag}-server.log"):
+    log = args.work_dir / f"{tag}-server.log"
+    with engine_turn(f"{spec.name} (serving)", args.cores, args.busy), RunningServer(spec, port, log):
         for repeat in range(args.repeats):
             for concurrency in BATCH_SIZES:
                 print(f"  vllm bench serve against {spec.name}, concurrency {concurrency}, repeat {repeat + 1}",
@@ -396,7 +397,8 @@ def render_markdown(ours: dict[str, Spread | None], theirs: dict[str, Spread | N
         f"(llama.cpp `-t {args.threads}`, dsv32 torch threads / OMP_NUM_THREADS: {context['threads']}); dsv32 "
         f"mode: {mode}; dsv32 start-up (offline `LLM`, with any compilation): {context['startup']}.",
         f"- Every figure: median (min-max) of {args.repeats} repeats; ratios are dsv32 / llama.cpp of the medians.",
-        "- Load before each engine started: " + ("; ".join(args.busy) if args.busy else "idle for every one") + ".",
+        "- Load before and while each engine ran: " + ("; ".join(args.busy) if args.busy else "idle for every one")
+        + ".",
         "",
         f"## Offline: prompt {INPUT_LEN}, {OUTPUT_LEN} new tokens, greedy, EOS ignored",
         "",
@@ -509,11 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         gguf = convert_to_gguf(args.llama_dir, checkpoint, args.work_dir)
         vllm_python = None if args.skip_serving else ensure_vllm(args.vllm_venv, args.work_dir)
 
-        note_machine_load(f"{LLAMA} (offline)", args.cores, args.busy)
         print(f"{LLAMA} (offline): llama-batched-bench x {args.repeats}, llama-bench -r {args.repeats}", flush=True)
-        theirs = {key: Spread.of(samples) for key, samples in llama_offline(args.llama_dir, gguf, args).items()}
-        note_machine_load("dsv32 (offline)", args.cores, args.busy)
-        samples, raw = run_dsv32_offline(checkpoint, args.work_dir, args.threads, args.repeats, args.enforce_eager)
+        with engine_turn(f"{LLAMA} (offline)", args.cores, args.busy):
+            theirs = {key: Spread.of(samples) for key, samples in llama_offline(args.llama_dir, gguf, args).items()}
+        with engine_turn("dsv32 (offline)", args.cores, args.busy):
+            samples, raw = run_dsv32_offline(checkpoint, args.work_dir, args.threads, args.repeats,
+                                             args.enforce_eager)
         ours = {key: Spread.of(values) for key, values in samples.items()}
         checks = {key: peer_check(key, theirs.get(key), args.references, args.threads) for key in args.references}
 

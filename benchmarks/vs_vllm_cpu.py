@@ -39,10 +39,10 @@ from benchmarks.serving import (  # noqa: E402  (the repository root, not benchm
     ServerSpec,
     clean_env,
     dsv32_server,
+    engine_turn,
     ensure_vllm,
     free_port,
     make_checkpoint,
-    note_machine_load,
     ratio,
     vllm_bench,
 )
@@ -93,10 +93,9 @@ def reference_check(result: dict, reference: Reference | None) -> str:
 
 def measure(spec: ServerSpec, port: int, python: Path, checkpoint: Path, args: argparse.Namespace) -> dict[int, dict]:
     tag = spec.name.split()[0].lower()
-    note_machine_load(spec.name, args.cores, args.busy)
     print(f"starting {spec.name} on port {port}")
     results = {}
-    with RunningServer(spec, port, args.work_dir / f"{tag}-server.log"):
+    with engine_turn(spec.name, args.cores, args.busy), RunningServer(spec, port, args.work_dir / f"{tag}-server.log"):
         for concurrency in CONCURRENCY_LEVELS:
             print(f"  vllm bench serve against {spec.name}, concurrency {concurrency}")
             result_file = args.work_dir / f"{tag}-c{concurrency}.json"
@@ -125,7 +124,7 @@ def render_markdown(results: dict[str, dict[int, dict]], references: dict[int, R
         f"VLLM_CPU_OMP_THREADS_BIND=0-{args.cores - 1} vllm serve CKPT --dtype bfloat16 --max-model-len "
         f"{MAX_MODEL_LEN}`; dsv32 with its defaults: `dsv32 serve CKPT --dtype bfloat16 --max-model-len "
         f"{MAX_MODEL_LEN}` (the engine-core process takes every core).",
-        "- Load before each server started: " + ("; ".join(args.busy) if args.busy else "idle for both") + ".",
+        "- Load before and while each server ran: " + ("; ".join(args.busy) if args.busy else "idle for both") + ".",
         "",
         "| Concurrency | Server | Successful | Failed | Output tok/s | Total tok/s | Mean TTFT (ms) | "
         "Median TTFT (ms) | Mean TPOT (ms) | Mean ITL (ms) |",
