@@ -68,6 +68,7 @@ from benchmarks.serving import (  # noqa: E402  (the repository root, not benchm
     checkout_description,
     clean_env,
     engine_turn,
+    load_lines,
     machine_description,
     make_checkpoint,
 )
@@ -296,10 +297,9 @@ def report(rows: list[Row], step_bytes: dict[int, StepBytes], bandwidth: dict, c
         "",
         f"- Checkpoint: {context['checkpoint']}: {context['weights']}.",
         f"- {args.threads} threads; dsv32 mode: {'eager' if args.enforce_eager else 'its default'}; every figure: "
-        f"median (min-max) of {args.repeats} repeats (bandwidth: of {TRIAD_PASSES} passes); context {CONTEXT} "
+        f"median (min-max) of {args.repeats} repeat(s) (bandwidth: of {TRIAD_PASSES} passes); context {CONTEXT} "
         f"tokens per sequence (prompt {INPUT_LEN}, {OUTPUT_LEN} new).",
-        "- Load before and while each engine ran: " + ("; ".join(args.busy) if args.busy else "idle for every one")
-        + ".",
+        *load_lines(args.busy),
         f"- Memory bandwidth, {args.threads} threads, fp32 arrays of {args.triad_mib} MiB: triad {show(triad)} GB/s, "
         f"read-only {show(read)} GB/s.",
         "",

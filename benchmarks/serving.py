@@ -172,6 +172,14 @@ def engine_turn(name: str, cores: int, busy: list[str]) -> Iterator[None]:
         yield
 
 
+def load_lines(busy: list[str]) -> list[str]:
+    """The report's lines on the machine's load (``busy``: what ``engine_turn`` noted)."""
+    if not busy:
+        return ["- Load before and while each engine ran: idle for every one."]
+    return ["- Load before and while each engine ran: " + "; ".join(busy) + ".",
+            "- **The machine was not idle (the line above): the figures are handicapped; rerun on a quiet machine.**"]
+
+
 @dataclass(frozen=True)
 class ServerSpec:
     """How to launch one server: its name in the report, command line and environment."""

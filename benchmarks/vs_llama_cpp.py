@@ -70,6 +70,7 @@ from benchmarks.serving import (  # noqa: E402  (the repository root, not benchm
     engine_turn,
     ensure_vllm,
     free_port,
+    load_lines,
     machine_description,
     make_checkpoint,
     ratio,
@@ -396,9 +397,8 @@ def render_markdown(ours: dict[str, Spread | None], theirs: dict[str, Spread | N
         f"- Each engine alone in its own process, one after the other (llama.cpp first), {args.threads} threads each "
         f"(llama.cpp `-t {args.threads}`, dsv32 torch threads / OMP_NUM_THREADS: {context['threads']}); dsv32 "
         f"mode: {mode}; dsv32 start-up (offline `LLM`, with any compilation): {context['startup']}.",
-        f"- Every figure: median (min-max) of {args.repeats} repeats; ratios are dsv32 / llama.cpp of the medians.",
-        "- Load before and while each engine ran: " + ("; ".join(args.busy) if args.busy else "idle for every one")
-        + ".",
+        f"- Every figure: median (min-max) of {args.repeats} repeat(s); ratios are dsv32 / llama.cpp of the medians.",
+        *load_lines(args.busy),
         "",
         f"## Offline: prompt {INPUT_LEN}, {OUTPUT_LEN} new tokens, greedy, EOS ignored",
         "",
@@ -439,8 +439,8 @@ def serving_markdown(serving: dict[str, dict[int, ServingSummary]], args: argpar
         "",
         f"`vllm bench serve --backend vllm --dataset-name random --random-input-len {INPUT_LEN} --random-output-len "
         f"{OUTPUT_LEN} --ignore-eos --num-prompts {args.num_prompts} --max-concurrency C --seed S` (tokenizer: the "
-        f"checkpoint's), {args.repeats} runs per concurrency against one server start, each run with prompts of its "
-        "own (S), so no prefix cache serves a prompt it saw in an earlier run. dsv32: `dsv32 serve CKPT "
+        f"checkpoint's), repeated {args.repeats} x per concurrency against one server start, each run with prompts of "
+        "its own (S), so no prefix cache serves a prompt it saw in an earlier run. dsv32: `dsv32 serve CKPT "
         f"--dtype bfloat16 --max-model-len {MAX_MODEL_LEN}{' --enforce-eager' if args.enforce_eager else ''}` "
         f"(OMP_NUM_THREADS={args.threads}); llama.cpp: `llama-server -m GGUF -t {args.threads} "
         f"-np {LLAMA_SERVER_SLOTS} -c {LLAMA_SERVER_CONTEXT}`. Failed: requests that got no answer over all runs "

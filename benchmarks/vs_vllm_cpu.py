@@ -42,6 +42,7 @@ from benchmarks.serving import (  # noqa: E402  (the repository root, not benchm
     engine_turn,
     ensure_vllm,
     free_port,
+    load_lines,
     make_checkpoint,
     ratio,
     vllm_bench,
@@ -124,7 +125,7 @@ def render_markdown(results: dict[str, dict[int, dict]], references: dict[int, R
         f"VLLM_CPU_OMP_THREADS_BIND=0-{args.cores - 1} vllm serve CKPT --dtype bfloat16 --max-model-len "
         f"{MAX_MODEL_LEN}`; dsv32 with its defaults: `dsv32 serve CKPT --dtype bfloat16 --max-model-len "
         f"{MAX_MODEL_LEN}` (the engine-core process takes every core).",
-        "- Load before and while each server ran: " + ("; ".join(args.busy) if args.busy else "idle for both") + ".",
+        *load_lines(args.busy),
         "",
         "| Concurrency | Server | Successful | Failed | Output tok/s | Total tok/s | Mean TTFT (ms) | "
         "Median TTFT (ms) | Mean TPOT (ms) | Mean ITL (ms) |",
