@@ -23,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 PEERS = "/work/shared/peers"
 DEFAULT_CHECKPOINT_MAKER = os.path.join(PEERS, "make_tiny_checkpoint.py")
@@ -87,13 +89,17 @@ def reference_figures(readme: str = PEERS_README) -> dict[str, float] | None:
 # ---- the workers: one engine per process ----------------------------------------------------------------------------
 
 
-def _ours_engine(args: argparse.Namespace):
+def dsv32_runner(args: argparse.Namespace, **engine_kwargs: Any) -> Callable[[list[list[int]], int], list[list[int]]]:
+    """``run(prompts, output_len)``: greedy token ids of every prompt (EOS ignored) from a dsv32 ``LLM`` sized for
+    ``args`` (``checkpoint``, ``dtype``, ``device``, ``batch_sizes``, ``input_len``, ``output_len``), prefix caching
+    off; ``engine_kwargs``: more ``EngineConfig`` fields (e.g. ``enforce_eager``)."""
     from dsv32 import LLM, SamplingParams
 
     max_batch = max(args.batch_sizes)
     llm = LLM(args.checkpoint, dtype=args.dtype, device=args.device,
               max_model_len=args.input_len + args.output_len + 64, max_num_seqs=max(max_batch, 8),
-              max_num_batched_tokens=max(2048, max_batch * args.input_len), enable_prefix_caching=False)
+              max_num_batched_tokens=max(2048, max_batch * args.input_len), enable_prefix_caching=False,
+              **engine_kwargs)
 
     def run(prompts: list[list[int]], output_len: int) -> list[list[int]]:
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
@@ -128,7 +134,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    run = _ours_engine(args) if args.worker == "dsv32" else _hf_engine(args)
+    run = dsv32_runner(args) if args.worker == "dsv32" else _hf_engine(args)
     results: dict[str, dict] = {}
     for batch_size in args.batch_sizes:
         run(random_prompts(batch_size, args.input_len, seed=-batch_size), 4)  # warm-up
