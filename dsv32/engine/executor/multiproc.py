@@ -57,6 +57,9 @@ from dsv32.model.deepseek import DeepseekForCausalLM
 
 logger = logging.getLogger(__name__)
 
+# How long a failed collective waits for a local worker's death to be known, to say which one died and how.
+DEAD_WORKER_WAIT_S = 1.0
+
 
 class MultiprocExecutor(Executor):
     """Rank 0: start this node's workers, meet the other ranks, load the driver's shard, wait for every rank."""
@@ -180,10 +183,19 @@ class DistributedModel:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "timed out" in text.lower():
             text = f"a rank did not answer within --distributed-timeout ({self.world.spec.timeout_s:g} s)"
-        details = "; ".join(self.world.failures()) or first_dead(self._workers) or text
+        details = "; ".join(self.world.failures()) or self._dead_worker() or text
         self._failure = f"a model worker failed ({details}); the engine cannot continue"
         logger.error("%s", self._failure)
         stop_all(self._workers, grace_s=0.0)
+
+    def _dead_worker(self) -> str | None:
+        """Which local worker died, if one did: a killed worker's peers see the connection reset before it is
+        reaped, so its exit code may need a moment (``DEAD_WORKER_WAIT_S``) to be known."""
+        for sentinel in wait([process.sentinel for process in self._workers], DEAD_WORKER_WAIT_S):
+            for process in self._workers:
+                if process.sentinel == sentinel:
+                    process.join(JOIN_TIMEOUT_S)
+        return first_dead(self._workers)
 
     def _heartbeat(self) -> None:
         """While no call goes out, a no-op one every quarter of the timeout: the workers' wait for the next call
