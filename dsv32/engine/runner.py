@@ -207,7 +207,8 @@ class ModelRunner:
         # (see the scheduler), so they are sampled at position 0 only, where their matcher's state applies.
         grammar_mask = (self.structured_output.fill_bitmask([item.seq for item in sample_rows])
                         if self.structured_output else None)
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        every_row = rows == list(range(hidden.shape[0]))  # decodes without drafts: no gather
+        logits = self.model.compute_logits(hidden if every_row else hidden[torch.tensor(rows, device=self.device)])
         if grammar_mask is not None:
             position0 = torch.tensor(offsets[:-1], device=self.device)
             logits[position0] = grammar_mask.apply(logits[position0])
@@ -290,15 +291,16 @@ class ModelRunner:
         tables = torch.tensor([item.seq.block_ids + [0] * (max_blocks - len(item.seq.block_ids))
                                for item in scheduled], dtype=torch.long)
         num_tokens = len(input_ids)
-        if num_tokens == len(scheduled):  # one token per sequence (decodes)
-            seq_of_token = torch.arange(num_tokens)
+        if num_tokens == len(scheduled):  # one token per sequence (decodes): a few ints, cheaper without tensor ops
             positions = torch.tensor(starts, dtype=torch.long)
+            slot_mapping = torch.tensor([item.seq.block_ids[p // bs] * bs + p % bs
+                                         for item, p in zip(scheduled, starts, strict=True)], dtype=torch.long)
         else:
             q_lens = torch.tensor(query_start_loc[1:]) - torch.tensor(query_start_loc[:-1])
             seq_of_token = torch.repeat_interleave(torch.arange(len(scheduled)), q_lens)
             first_row = torch.tensor(query_start_loc[:-1]) - torch.tensor(starts)  # row of position 0, per sequence
             positions = torch.arange(num_tokens) - first_row[seq_of_token]
-        slot_mapping = tables[seq_of_token, positions // bs] * bs + positions % bs
+            slot_mapping = tables[seq_of_token, positions // bs] * bs + positions % bs
         device = self.device
         batch = ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),

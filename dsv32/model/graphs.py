@@ -25,7 +25,8 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,12 +45,11 @@ DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 def _kept_guards(entries: Sequence[Any]) -> list[bool]:
-    """Dynamo's guards worth checking before each call: the global state and the shapes of the step's input tensors
-    (they pick the graph). The weights are frozen into the graphs, so guards on them and on the modules that hold
-    them (about 0.6 ms a call for the tiny 4-layer model) would check what the graphs no longer read."""
-    return [entry.guard_type in ("GLOBAL_STATE", "SHAPE_ENV")
-            or (entry.guard_type == "TENSOR_MATCH" and not isinstance(entry.value, torch.nn.Parameter))
-            for entry in entries]
+    """Dynamo's guards worth checking before each call: the global state, the shapes of the step's input tensors
+    (they pick the graph) and the identity of the tensors frozen into it (they pin the graph to this model: another
+    model in the process has its own). The ~1,000 guards on the modules' structure (types, hook dicts, config
+    constants) re-check at every call what cannot change after loading: ~0.6 ms a step for the tiny model."""
+    return [entry.guard_type in ("GLOBAL_STATE", "SHAPE_ENV", "TENSOR_MATCH", "ID_MATCH") for entry in entries]
 
 
 # Inductor's settings for the captured step: weights are constants (packed for oneDNN once), the C++ wrapper calls
@@ -76,7 +76,7 @@ class DecodeGraphs:
         self.min_width = config.index_topk + 1 if config.has_indexer else 2
         self.captured: set[int] = set()
         self.steps_run = 0  # steps served by a graph (the others ran eagerly)
-        self._step = torch.compile(model.decode_forward, options=_INDUCTOR_OPTIONS)
+        self._step = torch.compile(_own_code(model.decode_forward), options=_INDUCTOR_OPTIONS)
 
     @classmethod
     def for_model(cls, model: DeepseekForCausalLM, sizes: Sequence[int], device: torch.device) -> DecodeGraphs | None:
@@ -140,30 +140,42 @@ class DecodeGraphs:
     def _call(self, size: int, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Run the compiled step on ``batch`` padded to ``size`` rows and to the context width the graph takes."""
         num_seqs = batch.num_seqs
-        device = batch.input_ids.device
         block_size = kv_cache.block_size
         scratch_slot = kv_cache.scratch_block * block_size
         width = max(max(batch.seq_lens), self.min_width)
-        # Context slot of every position < width of every sequence; positions past a sequence's blocks repeat its
-        # last block (masked by its length, so any slot serves).
+        # Context slot of every position < width of every sequence, block by block; positions past a sequence's
+        # blocks repeat its last block (masked by its length, so any slot serves).
         tables = batch.block_tables
-        blocks = (torch.arange(width, device=device) // block_size).clamp(max=tables.shape[1] - 1)
-        offsets = torch.arange(width, device=device) % block_size
-        decode_slots = torch.full((size, width), scratch_slot, dtype=torch.long, device=device)
-        decode_slots[:num_seqs] = tables[:, blocks] * block_size + offsets
-        decode_lens = torch.ones(size, dtype=torch.long, device=device)
-        decode_lens[:num_seqs] = torch.tensor(batch.seq_lens, dtype=torch.long, device=device)
-        input_ids = _padded(batch.input_ids, size, 0)
-        positions = _padded(batch.positions, size, 0)
-        slot_mapping = _padded(batch.slot_mapping, size, scratch_slot)
-        torch._dynamo.mark_dynamic(decode_slots, 1)
+        num_blocks = -(-width // block_size)
+        if tables.shape[1] < num_blocks:
+            tables = torch.cat([tables, tables[:, -1:].expand(-1, num_blocks - tables.shape[1])], dim=1)
+        offsets = torch.arange(block_size, device=tables.device)
+        decode_slots = (tables[:, :num_blocks, None] * block_size + offsets).view(num_seqs, -1)[:, :width].contiguous()
+        decode_lens = torch.tensor(batch.seq_lens, dtype=torch.long, device=tables.device)
+        inputs = [batch.input_ids, batch.positions, batch.slot_mapping, decode_slots, decode_lens]
+        if size > num_seqs:  # padding rows: token 0 at position 0, written to and reading the scratch block
+            inputs = [_padded(tensor, size, fill) for tensor, fill in zip(inputs, (0, 0, scratch_slot, scratch_slot, 1),
+                                                                           strict=True)]
+        torch._dynamo.mark_dynamic(inputs[3], 1)
         if size > 1:
-            for tensor in (input_ids, positions, slot_mapping, decode_slots, decode_lens):
+            for tensor in inputs:
                 torch._dynamo.mark_dynamic(tensor, 0)
-        return self._step(input_ids, positions, slot_mapping, decode_slots, decode_lens, kv_cache)
+        return self._step(*inputs, kv_cache)
+
+
+def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` bound to a copy of its code object. Dynamo keeps its compiled graphs per code object, at most
+    ``recompile_limit`` (8) of them, then silently runs the function uncompiled: with one copy per model, every
+    model in a process (the tests make dozens) keeps its own few graphs."""
+    function = method.__func__
+    code = function.__code__.replace()  # an equal code object, but a new one
+    copy = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__,
+                              function.__closure__)
+    return types.MethodType(copy, method.__self__)
 
 
 def _padded(values: torch.Tensor, size: int, fill: int) -> torch.Tensor:
-    out = values.new_full((size,), fill)
+    """``values`` ([n] or [n, w]) with rows ``n..size`` filled with ``fill``."""
+    out = values.new_full((size, *values.shape[1:]), fill)
     out[:values.shape[0]] = values
     return out
