@@ -168,7 +168,7 @@ async def start_chat_generation(state: ServerState, request: ChatCompletionReque
         structured_outputs=structured_outputs_params(request, tool_call_tag))
     request_id = state.request_id(id_prefix, raw_request.headers.get("x-request-id"),
                                   request.request_id or request.rid)
-    state.log_request(request_id, logged or request, len(prompt_ids))
+    state.log_request(request_id, request if logged is None else logged, len(prompt_ids))
     engine_request = EngineRequest(state, request_id, prompt_ids, params, raw_request,
                                    prompt=rendered.prompt)
     await engine_request.start()
