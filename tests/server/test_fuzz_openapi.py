@@ -60,9 +60,11 @@ def keep_generation_short(case: schemathesis.Case) -> None:
     if case.path not in GENERATION_ROUTES or not isinstance(body, dict):
         return
     for key in ("max_tokens", "max_completion_tokens", "min_tokens"):
-        if isinstance(body.get(key), int) and not isinstance(body[key], bool) and body[key] > MAX_TOKENS:
+        # A float counts: the int fields take 1000.0 as 1000.
+        if isinstance(body.get(key), int | float) and not isinstance(body[key], bool) and body[key] > MAX_TOKENS:
             body[key] = MAX_TOKENS
-    if "max_tokens" not in body and "max_completion_tokens" not in body:
+    # null is no limit either: the generation would run to the end of the context.
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = MAX_TOKENS
     for key in ("n", "best_of"):
         if isinstance(body.get(key), int) and not isinstance(body[key], bool) and body[key] > 2:
