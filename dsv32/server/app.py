@@ -6,6 +6,7 @@ Routes (vLLM's shapes): ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``/v1/models/{model}``), ``POST /tokenize`` and ``/detokenize`` (also under ``/v1``), ``GET /tokenizer_info``,
 ``GET /health``, ``GET /version``, ``GET /metrics``. For load balancers (vllm-router, sglang-router):
 ``GET /get_load``, ``/get_model_info``, ``/get_server_info``, ``POST /flush_cache`` (``dsv32.server.worker_info``).
+Anthropic's ``POST /v1/messages`` and ``/v1/messages/count_tokens`` are ``dsv32.server.anthropic``'s router.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dsv32.engine.client import EngineClient
+from dsv32.server import anthropic
 from dsv32.server.boundary import RequestBoundaryMiddleware
 from dsv32.server.chat import create_chat_completion, render_tokenize_prompt
 from dsv32.server.completions import create_completion
-from dsv32.server.errors import APIError, InternalErrorMiddleware, install_error_handlers
-from dsv32.server.metrics import CONTENT_TYPE, ServerMetrics
+from dsv32.server.errors import APIError, InternalErrorMiddleware, error_response, install_error_handlers
+from dsv32.server.metrics import CONTENT_TYPE, ErrorCountingMiddleware, ServerMetrics
 from dsv32.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -52,7 +54,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     """The app serving ``engine`` (already started). The engine is shut down with the app."""
-    state = ServerState(engine=engine, config=config, metrics=ServerMetrics(config.model_name, engine.stats))
+    metrics = ServerMetrics(config.model_name, engine.stats, devices=engine.engine_config.world_size)
+    state = ServerState(engine=engine, config=config, metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -67,6 +70,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app.add_middleware(RequestBoundaryMiddleware, limits=config.limits)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(ErrorCountingMiddleware, metrics=metrics)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -130,6 +134,8 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
         return await create_completion(state, request, raw_request)
 
+    app.include_router(anthropic.router)
+
     @app.post("/tokenize")
     @app.post("/v1/tokenize")
     async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
@@ -178,7 +184,8 @@ PROTECTED_ROUTES = frozenset({"/flush_cache"})
 
 class APIKeyMiddleware:
     """With an API key, every ``/v1`` route (vLLM protects exactly these) and every route that changes the server's
-    state (``PROTECTED_ROUTES``) needs ``Authorization: Bearer <key>``; the scheme is case-insensitive (RFC 7235).
+    state (``PROTECTED_ROUTES``) needs ``Authorization: Bearer <key>`` (the scheme is case-insensitive, RFC 7235) or
+    ``x-api-key: <key>`` (Anthropic's header, which its SDK sends).
     The rest (the chat page, health, version, metrics, the routers' load and info routes, ``/tokenize``,
     ``/detokenize``, ``/tokenizer_info``, ``/openapi.json``) stays open, as in vLLM. Plain ASGI rather than
     ``@app.middleware``: that wrapper buffers the request channel, which would hide a client disconnect from the
@@ -189,15 +196,18 @@ class APIKeyMiddleware:
         self._expected = api_key.encode()
 
     def _authorized(self, scope: Scope) -> bool:
-        scheme, _, credentials = Headers(scope=scope).get("authorization", "").strip().partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), self._expected)
+        headers = Headers(scope=scope)
+        scheme, _, credentials = headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), self._expected):
+            return True
+        return hmac.compare_digest(headers.get("x-api-key", "").strip().encode(), self._expected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and scope["method"] != "OPTIONS"
                 and (scope["path"].startswith("/v1") or scope["path"] in PROTECTED_ROUTES)
                 and not self._authorized(scope)):
-            response = APIError("Unauthorized: a valid 'Authorization: Bearer <api key>' header is required.",
-                                401).to_response()
+            response = error_response(scope["path"], APIError(
+                "Unauthorized: a valid 'Authorization: Bearer <api key>' or 'x-api-key' header is required.", 401))
             await response(scope, receive, send)
             return
         await self._app(scope, receive, send)

@@ -28,7 +28,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dsv32.server.errors import APIError
+from dsv32.server.errors import APIError, error_response
 from dsv32.server.settings import RequestLimits
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -186,10 +186,10 @@ class RequestBoundaryMiddleware:
             if body and "json" in headers.get("content-type", ""):
                 parse_json(body, self._limits.max_json_depth)
         except APIError as exc:
-            await exc.to_response()(scope, receive, send)
+            await error_response(scope["path"], exc)(scope, receive, send)
             return
         except InvalidJSONValue as exc:
-            await APIError(str(exc), 400, param=exc.param).to_response()(scope, receive, send)
+            await error_response(scope["path"], APIError(str(exc), 400, param=exc.param))(scope, receive, send)
             return
         await self._app(scope, _replay(body, receive), send)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.requests import Request
 
 from dsv32.encoding import ChatEncoding, Delta, StreamingParser, merge_deltas, prepare_chat_request
@@ -85,7 +86,8 @@ def render_chat_prompt(request: ChatCompletionRequest) -> ChatEncoding:
     )
 
 
-def _render_and_tokenize(state: ServerState, request: ChatCompletionRequest) -> tuple[ChatEncoding, list[int]]:
+def render_and_tokenize(state: ServerState, request: ChatCompletionRequest) -> tuple[ChatEncoding, list[int]]:
+    """The rendered conversation and its prompt's token ids: what a generation sends the engine."""
     rendered = render_chat_prompt(request)
     return rendered, state.tokenizer.encode(rendered.prompt)
 
@@ -100,14 +102,14 @@ class _ChoiceStream:
     pending_logprobs: list[Any] = field(default_factory=list)
 
 
-def _finish_reason(completion: CompletionOutput, parser: StreamingParser) -> str | None:
+def chat_finish_reason(completion: CompletionOutput, parser: StreamingParser) -> str | None:
     # A call cut off by max_tokens keeps "length" so the client knows its arguments may be incomplete.
     if completion.finish_reason == "stop" and parser.tools_called:
         return "tool_calls"
     return completion.finish_reason
 
 
-def _stop_reason(completion: CompletionOutput) -> int | str | None:
+def client_stop_reason(completion: CompletionOutput) -> int | str | None:
     """The client's own stop string or token; the server's parallel_tool_calls stop is not one."""
     return None if completion.stop_reason == _INVOKE_END else completion.stop_reason
 
@@ -142,14 +144,19 @@ def _echo_text(request: ChatCompletionRequest) -> str:
     return (last.text() or "") if request.echo and last.role == "assistant" else ""
 
 
-async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, raw_request: Request) -> Response:
+async def start_chat_generation(state: ServerState, request: ChatCompletionRequest, raw_request: Request,
+                                id_prefix: str = "chatcmpl", logged: BaseModel | None = None
+                                ) -> tuple[ChatEncoding, EngineRequest]:
+    """The one way a conversation reaches the engine: checked, rendered, tokenized, its sampling parameters built
+    and validated, started. Other APIs (``dsv32.server.anthropic``) convert their request into a
+    ``ChatCompletionRequest`` and come here too; ``logged`` is the request as the client sent it, for the log."""
     state.check_model(request.model)
     tool_choice = request.effective_tool_choice()
     if request.tools and state.config.tool_call_parser == "none" and tool_choice != "none":
         choice_name = tool_choice if isinstance(tool_choice, str) else "named"
         raise APIError(f'"{choice_name}" tool choice requires --tool-call-parser to be set', 400, param="tool_choice")
     size = sum(len(message.text() or "") for message in request.messages)
-    rendered, prompt_ids = await state.offload(size, _render_and_tokenize, state, request)
+    rendered, prompt_ids = await state.offload(size, render_and_tokenize, state, request)
     tool_call_tag = rendered.tool_call_structural_tag(request.parallel_tool_calls)
     # parallel_tool_calls=false: a tool-call grammar allows one call; without one, a stop string ends the first.
     single_call = not request.parallel_tool_calls and bool(rendered.tools) and tool_call_tag is None
@@ -159,16 +166,22 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         extra_stop=[_INVOKE_END] if single_call else [],
         structured_outputs=structured_outputs_params(request, tool_call_tag))
-    request_id = state.request_id("chatcmpl", raw_request.headers.get("x-request-id"),
+    request_id = state.request_id(id_prefix, raw_request.headers.get("x-request-id"),
                                   request.request_id or request.rid)
-    state.log_request(request_id, request, len(prompt_ids))
+    state.log_request(request_id, request if logged is None else logged, len(prompt_ids))
     engine_request = EngineRequest(state, request_id, prompt_ids, params, raw_request,
                                    prompt=rendered.prompt)
     await engine_request.start()
+    return rendered, engine_request
+
+
+async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, raw_request: Request) -> Response:
+    rendered, engine_request = await start_chat_generation(state, request, raw_request)
     created = int(time.time())
-    headers = {"X-Request-Id": request_id}
+    headers = {"X-Request-Id": engine_request.request_id}
     if request.stream:
-        return sse_response(_stream(state, request, rendered, engine_request, created), headers=headers)
+        return sse_response(_stream(state, request, rendered, engine_request, created), headers=headers,
+                            on_error=state.metrics.count_error)
     return JSONResponse((await _full_response(state, request, rendered, engine_request, created)).model_dump(
         mode="json"), headers=headers)
 
@@ -200,8 +213,8 @@ async def _full_response(state: ServerState, request: ChatCompletionRequest, ren
             logprobs = ChatLogprobs(content=state.logprobs.chat(completion.token_ids, completion.logprobs,
                                                                 request.top_logprobs or 0))
         choices.append(ChatCompletionChoice(index=completion.index, message=message, logprobs=logprobs,
-                                            finish_reason=_finish_reason(completion, parser),
-                                            stop_reason=_stop_reason(completion)))
+                                            finish_reason=chat_finish_reason(completion, parser),
+                                            stop_reason=client_stop_reason(completion)))
     return ChatCompletionResponse(id=engine_request.request_id, created=created, model=state.config.model_name,
                                   choices=choices, usage=usage_info(engine_request.num_prompt_tokens,
                                                                     _num_generated(final), final.num_cached_tokens))
@@ -249,9 +262,9 @@ async def _stream(state: ServerState, request: ChatCompletionRequest, rendered: 
                 if completion.finished:
                     choice.finished = True
                     logprobs = ChatLogprobs(content=choice.pending_logprobs) if choice.pending_logprobs else None
-                    yield chunk(completion.index, DeltaMessage(), finish_reason=_finish_reason(completion,
+                    yield chunk(completion.index, DeltaMessage(), finish_reason=chat_finish_reason(completion,
                                                                                                   choice.parser),
-                                stop_reason=_stop_reason(completion), logprobs=logprobs)
+                                stop_reason=client_stop_reason(completion), logprobs=logprobs)
     if include_usage and usage is not None:
         yield sse_event(ChatCompletionStreamResponse(id=engine_request.request_id, created=created,
                                                      model=state.config.model_name, choices=[], usage=usage))

@@ -111,7 +111,8 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
     await start_all(_requests(runs))
     created = int(time.time())
     if request.stream:
-        return sse_response(_stream(state, request, runs, request_id, created), headers={"X-Request-Id": request_id})
+        return sse_response(_stream(state, request, runs, request_id, created), headers={"X-Request-Id": request_id},
+                            on_error=state.metrics.count_error)
     return await _full_response(state, request, runs, request_id, created)
 
 

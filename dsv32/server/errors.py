@@ -5,12 +5,17 @@ Route code raises ``APIError`` (or the engine's ``InvalidRequestError``, a 400);
 FastAPI's validation errors (invalid JSON, a bad field) and Starlette's own errors (unknown route, wrong method) into
 that envelope, so a client never sees a traceback or FastAPI's default 422 shape. vLLM converts request validation
 errors to 400 as well.
+
+Routes of another API (Anthropic's ``/v1/messages``) answer in that API's envelope: its module registers a renderer
+for its path prefix (``register_error_shape``), and everything that answers an error - the handlers here, the
+middlewares that refuse a request before any route runs - goes through ``error_response(path, error)``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -63,6 +68,27 @@ class APIError(Exception):
         return JSONResponse(self.to_dict(), status_code=self.status_code)
 
 
+# Path prefix -> the body of an error in that API's envelope (``register_error_shape``).
+_ERROR_SHAPES: dict[str, Callable[[APIError], dict[str, Any]]] = {}
+
+
+def register_error_shape(prefix: str, render: Callable[[APIError], dict[str, Any]]) -> None:
+    """Errors of ``prefix`` and every path below it are rendered by ``render`` instead of OpenAI's envelope."""
+    _ERROR_SHAPES[prefix.rstrip("/")] = render
+
+
+def error_body(path: str, error: APIError) -> dict[str, Any]:
+    """``error`` in the envelope of the API ``path`` belongs to."""
+    for prefix, render in _ERROR_SHAPES.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return render(error)
+    return error.to_dict()
+
+
+def error_response(path: str, error: APIError) -> JSONResponse:
+    return JSONResponse(error_body(path, error), status_code=error.status_code)
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(f"The model `{model}` does not exist.", 404, param="model")
 
@@ -92,25 +118,26 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.to_response()
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(request.url.path, exc)
 
     @app.exception_handler(InvalidRequestError)
-    async def _invalid_request(_: Request, exc: InvalidRequestError) -> JSONResponse:
-        return APIError(str(exc), 400, param=exc.param).to_response()
+    async def _invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return error_response(request.url.path, APIError(str(exc), 400, param=exc.param))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation_error(exc)
-        return APIError(message, 400, param=param).to_response()
+        return error_response(request.url.path, APIError(message, 400, param=param))
 
     @app.exception_handler(json.JSONDecodeError)
-    async def _json_error(_: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return APIError(f"Invalid JSON body: {exc.msg} (line {exc.lineno} column {exc.colno})", 400).to_response()
+    async def _json_error(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
+        return error_response(request.url.path, APIError(
+            f"Invalid JSON body: {exc.msg} (line {exc.lineno} column {exc.colno})", 400))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        response = APIError(str(exc.detail), exc.status_code).to_response()
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = error_response(request.url.path, APIError(str(exc.detail), exc.status_code))
         for key, value in (exc.headers or {}).items():
             response.headers[key] = value
         return response
@@ -142,5 +169,6 @@ class InternalErrorMiddleware:
         except Exception as exc:
             logger.exception("unhandled error while serving %s %s", scope["method"], scope["path"])
             if not started:
-                response = APIError(f"Internal server error: {type(exc).__name__}", 500).to_response()
+                response = error_response(scope["path"], APIError(f"Internal server error: {type(exc).__name__}",
+                                                                   500))
                 await response(scope, receive, send)

@@ -4,8 +4,12 @@ work unchanged.
 Two sources: the engine's own counters (running/waiting requests, KV-cache blocks, prefix-cache queries and hits,
 preemptions, token totals, speculative-decoding drafts and acceptances) are read from ``engine.stats()`` at scrape
 time by ``EngineStatsCollector``; per-request timings (TTFT, inter-token latency, end-to-end latency) and outcomes
-are observed by the serving code through ``RequestMetrics``. Each server owns its registry, so several apps in one
-process (tests) do not collide.
+are observed by the serving code through ``RequestMetrics``; every error answered (``ErrorCountingMiddleware``, and
+errors sent inside a stream that had started) is counted by status code. Each server owns its registry, so several
+apps in one process (tests) do not collide.
+
+``examples/monitoring/`` has a Grafana dashboard over these series (its test checks that every series it queries is
+one exported here).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dsv32.engine.outputs import EngineStats
 
@@ -84,7 +89,9 @@ class EngineStatsCollector(Collector):
 class ServerMetrics:
     """The registry behind ``/metrics`` plus the per-request histograms and counters the server observes."""
 
-    def __init__(self, model_name: str, engine_stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, model_name: str, engine_stats: Callable[[], EngineStats], devices: int = 1) -> None:
+        """``devices``: the processes (GPUs, or CPU ranks) the model runs over, exported so a dashboard can turn a
+        price per device-hour into a cost per token."""
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.registry.register(EngineStatsCollector(engine_stats, model_name))
@@ -113,7 +120,13 @@ class ServerMetrics:
                                        labels + ["finished_reason"], registry=self.registry)
         self.rejected = Counter("dsv32:requests_rejected", "Requests refused before they reached the engine.",
                                 labels + ["reason"], registry=self.registry)
+        self.errors = Counter("dsv32:request_errors",
+                              "Requests answered with an error, by HTTP status code (an error sent inside a stream "
+                              "that had started counts under its own code).", labels + ["code"],
+                              registry=self.registry)
         self.labels = (model_name, "0")
+        Gauge("dsv32:engine_devices", "Devices (GPUs, or CPU ranks) the model runs over.", labels,
+              registry=self.registry).labels(*self.labels).set(devices)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -125,6 +138,30 @@ class ServerMetrics:
 
     def count_rejected(self, reason: str) -> None:
         self.rejected.labels(*self.labels, reason).inc()
+
+    def count_error(self, status_code: int) -> None:
+        self.errors.labels(*self.labels, str(status_code)).inc()
+
+
+class ErrorCountingMiddleware:
+    """Counts every response with an error status (4xx, 5xx), whoever answered it: a route, the error handlers, the
+    middlewares that refuse a request before any route runs, or Starlette itself (an unknown route)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self._metrics.count_error(message["status"])
+            await send(message)
+
+        await self._app(scope, receive, counting_send)
 
 
 class RequestMetrics:

@@ -1,7 +1,9 @@
 """Server-sent events framing for streamed responses: ``data: <json>\\n\\n`` per chunk, ``data: [DONE]\\n\\n`` last.
 
 An error after the stream has started cannot change the HTTP status any more, so it is sent as one
-``data: {"error": {...}}`` event followed by ``[DONE]``, as vLLM does.
+``data: {"error": {...}}`` event followed by ``[DONE]``, as vLLM does. Another API's stream (Anthropic's named
+events, no ``[DONE]``) passes its own ``error_event`` and ``done``; ``on_error`` is told each such error's status (the
+metrics count it: the response's own status was 200).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -31,22 +33,36 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> str:
     return f"data: {body}\n\n"
 
 
-async def _framed(events: AsyncGenerator[str, None]) -> AsyncIterator[str]:
+def _openai_error_event(error: APIError) -> str:
+    return sse_event(error.to_dict())
+
+
+async def _framed(events: AsyncGenerator[str, None], error_event: Callable[[APIError], str] = _openai_error_event,
+                  done: str | None = SSE_DONE, on_error: Callable[[int], None] | None = None) -> AsyncIterator[str]:
     # aclosing: when the client goes away this generator is closed, and `events` must run its cleanup (aborting the
     # engine request) right then, not whenever the garbage collector finalizes it.
     async with contextlib.aclosing(events):
+        error: APIError | None = None
         try:
             async for event in events:
                 yield event
         except APIError as exc:
-            yield sse_event(exc.to_dict())
+            error = exc
         except Exception as exc:
             logger.exception("error while streaming a response")
-            yield sse_event(APIError(f"Internal server error: {type(exc).__name__}", 500).to_dict())
-        yield SSE_DONE
+            error = APIError(f"Internal server error: {type(exc).__name__}", 500)
+        if error is not None:
+            if on_error is not None:
+                on_error(error.status_code)
+            yield error_event(error)
+        if done is not None:
+            yield done
 
 
-def sse_response(events: AsyncGenerator[str, None], headers: dict[str, str] | None = None) -> StreamingResponse:
-    """A ``text/event-stream`` response of ``events`` (already framed by ``sse_event``), ended by ``[DONE]``."""
-    return StreamingResponse(_framed(events), media_type="text/event-stream",
+def sse_response(events: AsyncGenerator[str, None], headers: dict[str, str] | None = None, *,
+                 error_event: Callable[[APIError], str] = _openai_error_event, done: str | None = SSE_DONE,
+                 on_error: Callable[[int], None] | None = None) -> StreamingResponse:
+    """A ``text/event-stream`` response of ``events`` (already framed by ``sse_event``), ended by ``done``; an error
+    raised by ``events`` is sent as ``error_event(error)`` before it."""
+    return StreamingResponse(_framed(events, error_event, done, on_error), media_type="text/event-stream",
                              headers={**SSE_HEADERS, **(headers or {})})

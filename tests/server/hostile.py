@@ -549,6 +549,22 @@ def error_envelope_problem(body: bytes) -> str | None:
     return None
 
 
+def anthropic_error_problem(body: bytes) -> str | None:
+    """None when ``body`` is Anthropic's error envelope (the ``/v1/messages`` routes), else what is wrong with it."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return f"a 4xx whose body is not JSON: {body[:200]!r}"
+    if not isinstance(payload, dict) or payload.get("type") != "error":
+        return f"a 4xx without Anthropic's error envelope {{'type': 'error', 'error': {{...}}}}: {body[:200]!r}"
+    error = payload.get("error")
+    if not isinstance(error, dict) or not {"type", "message"} <= set(error):
+        return f"a 4xx whose Anthropic error lacks its type or message: {body[:200]!r}"
+    if not isinstance(error["message"], str) or not error["message"]:
+        return f"a 4xx whose error.message is empty: {body[:200]!r}"
+    return None
+
+
 def names_field(error: dict[str, Any], field_name: str) -> bool:
     """Whether an error names ``field_name`` (in ``param`` or the message), in dotted or bracketed spelling."""
     leaf = field_name.split(".")[0]

@@ -10,7 +10,8 @@ values; the fuzzing passes are derandomized hypothesis runs with a bounded numbe
   the engine.
 
 Every answer must: not be a 5xx; arrive within the time limit; match the response schema where the OpenAPI document
-declares one for its status (``response_schema_conformance``); and, for a 4xx, carry OpenAI's error envelope. After
+declares one for its status (``response_schema_conformance``); and, for a 4xx, carry its API's error envelope
+(OpenAI's; Anthropic's on ``/v1/messages``). After
 all of it the server must still answer /health with 200 and a plain chat completion, with nothing left running in
 the engine. Generations are kept short (``max_tokens`` at most 4, ``n`` at most 2) so the run stays in budget; huge
 values of those fields are tests/server/test_adversarial.py's.
@@ -33,7 +34,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.server.fuzz_target import AUTH, FuzzTarget, ServerDied, failure_report
-from tests.server.hostile import error_envelope_problem
+from tests.server.hostile import anthropic_error_problem, error_envelope_problem
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +42,8 @@ EXAMPLES = int(os.environ.get("DSV32_SCHEMATHESIS_EXAMPLES", "25"))
 SEED = 20
 TIME_LIMIT_S = 10.0
 MAX_TOKENS = 4
-GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/messages")
+ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +60,11 @@ def keep_generation_short(case: schemathesis.Case) -> None:
     if case.path not in GENERATION_ROUTES or not isinstance(body, dict):
         return
     for key in ("max_tokens", "max_completion_tokens", "min_tokens"):
-        if isinstance(body.get(key), int) and not isinstance(body[key], bool) and body[key] > MAX_TOKENS:
+        # A float counts: the int fields take 1000.0 as 1000.
+        if isinstance(body.get(key), int | float) and not isinstance(body[key], bool) and body[key] > MAX_TOKENS:
             body[key] = MAX_TOKENS
-    if "max_tokens" not in body and "max_completion_tokens" not in body:
+    # null is no limit either: the generation would run to the end of the context.
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = MAX_TOKENS
     for key in ("n", "best_of"):
         if isinstance(body.get(key), int) and not isinstance(body[key], bool) and body[key] > 2:
@@ -84,6 +88,16 @@ def repair(case: schemathesis.Case, model: str) -> None:
             body["logprobs"] = True
         if body.get("tool_choice") not in (None, "none", "auto"):
             body["tool_choice"] = "auto"
+    elif case.path == "/v1/messages":
+        first = next((m for m in body.get("messages") or [] if isinstance(m, dict)), {})
+        text = first.get("content") if isinstance(first.get("content"), str) else "Hello"
+        body["messages"] = [{"role": "user", "content": text or "Hello"}]
+        choice = body.get("tool_choice")
+        if isinstance(choice, dict) and choice.get("type") not in ("auto", "none"):
+            body["tool_choice"] = {"type": "auto"}
+        thinking = body.get("thinking")
+        if isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int):
+            thinking["budget_tokens"] = 1
     elif case.path == "/v1/completions":
         if not isinstance(body.get("prompt"), str) or not body["prompt"]:
             body["prompt"] = "Hello"
@@ -126,8 +140,9 @@ class Run:
             problems += [(getattr(f, "title", type(f).__name__), str(f).splitlines()[0]) for f in group.exceptions]
         except AssertionError as failure:
             problems.append((getattr(failure, "title", type(failure).__name__), str(failure).splitlines()[0]))
-        if 400 <= status < 500 and (problem := error_envelope_problem(response.content)):
-            problems.append(("no OpenAI error envelope", problem))
+        envelope_problem = anthropic_error_problem if case.path in ANTHROPIC_ROUTES else error_envelope_problem
+        if 400 <= status < 500 and (problem := envelope_problem(response.content)):
+            problems.append(("no error envelope", problem))
         if elapsed > TIME_LIMIT_S:
             problems.append(("slow", f"answered after {elapsed:.1f}s (limit {TIME_LIMIT_S:.0f}s)"))
         if problems:
@@ -178,7 +193,8 @@ def test_every_route_keeps_its_contract_under_schemathesis(target: FuzzTarget) -
     model = target.client.get("/v1/models", timeout=10).json()["data"][0]["id"]
     operations = [result.ok() for result in schema.get_all_operations()]
     routes = {op.path for op in operations}
-    assert {"/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize", "/health"} <= routes, routes
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens", "/tokenize",
+            "/detokenize", "/health"} <= routes, routes
     run = Run(target)
     for operation in operations:
         generation = schema.config.generation_for(operation=operation)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dsv32.server.metrics import ServerMetrics
+from dsv32.server.metrics import ErrorCountingMiddleware, ServerMetrics
 
 
 def engine_stats(**overrides: float) -> SimpleNamespace:
@@ -94,3 +95,30 @@ def test_speculative_decoding_counters_use_vllm_names() -> None:
     assert (interval.num_drafts, interval.num_accepted_tokens, interval.accepted_per_pos) == (2, 2, [1, 1, 0])
     line = interval.log_line(elapsed_s=2.0)
     assert "Mean acceptance length: 2.00" in line and "Per-position acceptance rate: 0.500, 0.500, 0.000" in line
+
+
+def test_errors_are_counted_by_status_code_and_devices_exported() -> None:
+    """Every error response is counted by ``ErrorCountingMiddleware`` whoever answered it, and errors sent inside
+    a stream that had started (``count_error``) under their own code."""
+    metrics = ServerMetrics("m", engine_stats, devices=8)
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": scope["status"], "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def call(status: int) -> None:
+        async def send(message) -> None:
+            pass
+
+        await ErrorCountingMiddleware(app, metrics)({"type": "http", "status": status}, None, send)
+
+    for status in (200, 400, 400, 404, 503):
+        asyncio.run(call(status))
+    metrics.count_error(500)
+    got = samples(metrics)
+    assert got["dsv32:request_errors_total{code=400}"] == 2
+    assert got["dsv32:request_errors_total{code=404}"] == 1
+    assert got["dsv32:request_errors_total{code=503}"] == 1
+    assert got["dsv32:request_errors_total{code=500}"] == 1
+    assert "dsv32:request_errors_total{code=200}" not in got
+    assert got["dsv32:engine_devices"] == 8

@@ -1,0 +1,377 @@
+"""Anthropic's Messages API on the chat path: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``.
+
+A request is converted into the chat path's ``ChatCompletionRequest`` (``to_chat_request``) and goes where a chat
+completion goes (``dsv32.server.chat.start_chat_generation``: rendering, validation, sampling parameters, the
+engine); the chat output parser's deltas are turned into Anthropic's content blocks (``ContentBlocks``), streamed as
+Anthropic's named SSE events or folded into one message, so the two cannot disagree.
+
+What maps to what:
+* ``system`` -> a system message; user ``text`` blocks -> user messages; ``tool_result`` blocks -> tool messages;
+  an assistant turn's ``thinking`` -> its ``reasoning_content``, ``text`` -> its content, ``tool_use`` -> its
+  ``tool_calls``. A final assistant turn is a prefill the answer continues (``continue_final_message``).
+* ``tool_choice`` ``auto`` / ``any`` / ``tool`` / ``none`` -> ``auto`` / ``required`` / the named function /
+  ``none`` (``any`` and ``tool`` are enforced by the tool-call grammar); ``disable_parallel_tool_use`` ->
+  ``parallel_tool_calls=false``.
+* ``thinking`` ``enabled`` / ``adaptive`` -> thinking mode, its reasoning returned as ``thinking`` blocks (with an
+  empty ``signature``: nothing here signs them). ``budget_tokens`` is checked but does not cap the thinking on its
+  own: the engine has no per-phase budget, ``max_tokens`` bounds thinking and answer together.
+* ``stop_reason``: ``tool_use`` when tools were called, ``max_tokens``, ``stop_sequence`` (with ``stop_sequence``
+  set) or ``end_turn``. Usage: ``input_tokens`` + ``cache_read_input_tokens`` (the prefix cache's hit) is the
+  prompt.
+* Errors are ``{"type": "error", "error": {"type", "message"}}`` (registered for these paths with
+  ``dsv32.server.errors``, so the request boundary's and the API key's refusals come in this shape too); an error
+  after a stream started is an ``error`` event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from dsv32.encoding import ChatEncoding, Delta, StreamingParser
+from dsv32.engine.outputs import CompletionOutput
+from dsv32.server.anthropic_protocol import (
+    AnthropicCountTokensRequest,
+    AnthropicMessage,
+    AnthropicMessagesRequest,
+    AnthropicResponse,
+    AnthropicTokenCount,
+    AnthropicUsage,
+)
+from dsv32.server.chat import chat_finish_reason, client_stop_reason, render_and_tokenize, start_chat_generation
+from dsv32.server.errors import APIError, register_error_shape
+from dsv32.server.generation import EngineRequest
+from dsv32.server.protocol import ChatCompletionRequest
+from dsv32.server.sse import sse_response
+from dsv32.server.state import ServerState
+
+MESSAGES_PATH = "/v1/messages"
+
+# Anthropic's error types by HTTP status; other 4xx are invalid requests, other 5xx API errors.
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+
+
+def anthropic_error(error: APIError) -> dict[str, Any]:
+    """Anthropic's error envelope."""
+    status = error.status_code
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+register_error_shape(MESSAGES_PATH, anthropic_error)
+router = APIRouter()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Request: Anthropic -> chat
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _chat_messages(message: AnthropicMessage) -> list[dict[str, Any]]:
+    """One Anthropic turn as chat messages: an assistant turn stays one message; a user turn's tool results become
+    tool messages and its text runs user messages, in their order."""
+    if isinstance(message.content, str):
+        return [{"role": message.role, "content": message.content}]
+    if message.role == "assistant":
+        reasoning = [block.thinking for block in message.content if block.type == "thinking"]
+        calls = [{"id": block.id, "type": "function", "function": {"name": block.name, "arguments": block.input}}
+                 for block in message.content if block.type == "tool_use"]
+        chat: dict[str, Any] = {"role": "assistant",
+                                "content": "".join(block.text for block in message.content if block.type == "text")}
+        if reasoning:
+            chat["reasoning_content"] = "".join(reasoning)
+        if calls:
+            chat["tool_calls"] = calls
+        return [chat]
+    messages: list[dict[str, Any]] = []
+    for block in message.content:
+        if block.type == "tool_result":
+            messages.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()})
+        elif messages and messages[-1]["role"] == "user":
+            messages[-1]["content"] += "\n" + block.text
+        else:
+            messages.append({"role": "user", "content": block.text})
+    return messages
+
+
+def to_chat_request(request: AnthropicCountTokensRequest) -> tuple[ChatCompletionRequest, list[str]]:
+    """The chat request ``request`` means, and for each of its messages the Anthropic field it came from (errors
+    about a chat message are reported against that)."""
+    messages: list[dict[str, Any]] = []
+    origins: list[str] = []
+    system = request.system_text()
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+        origins.append("system")
+    for index, message in enumerate(request.messages):
+        converted = _chat_messages(message)
+        messages += converted
+        origins += [f"messages[{index}]"] * len(converted)
+    prefill = request.messages[-1].role == "assistant"
+    fields: dict[str, Any] = {"model": request.model, "messages": messages, "continue_final_message": prefill,
+                              "add_generation_prompt": not prefill}
+    if request.tools:
+        fields["tools"] = [{"type": "function", "function": {
+            "name": tool.name, "description": tool.description, "parameters": tool.input_schema}}
+            for tool in request.tools]
+    choice = request.tool_choice
+    if choice is not None:
+        fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(
+            choice.type, {"type": "function", "function": {"name": choice.name}})
+        fields["parallel_tool_calls"] = not choice.disable_parallel_tool_use
+    if request.thinking is not None:
+        fields["thinking"] = {"type": "enabled" if request.thinking.enabled else "disabled"}
+    if isinstance(request, AnthropicMessagesRequest):
+        fields["max_tokens"] = request.max_tokens
+        fields["stop"] = request.stop_sequences
+        for name in ("temperature", "top_p", "top_k", "seed", "ignore_eos", "min_tokens", "min_p",
+                     "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"):
+            if (value := getattr(request, name)) is not None:
+                fields[name] = value
+    try:
+        return ChatCompletionRequest.model_validate(fields), origins
+    except ValidationError as exc:  # what the Anthropic model let through but the chat request refuses
+        problems = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+        raise APIError(problems, 400) from None
+
+
+_CHAT_MESSAGE_INDEX = re.compile(r"^messages\[(\d+)\]")
+
+
+def _in_anthropic_terms(error: APIError, origins: Sequence[str]) -> APIError:
+    """A rendering error names a chat message (``messages[3]: ...``); name the Anthropic field it came from."""
+    found = _CHAT_MESSAGE_INDEX.match(error.message)
+    if found is None or int(found.group(1)) >= len(origins):
+        return error
+    origin = origins[int(found.group(1))]
+    return APIError(origin + error.message[found.end():], error.status_code, param=origin)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output: parser deltas -> content blocks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def tool_use_id(call_id: str) -> str:
+    """Anthropic's id style for the parser's tool-call id."""
+    return "toolu_" + call_id.removeprefix("call_")
+
+
+@dataclass
+class ContentBlocks:
+    """Turns the chat parser's deltas into Anthropic's content-block events (``content_block_start`` / ``_delta``
+    / ``_stop``), one block per run of thinking, of text, and per tool call. Text the parser finds inside a tool call
+    (stray text between its parameters) is held until the call's block closes, so a block never reopens."""
+
+    include_text: bool = True  # False: a forced tool call; any text is markup the grammar cut off, not an answer
+    include_thinking: bool = True
+    index: int = -1
+    open_kind: str | None = None  # "thinking", "text", "tool_use" or None
+    held_text: list[str] = field(default_factory=list)
+
+    def feed(self, deltas: Sequence[Delta]) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        for delta in deltas:
+            if delta.reasoning_content and self.include_thinking:
+                events += self._append("thinking", delta.reasoning_content)
+            elif delta.content and self.include_text:
+                if self.open_kind == "tool_use":
+                    self.held_text.append(delta.content)
+                else:
+                    events += self._append("text", delta.content)
+            elif delta.tool_call is not None:
+                call = delta.tool_call
+                if call.id is not None:
+                    events += self._close()
+                    events += self._open({"type": "tool_use", "id": tool_use_id(call.id), "name": call.name,
+                                          "input": {}})
+                    self.open_kind = "tool_use"
+                if call.arguments:
+                    events.append(self._delta({"type": "input_json_delta", "partial_json": call.arguments}))
+        return events
+
+    def close(self) -> list[dict[str, Any]]:
+        """Close the open block (and send text held back inside a tool call)."""
+        return self._close()
+
+    def _append(self, kind: str, text: str) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        if self.open_kind != kind:
+            events += self._close()
+            events += self._open({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking"
+                                 else {"type": "text", "text": ""})
+            self.open_kind = kind
+        key = "thinking" if kind == "thinking" else "text"
+        events.append(self._delta({"type": f"{key}_delta", key: text}))
+        return events
+
+    def _open(self, block: dict[str, Any]) -> list[dict[str, Any]]:
+        self.index += 1
+        return [{"type": "content_block_start", "index": self.index, "content_block": block}]
+
+    def _delta(self, delta: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "content_block_delta", "index": self.index, "delta": delta}
+
+    def _close(self) -> list[dict[str, Any]]:
+        if self.open_kind is None:
+            return []
+        events = [{"type": "content_block_stop", "index": self.index}]
+        was_tool, self.open_kind = self.open_kind == "tool_use", None
+        if was_tool and self.held_text:
+            held, self.held_text = "".join(self.held_text), []
+            events += self._append("text", held)
+            events += self._close()
+        return events
+
+
+def fold_blocks(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The content a stream of block events adds up to (what a client accumulating the stream gets)."""
+    blocks: list[dict[str, Any]] = []
+    arguments: dict[int, str] = {}
+    for event in events:
+        if event["type"] == "content_block_start":
+            blocks.append(dict(event["content_block"]))
+        elif event["type"] == "content_block_delta":
+            block, delta = blocks[event["index"]], event["delta"]
+            if delta["type"] == "input_json_delta":
+                arguments[event["index"]] = arguments.get(event["index"], "") + delta["partial_json"]
+            else:
+                key = delta["type"].removesuffix("_delta")
+                block[key] += delta[key]
+        elif event["type"] == "content_block_stop" and event["index"] in arguments:
+            # The parser closes every call it committed, cut off or not: its arguments are one JSON object.
+            blocks[event["index"]]["input"] = json.loads(arguments[event["index"]])
+    return blocks
+
+
+def stop_reason(completion: CompletionOutput, parser: StreamingParser) -> tuple[str, str | None]:
+    """Anthropic's ``stop_reason`` and ``stop_sequence`` for a finished completion."""
+    reason = chat_finish_reason(completion, parser)
+    if reason == "tool_calls":
+        return "tool_use", None
+    if reason == "length":
+        return "max_tokens", None
+    if reason == "abort":
+        raise APIError("The request was aborted before it finished (the server is shutting down).", 503)
+    stop = client_stop_reason(completion)
+    return ("stop_sequence", stop) if isinstance(stop, str) else ("end_turn", None)
+
+
+def _usage(engine_request: EngineRequest, cached: int, generated: int) -> AnthropicUsage:
+    return AnthropicUsage(input_tokens=engine_request.num_prompt_tokens - cached, output_tokens=generated,
+                          cache_read_input_tokens=cached)
+
+
+def _event(payload: dict[str, Any]) -> str:
+    """One named SSE event, Anthropic's framing (the SDK reads only named events)."""
+    return f"event: {payload['type']}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _error_event(error: APIError) -> str:
+    return _event(anthropic_error(error))
+
+
+@dataclass
+class _Generation:
+    request: AnthropicMessagesRequest
+    rendered: ChatEncoding
+    engine_request: EngineRequest
+    model: str
+
+    def blocks(self) -> ContentBlocks:
+        thinking = self.request.thinking
+        return ContentBlocks(include_text=not self.rendered.forces_tool_call,
+                             include_thinking=thinking is None or thinking.display != "omitted")
+
+    def message(self, content: list[dict[str, Any]], reason: str | None, sequence: str | None,
+                usage: AnthropicUsage) -> dict[str, Any]:
+        return {"id": self.engine_request.request_id, "type": "message", "role": "assistant", "model": self.model,
+                "content": content, "stop_reason": reason, "stop_sequence": sequence,
+                "usage": usage.model_dump()}
+
+    async def full(self) -> AnthropicResponse:
+        final = await self.engine_request.final_output()
+        completion = final.outputs[0]
+        parser = self.rendered.new_parser()
+        blocks = self.blocks()
+        content = fold_blocks(blocks.feed([*parser.feed(completion.text), *parser.finish()]) + blocks.close())
+        reason, sequence = stop_reason(completion, parser)
+        usage = _usage(self.engine_request, final.num_cached_tokens, len(completion.token_ids))
+        return AnthropicResponse.model_validate(self.message(content, reason, sequence, usage))
+
+    async def stream(self) -> AsyncGenerator[str, None]:
+        parser = self.rendered.new_parser()
+        blocks = self.blocks()
+        generated = 0
+        started = False
+        async with contextlib.aclosing(self.engine_request.outputs()) as outputs:
+            async for out in outputs:
+                if not started:
+                    # Sent at the first engine output, which start() waited for: it marks the time to first token.
+                    started = True
+                    usage = _usage(self.engine_request, out.num_cached_tokens, 0)
+                    yield _event({"type": "message_start", "message": self.message([], None, None, usage)})
+                completion = out.outputs[0]
+                generated += len(completion.token_ids)
+                deltas = parser.feed(completion.text) if completion.text else []
+                if completion.finished:
+                    deltas += parser.finish()
+                for event in blocks.feed(deltas):
+                    yield _event(event)
+                if completion.finished:
+                    for event in blocks.close():
+                        yield _event(event)
+                    reason, sequence = stop_reason(completion, parser)
+                    usage = _usage(self.engine_request, out.num_cached_tokens, generated)
+                    yield _event({"type": "message_delta", "delta": {"stop_reason": reason,
+                                                                     "stop_sequence": sequence},
+                                  "usage": usage.model_dump()})
+                    yield _event({"type": "message_stop"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Routes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@router.post(MESSAGES_PATH)
+async def create_message(request: AnthropicMessagesRequest, raw_request: Request) -> Response:
+    state: ServerState = raw_request.app.state.server
+    chat, origins = to_chat_request(request)
+    try:
+        rendered, engine_request = await start_chat_generation(state, chat, raw_request, id_prefix="msg",
+                                                               logged=request)
+    except APIError as exc:
+        raise _in_anthropic_terms(exc, origins) from None
+    generation = _Generation(request, rendered, engine_request, state.config.model_name)
+    # The SDK reads `request-id`; the OpenAI routes send `X-Request-Id`.
+    headers = {"request-id": engine_request.request_id, "X-Request-Id": engine_request.request_id}
+    if request.stream:
+        return sse_response(generation.stream(), headers=headers, error_event=_error_event, done=None,
+                            on_error=state.metrics.count_error)
+    return JSONResponse((await generation.full()).model_dump(mode="json"), headers=headers)
+
+
+@router.post(MESSAGES_PATH + "/count_tokens")
+async def count_tokens(request: AnthropicCountTokensRequest, raw_request: Request) -> AnthropicTokenCount:
+    """The prompt tokens ``POST /v1/messages`` would send for the same fields (its usage's ``input_tokens`` plus
+    ``cache_read_input_tokens``)."""
+    state: ServerState = raw_request.app.state.server
+    state.check_model(request.model)
+    chat, origins = to_chat_request(request)
+    size = sum(len(message.text() or "") for message in chat.messages)
+    try:
+        _, prompt_ids = await state.offload(size, render_and_tokenize, state, chat)
+    except APIError as exc:
+        raise _in_anthropic_terms(exc, origins) from None
+    return AnthropicTokenCount(input_tokens=len(prompt_ids))
