@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dsv32.server.protocol import check_json_schema
+from dsv32.server.protocol import check_block_types, check_json_schema
 
 # Anthropic's rule for tool names (the chat path's, without '.' and ':').
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
@@ -53,13 +53,8 @@ class ToolResultBlock(AnthropicBaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for part in value:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind != "text":
-                    raise ValueError(f"tool_result content block type {kind!r} is not supported: this model reads "
-                                     "text only")
-        return value
+        return check_block_types(value, {"text"}, "tool_result content block type {!r} is not supported: this model "
+                                 "reads text only")
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -89,13 +84,8 @@ class AnthropicMessage(AnthropicBaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _known_blocks(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for block in value:
-                kind = block.get("type") if isinstance(block, dict) else None
-                if kind not in _BLOCK_TYPES:
-                    raise ValueError(f"content block type {kind!r} is not supported: this model reads "
-                                     f"{', '.join(_BLOCK_TYPES)} blocks")
-        return value
+        return check_block_types(value, set(_BLOCK_TYPES), "content block type {!r} is not supported: this model "
+                                 f"reads {', '.join(_BLOCK_TYPES)} blocks")
 
     @model_validator(mode="after")
     def _blocks_fit_the_role(self) -> AnthropicMessage:

@@ -54,6 +54,17 @@ class ToolCallIn(OpenAIBaseModel):
     function: FunctionCallIn
 
 
+def check_block_types(value: Any, allowed: set[str], message: str) -> Any:
+    """``value`` unchanged, unless it is a list with an item whose ``type`` is not in ``allowed``: then a
+    ``ValueError`` of ``message`` formatted with that type (pydantic turns it into a 400 naming the field)."""
+    if isinstance(value, list):
+        for part in value:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in allowed:
+                raise ValueError(message.format(kind))
+    return value
+
+
 class ChatMessage(OpenAIBaseModel):
     """One message of the conversation. Assistant history may carry ``reasoning_content`` or ``reasoning``."""
 
@@ -68,13 +79,8 @@ class ChatMessage(OpenAIBaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _only_text_parts(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for part in value:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind != "text":
-                    raise ValueError(f"content part type {kind!r} is not supported: this model reads text only "
-                                     "(use {'type': 'text', 'text': ...})")
-        return value
+        return check_block_types(value, {"text"}, "content part type {!r} is not supported: this model reads text "
+                                 "only (use {{'type': 'text', 'text': ...}})")
 
     def text(self) -> str | None:
         """The content as one string: text parts joined with newlines, as vLLM (and dsv32.encoding) join them."""

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from dsv32.encoding import Delta, ToolCallDelta
-from dsv32.encoding.encode import DSML_TOKEN, EOS_TOKEN
+from dsv32.encoding.encode import EOS_TOKEN
 from dsv32.server.anthropic import (
     ContentBlocks,
     _in_anthropic_terms,
@@ -23,14 +23,10 @@ from dsv32.server.anthropic import (
 from dsv32.server.anthropic_protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from dsv32.server.chat import render_chat_prompt
 from dsv32.server.errors import APIError
+from tests.server.test_chat_parsing import CALL, USER
 
 WEATHER = {"name": "get_weather", "description": "Weather of a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}
-CALL = (f'\n\n<{DSML_TOKEN}function_calls>\n<{DSML_TOKEN}invoke name="get_weather">\n'
-        f'<{DSML_TOKEN}parameter name="city" string="true">Paris "FR"</{DSML_TOKEN}parameter>\n'
-        f'<{DSML_TOKEN}parameter name="days" string="false">3</{DSML_TOKEN}parameter>\n'
-        f'</{DSML_TOKEN}invoke>\n</{DSML_TOKEN}function_calls>{EOS_TOKEN}')
-USER = [{"role": "user", "content": "Weather in Paris?"}]
 
 
 def messages_request(**fields: object) -> AnthropicMessagesRequest:
