@@ -60,7 +60,7 @@ def check_block_types(value: Any, allowed: set[str], message: str) -> Any:
     if isinstance(value, list):
         for part in value:
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in allowed:
+            if not isinstance(kind, str) or kind not in allowed:  # a list or dict "type" is unhashable
                 raise ValueError(message.format(kind))
     return value
 

@@ -141,6 +141,7 @@ def test_count_tokens_request_renders_the_same_prompt() -> None:
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "system", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "'image' is not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": [None, None], "text": ""}]}]}, "is not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "a", "name": "f", "input": {}}]}]},
      "cannot be in a user message"),
     ({"messages": [*USER, {"role": "assistant", "content": [{"type": "tool_result", "tool_use_id": "a"}]}]},

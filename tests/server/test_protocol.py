@@ -65,6 +65,8 @@ def test_tools_default_tool_choice_to_auto() -> None:
     ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "'image_url' is not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": [None, None], "text": ""}]}]}, "is not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": {}, "text": ""}]}]}, "is not supported"),
 ])
 def test_invalid_chat_requests_are_refused(fields: dict, match: str) -> None:
     with pytest.raises(ValidationError, match=match):
