@@ -36,7 +36,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from dsv32.encoding import ChatEncoding, Delta, StreamingParser
+from dsv32.encoding import Delta, StreamingParser
 from dsv32.engine.outputs import CompletionOutput
 from dsv32.server.anthropic_protocol import (
     AnthropicCountTokensRequest,
@@ -46,11 +46,16 @@ from dsv32.server.anthropic_protocol import (
     AnthropicTokenCount,
     AnthropicUsage,
 )
-from dsv32.server.chat import chat_finish_reason, client_stop_reason, render_and_tokenize, start_chat_generation
+from dsv32.server.chat import (
+    ChatRun,
+    chat_finish_reason,
+    client_stop_reason,
+    render_and_tokenize,
+    start_chat_generation,
+)
 from dsv32.server.errors import APIError, register_error_shape
-from dsv32.server.generation import EngineRequest
 from dsv32.server.protocol import ChatCompletionRequest
-from dsv32.server.sse import sse_response
+from dsv32.server.sse import named_sse_event, sse_response
 from dsv32.server.state import ServerState
 
 MESSAGES_PATH = "/v1/messages"
@@ -267,76 +272,61 @@ def stop_reason(completion: CompletionOutput, parser: StreamingParser) -> tuple[
     return ("stop_sequence", stop) if isinstance(stop, str) else ("end_turn", None)
 
 
-def _usage(engine_request: EngineRequest, cached: int, generated: int) -> AnthropicUsage:
-    return AnthropicUsage(input_tokens=engine_request.num_prompt_tokens - cached, output_tokens=generated,
+def _usage(run: ChatRun, cached: int, generated: int) -> AnthropicUsage:
+    return AnthropicUsage(input_tokens=run.num_prompt_tokens - cached, output_tokens=generated,
                           cache_read_input_tokens=cached)
 
 
-def _event(payload: dict[str, Any]) -> str:
-    """One named SSE event, Anthropic's framing (the SDK reads only named events)."""
-    return f"event: {payload['type']}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
 def _error_event(error: APIError) -> str:
-    return _event(anthropic_error(error))
+    return named_sse_event(anthropic_error(error))
 
 
 @dataclass
 class _Generation:
     request: AnthropicMessagesRequest
-    rendered: ChatEncoding
-    engine_request: EngineRequest
+    run: ChatRun
     model: str
 
     def blocks(self) -> ContentBlocks:
         thinking = self.request.thinking
-        return ContentBlocks(include_text=not self.rendered.forces_tool_call,
+        return ContentBlocks(include_text=not self.run.rendered.forces_tool_call,
                              include_thinking=thinking is None or thinking.display != "omitted")
 
     def message(self, content: list[dict[str, Any]], reason: str | None, sequence: str | None,
                 usage: AnthropicUsage) -> dict[str, Any]:
-        return {"id": self.engine_request.request_id, "type": "message", "role": "assistant", "model": self.model,
+        return {"id": self.run.request_id, "type": "message", "role": "assistant", "model": self.model,
                 "content": content, "stop_reason": reason, "stop_sequence": sequence,
                 "usage": usage.model_dump()}
 
     async def full(self) -> AnthropicResponse:
-        final = await self.engine_request.final_output()
-        completion = final.outputs[0]
-        parser = self.rendered.new_parser()
+        step, = await self.run.final()
         blocks = self.blocks()
-        content = fold_blocks(blocks.feed([*parser.feed(completion.text), *parser.finish()]) + blocks.close())
-        reason, sequence = stop_reason(completion, parser)
-        usage = _usage(self.engine_request, final.num_cached_tokens, len(completion.token_ids))
+        content = fold_blocks(blocks.feed(step.deltas) + blocks.close())
+        reason, sequence = stop_reason(step.completion, step.parser)
+        usage = _usage(self.run, step.num_cached_tokens, step.num_generated)
         return AnthropicResponse.model_validate(self.message(content, reason, sequence, usage))
 
     async def stream(self) -> AsyncGenerator[str, None]:
-        parser = self.rendered.new_parser()
         blocks = self.blocks()
-        generated = 0
         started = False
-        async with contextlib.aclosing(self.engine_request.outputs()) as outputs:
-            async for out in outputs:
+        async with contextlib.aclosing(self.run.steps()) as steps:
+            async for step in steps:
                 if not started:
                     # Sent at the first engine output, which start() waited for: it marks the time to first token.
                     started = True
-                    usage = _usage(self.engine_request, out.num_cached_tokens, 0)
-                    yield _event({"type": "message_start", "message": self.message([], None, None, usage)})
-                completion = out.outputs[0]
-                generated += len(completion.token_ids)
-                deltas = parser.feed(completion.text) if completion.text else []
-                if completion.finished:
-                    deltas += parser.finish()
-                for event in blocks.feed(deltas):
-                    yield _event(event)
-                if completion.finished:
+                    usage = _usage(self.run, step.num_cached_tokens, 0)
+                    yield named_sse_event({"type": "message_start", "message": self.message([], None, None, usage)})
+                for event in blocks.feed(step.deltas):
+                    yield named_sse_event(event)
+                if step.finished:
                     for event in blocks.close():
-                        yield _event(event)
-                    reason, sequence = stop_reason(completion, parser)
-                    usage = _usage(self.engine_request, out.num_cached_tokens, generated)
-                    yield _event({"type": "message_delta", "delta": {"stop_reason": reason,
-                                                                     "stop_sequence": sequence},
-                                  "usage": usage.model_dump()})
-                    yield _event({"type": "message_stop"})
+                        yield named_sse_event(event)
+                    reason, sequence = stop_reason(step.completion, step.parser)
+                    usage = _usage(self.run, step.num_cached_tokens, step.num_generated)
+                    yield named_sse_event({"type": "message_delta", "delta": {"stop_reason": reason,
+                                                                              "stop_sequence": sequence},
+                                           "usage": usage.model_dump()})
+                    yield named_sse_event({"type": "message_stop"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -349,13 +339,12 @@ async def create_message(request: AnthropicMessagesRequest, raw_request: Request
     state: ServerState = raw_request.app.state.server
     chat, origins = to_chat_request(request)
     try:
-        rendered, engine_request = await start_chat_generation(state, chat, raw_request, id_prefix="msg",
-                                                               logged=request)
+        run = await start_chat_generation(state, chat, raw_request, id_prefix="msg", logged=request)
     except APIError as exc:
         raise _in_anthropic_terms(exc, origins) from None
-    generation = _Generation(request, rendered, engine_request, state.config.model_name)
+    generation = _Generation(request, run, state.config.model_name)
     # The SDK reads `request-id`; the OpenAI routes send `X-Request-Id`.
-    headers = {"request-id": engine_request.request_id, "X-Request-Id": engine_request.request_id}
+    headers = {"request-id": run.request_id, "X-Request-Id": run.request_id}
     if request.stream:
         return sse_response(generation.stream(), headers=headers, error_event=_error_event, done=None,
                             on_error=state.metrics.count_error)

@@ -94,11 +94,9 @@ def render_and_tokenize(state: ServerState, request: ChatCompletionRequest) -> t
 
 @dataclass
 class _ChoiceStream:
-    """Per-choice streaming state: the parser, and logprobs waiting for a chunk to carry them."""
+    """Per-choice streaming state: whether its role chunk went out, and logprobs waiting for a chunk to carry them."""
 
-    parser: StreamingParser
     started: bool = False
-    finished: bool = False
     pending_logprobs: list[Any] = field(default_factory=list)
 
 
@@ -144,12 +142,86 @@ def _echo_text(request: ChatCompletionRequest) -> str:
     return (last.text() or "") if request.echo and last.role == "assistant" else ""
 
 
+@dataclass
+class ChatStep:
+    """One choice's share of one engine output, parsed: the engine's delta for it, the parser's deltas for that
+    text (the parser's flush included once the choice finished), and the counts as of this output."""
+
+    completion: CompletionOutput
+    deltas: list[Delta]
+    parser: StreamingParser
+    num_generated: int  # tokens generated so far, over every choice
+    num_cached_tokens: int
+
+    @property
+    def index(self) -> int:
+        return self.completion.index
+
+    @property
+    def finished(self) -> bool:
+        return self.completion.finished
+
+    def finish_reason(self) -> str | None:
+        return chat_finish_reason(self.completion, self.parser)
+
+
+@dataclass
+class ChatRun:
+    """A started chat generation: the request, its rendering and its engine request. Every API reads its answer
+    from here - step by step (``steps``) or whole (``final``) - as the one chat output parser's deltas."""
+
+    request: ChatCompletionRequest
+    rendered: ChatEncoding
+    engine_request: EngineRequest
+
+    @property
+    def request_id(self) -> str:
+        return self.engine_request.request_id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.engine_request.num_prompt_tokens
+
+    def new_parser(self) -> StreamingParser:
+        return self.rendered.new_parser(self.request.separate_reasoning)
+
+    async def steps(self) -> AsyncGenerator[ChatStep, None]:
+        """Each engine output's text per choice, parsed; nothing more for a choice once it finished."""
+        parsers = [self.new_parser() for _ in range(self.request.n)]
+        finished: set[int] = set()
+        num_generated = 0
+        async with contextlib.aclosing(self.engine_request.outputs()) as outputs:
+            async for out in outputs:
+                num_generated += _num_generated(out)
+                for completion in out.outputs:
+                    if completion.index in finished:
+                        continue
+                    parser = parsers[completion.index]
+                    deltas = parser.feed(completion.text) if completion.text else []
+                    if completion.finished:
+                        finished.add(completion.index)
+                        deltas += parser.finish()
+                    yield ChatStep(completion, deltas, parser, num_generated, out.num_cached_tokens)
+
+    async def final(self) -> list[ChatStep]:
+        """The whole answer: one step per choice, holding its whole completion."""
+        final = await self.engine_request.final_output()
+        steps = []
+        for completion in final.outputs:
+            parser = self.new_parser()
+            steps.append(ChatStep(completion, [*parser.feed(completion.text), *parser.finish()], parser,
+                                  _num_generated(final), final.num_cached_tokens))
+        return steps
+
+
 async def start_chat_generation(state: ServerState, request: ChatCompletionRequest, raw_request: Request,
-                                id_prefix: str = "chatcmpl", logged: BaseModel | None = None
-                                ) -> tuple[ChatEncoding, EngineRequest]:
+                                id_prefix: str = "chatcmpl", logged: BaseModel | None = None,
+                                detached: bool = False) -> ChatRun:
     """The one way a conversation reaches the engine: checked, rendered, tokenized, its sampling parameters built
-    and validated, started. Other APIs (``dsv32.server.anthropic``) convert their request into a
-    ``ChatCompletionRequest`` and come here too; ``logged`` is the request as the client sent it, for the log."""
+    and validated, started. Other APIs (``dsv32.server.anthropic``, ``.responses``, ``.ollama``) convert their
+    request into a ``ChatCompletionRequest`` and come here too; ``logged`` is the request as the client sent it, for
+    the log. ``detached``: the generation outlives the HTTP request (a background response), so the client hanging
+    up does not abort it."""
     state.check_model(request.model)
     tool_choice = request.effective_tool_choice()
     if request.tools and state.config.tool_call_parser == "none" and tool_choice != "none":
@@ -169,21 +241,19 @@ async def start_chat_generation(state: ServerState, request: ChatCompletionReque
     request_id = state.request_id(id_prefix, raw_request.headers.get("x-request-id"),
                                   request.request_id or request.rid)
     state.log_request(request_id, request if logged is None else logged, len(prompt_ids))
-    engine_request = EngineRequest(state, request_id, prompt_ids, params, raw_request,
+    engine_request = EngineRequest(state, request_id, prompt_ids, params, None if detached else raw_request,
                                    prompt=rendered.prompt)
     await engine_request.start()
-    return rendered, engine_request
+    return ChatRun(request, rendered, engine_request)
 
 
 async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, raw_request: Request) -> Response:
-    rendered, engine_request = await start_chat_generation(state, request, raw_request)
+    run = await start_chat_generation(state, request, raw_request)
     created = int(time.time())
-    headers = {"X-Request-Id": engine_request.request_id}
+    headers = {"X-Request-Id": run.request_id}
     if request.stream:
-        return sse_response(_stream(state, request, rendered, engine_request, created), headers=headers,
-                            on_error=state.metrics.count_error)
-    return JSONResponse((await _full_response(state, request, rendered, engine_request, created)).model_dump(
-        mode="json"), headers=headers)
+        return sse_response(_stream(state, run, created), headers=headers, on_error=state.metrics.count_error)
+    return JSONResponse((await _full_response(state, run, created)).model_dump(mode="json"), headers=headers)
 
 
 def _num_generated(out: RequestOutput) -> int:
@@ -196,13 +266,13 @@ def _tool_calls(merged: dict[str, Any]) -> list[ToolCall]:
             for call in merged["tool_calls"]]
 
 
-async def _full_response(state: ServerState, request: ChatCompletionRequest, rendered: ChatEncoding,
-                         engine_request: EngineRequest, created: int) -> ChatCompletionResponse:
-    final = await engine_request.final_output()
+async def _full_response(state: ServerState, run: ChatRun, created: int) -> ChatCompletionResponse:
+    request, rendered = run.request, run.rendered
     choices: list[ChatCompletionChoice] = []
-    for completion in final.outputs:
-        parser = rendered.new_parser(request.separate_reasoning)
-        merged = merge_deltas([*parser.feed(completion.text), *parser.finish()])
+    steps = await run.final()
+    for step in steps:
+        completion = step.completion
+        merged = merge_deltas(step.deltas)
         reasoning = merged["reasoning_content"] if request.include_reasoning and merged["reasoning_content"] else None
         tool_calls = _tool_calls(merged)
         content = _echo_text(request) + ("" if rendered.forces_tool_call else merged["content"])
@@ -213,58 +283,49 @@ async def _full_response(state: ServerState, request: ChatCompletionRequest, ren
             logprobs = ChatLogprobs(content=state.logprobs.chat(completion.token_ids, completion.logprobs,
                                                                 request.top_logprobs or 0))
         choices.append(ChatCompletionChoice(index=completion.index, message=message, logprobs=logprobs,
-                                            finish_reason=chat_finish_reason(completion, parser),
+                                            finish_reason=step.finish_reason(),
                                             stop_reason=client_stop_reason(completion)))
-    return ChatCompletionResponse(id=engine_request.request_id, created=created, model=state.config.model_name,
-                                  choices=choices, usage=usage_info(engine_request.num_prompt_tokens,
-                                                                    _num_generated(final), final.num_cached_tokens))
+    return ChatCompletionResponse(id=run.request_id, created=created, model=state.config.model_name,
+                                  choices=choices, usage=usage_info(run.num_prompt_tokens, steps[0].num_generated,
+                                                                    steps[0].num_cached_tokens))
 
 
-async def _stream(state: ServerState, request: ChatCompletionRequest, rendered: ChatEncoding,
-                  engine_request: EngineRequest, created: int) -> AsyncGenerator[str, None]:
+async def _stream(state: ServerState, run: ChatRun, created: int) -> AsyncGenerator[str, None]:
+    request = run.request
     include_usage = request.stream_options is not None and bool(request.stream_options.include_usage)
     continuous = include_usage and bool(request.stream_options and request.stream_options.continuous_usage_stats)
-    choices = [_ChoiceStream(rendered.new_parser(request.separate_reasoning)) for _ in range(request.n)]
-    usage: UsageInfo | None = None  # as of the newest output (the outputs are deltas: the count is kept here)
-    num_generated = 0
+    choices = [_ChoiceStream() for _ in range(request.n)]
+    usage: UsageInfo | None = None  # as of the newest output
 
     def chunk(index: int, delta: DeltaMessage, finish_reason: str | None = None, stop_reason: Any = None,
               logprobs: ChatLogprobs | None = None) -> str:
         return sse_event(ChatCompletionStreamResponse(
-            id=engine_request.request_id, created=created, model=state.config.model_name,
+            id=run.request_id, created=created, model=state.config.model_name,
             choices=[ChatCompletionStreamChoice(index=index, delta=delta, logprobs=logprobs,
                                                 finish_reason=finish_reason, stop_reason=stop_reason)],
             usage=usage if continuous else None))
 
-    async with contextlib.aclosing(engine_request.outputs()) as outputs:
-        async for out in outputs:
-            num_generated += _num_generated(out)
-            usage = usage_info(engine_request.num_prompt_tokens, num_generated, out.num_cached_tokens)
-            for completion in out.outputs:
-                choice = choices[completion.index]
-                if choice.finished:
-                    continue
-                if not choice.started:
-                    # Sent at the first engine output so it still marks the time to first token.
-                    choice.started = True
-                    yield chunk(completion.index, DeltaMessage(role="assistant", content=_echo_text(request)))
-                deltas = choice.parser.feed(completion.text) if completion.text else []
-                if completion.finished:
-                    deltas += choice.parser.finish()
-                if request.logprobs and completion.logprobs is not None:
-                    choice.pending_logprobs += state.logprobs.chat(completion.token_ids, completion.logprobs,
-                                                                   request.top_logprobs or 0)
-                delta = _delta_message(deltas, request.include_reasoning, not rendered.forces_tool_call)
-                if not delta.is_empty():
-                    logprobs = ChatLogprobs(content=choice.pending_logprobs) if choice.pending_logprobs else None
-                    choice.pending_logprobs = []
-                    yield chunk(completion.index, delta, logprobs=logprobs)
-                if completion.finished:
-                    choice.finished = True
-                    logprobs = ChatLogprobs(content=choice.pending_logprobs) if choice.pending_logprobs else None
-                    yield chunk(completion.index, DeltaMessage(), finish_reason=chat_finish_reason(completion,
-                                                                                                  choice.parser),
-                                stop_reason=client_stop_reason(completion), logprobs=logprobs)
+    async with contextlib.aclosing(run.steps()) as steps:
+        async for step in steps:
+            usage = usage_info(run.num_prompt_tokens, step.num_generated, step.num_cached_tokens)
+            completion = step.completion
+            choice = choices[step.index]
+            if not choice.started:
+                # Sent at the first engine output so it still marks the time to first token.
+                choice.started = True
+                yield chunk(step.index, DeltaMessage(role="assistant", content=_echo_text(request)))
+            if request.logprobs and completion.logprobs is not None:
+                choice.pending_logprobs += state.logprobs.chat(completion.token_ids, completion.logprobs,
+                                                               request.top_logprobs or 0)
+            delta = _delta_message(step.deltas, request.include_reasoning, not run.rendered.forces_tool_call)
+            if not delta.is_empty():
+                logprobs = ChatLogprobs(content=choice.pending_logprobs) if choice.pending_logprobs else None
+                choice.pending_logprobs = []
+                yield chunk(step.index, delta, logprobs=logprobs)
+            if step.finished:
+                logprobs = ChatLogprobs(content=choice.pending_logprobs) if choice.pending_logprobs else None
+                yield chunk(step.index, DeltaMessage(), finish_reason=step.finish_reason(),
+                            stop_reason=client_stop_reason(completion), logprobs=logprobs)
     if include_usage and usage is not None:
-        yield sse_event(ChatCompletionStreamResponse(id=engine_request.request_id, created=created,
+        yield sse_event(ChatCompletionStreamResponse(id=run.request_id, created=created,
                                                      model=state.config.model_name, choices=[], usage=usage))

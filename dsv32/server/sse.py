@@ -33,6 +33,12 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> str:
     return f"data: {body}\n\n"
 
 
+def named_sse_event(payload: dict[str, Any]) -> str:
+    """One SSE event named after its payload's ``type`` (Anthropic's and OpenAI Responses' framing: their SDKs read
+    the event name)."""
+    return f"event: {payload['type']}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
 def _openai_error_event(error: APIError) -> str:
     return sse_event(error.to_dict())
 
