@@ -139,8 +139,8 @@ def to_chat_request(request: AnthropicCountTokensRequest) -> tuple[ChatCompletio
     if isinstance(request, AnthropicMessagesRequest):
         fields["max_tokens"] = request.max_tokens
         fields["stop"] = request.stop_sequences
-        for name in ("temperature", "top_p", "top_k", "seed", "ignore_eos", "min_tokens", "min_p",
-                     "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"):
+        fields.update(request.sampling_extensions())
+        for name in ("temperature", "top_p"):
             if (value := getattr(request, name)) is not None:
                 fields[name] = value
     try:

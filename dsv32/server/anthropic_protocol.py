@@ -5,7 +5,8 @@ Requests are checked as Anthropic checks them (``max_tokens`` required, ``temper
 naming a tool that exists, ``tool_use`` blocks only in assistant turns, ``tool_result`` blocks only in user turns)
 plus what this text-only model needs (no image or document blocks, no Anthropic-hosted server tools). Unknown fields
 are accepted and ignored (``cache_control``, ``metadata``, ``service_tier``, ...), as the OpenAI models do. vLLM's
-sampling extensions (``seed``, ``ignore_eos``, ``min_p``, ...) may be sent too (the SDK's ``extra_body``).
+sampling extensions (``SamplingExtensions``: ``seed``, ``ignore_eos``, ``min_p``, ...) may be sent too (the SDK's
+``extra_body``).
 ``dsv32.server.anthropic`` turns a request into the chat path's ``ChatCompletionRequest``.
 """
 
@@ -15,11 +16,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dsv32.server.protocol import check_block_types, check_json_schema
+from dsv32.server.protocol import SamplingExtensions, check_block_types, check_json_schema
 
 # Anthropic's rule for tool names (the chat path's, without '.' and ':').
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 # Block types a conversation may hold here; the others Anthropic defines (image, document, search_result, ...) need
 # a model that reads more than text.
@@ -187,24 +187,14 @@ class AnthropicCountTokensRequest(AnthropicBaseModel):
         return self.system
 
 
-class AnthropicMessagesRequest(AnthropicCountTokensRequest):
-    """``POST /v1/messages``."""
+class AnthropicMessagesRequest(AnthropicCountTokensRequest, SamplingExtensions):
+    """``POST /v1/messages`` (``top_k`` is Anthropic's; the other ``SamplingExtensions`` are vLLM's)."""
 
     max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
     stream: bool = False
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     top_p: float | None = None
-    top_k: int | None = None
-    # vLLM's sampling extensions (not Anthropic's), meaning what they mean on the chat route.
-    seed: int | None = Field(default=None, ge=_INT64_MIN, le=_INT64_MAX)
-    ignore_eos: bool | None = None
-    min_tokens: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _budget_below_max_tokens(self) -> AnthropicMessagesRequest:

@@ -168,6 +168,25 @@ def check_json_schema(schema: Any, where: str) -> None:
         raise ValueError(f"{where}.items must be a schema")
 
 
+class SamplingExtensions(BaseModel):
+    """vLLM's sampling fields that another API's own request shape lacks (Anthropic's Messages, OpenAI's Responses):
+    clients send them as the SDK's ``extra_body``, and they mean what they mean on the chat route."""
+
+    top_k: int | None = None
+    seed: int | None = Field(default=None, ge=_INT64_MIN, le=_INT64_MAX)
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def sampling_extensions(self) -> dict[str, Any]:
+        """The extension fields the request set, as chat request fields."""
+        return {name: value for name in SamplingExtensions.model_fields if (value := getattr(self, name)) is not None}
+
+
 class SamplingFields(OpenAIBaseModel):
     """Sampling and stopping fields shared by chat and completions (vLLM extensions included)."""
 
