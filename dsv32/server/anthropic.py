@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +49,7 @@ from dsv32.server.chat import (
     ChatRun,
     chat_finish_reason,
     client_stop_reason,
+    in_client_terms,
     render_and_tokenize,
     start_chat_generation,
 )
@@ -148,18 +148,6 @@ def to_chat_request(request: AnthropicCountTokensRequest) -> tuple[ChatCompletio
     except ValidationError as exc:  # what the Anthropic model let through but the chat request refuses
         problems = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
         raise APIError(problems, 400) from None
-
-
-_CHAT_MESSAGE_INDEX = re.compile(r"^messages\[(\d+)\]")
-
-
-def _in_anthropic_terms(error: APIError, origins: Sequence[str]) -> APIError:
-    """A rendering error names a chat message (``messages[3]: ...``); name the Anthropic field it came from."""
-    found = _CHAT_MESSAGE_INDEX.match(error.message)
-    if found is None or int(found.group(1)) >= len(origins):
-        return error
-    origin = origins[int(found.group(1))]
-    return APIError(origin + error.message[found.end():], error.status_code, param=origin)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -341,7 +329,7 @@ async def create_message(request: AnthropicMessagesRequest, raw_request: Request
     try:
         run = await start_chat_generation(state, chat, raw_request, id_prefix="msg", logged=request)
     except APIError as exc:
-        raise _in_anthropic_terms(exc, origins) from None
+        raise in_client_terms(exc, origins) from None
     generation = _Generation(request, run, state.config.model_name)
     # The SDK reads `request-id`; the OpenAI routes send `X-Request-Id`.
     headers = {"request-id": run.request_id, "X-Request-Id": run.request_id}
@@ -362,5 +350,5 @@ async def count_tokens(request: AnthropicCountTokensRequest, raw_request: Reques
     try:
         _, prompt_ids = await state.offload(size, render_and_tokenize, state, chat)
     except APIError as exc:
-        raise _in_anthropic_terms(exc, origins) from None
+        raise in_client_terms(exc, origins) from None
     return AnthropicTokenCount(input_tokens=len(prompt_ids))

@@ -14,6 +14,7 @@ and the ``guided_*`` fields constrain it too (``dsv32.server.sampling``).
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,19 @@ def _chat_encoding(request: ChatCompletionRequest | TokenizeRequest, **chat_fiel
         )
     except ValueError as exc:
         raise APIError(str(exc), 400, param="messages") from None
+
+
+_CHAT_MESSAGE_INDEX = re.compile(r"^messages\[(\d+)\]")
+
+
+def in_client_terms(error: APIError, origins: Sequence[str]) -> APIError:
+    """A rendering error names a chat message (``messages[3]: ...``); name the field of another API's request it
+    was converted from (``origins[i]``: where chat message ``i`` came from)."""
+    found = _CHAT_MESSAGE_INDEX.match(error.message)
+    if found is None or int(found.group(1)) >= len(origins):
+        return error
+    origin = origins[int(found.group(1))]
+    return APIError(origin + error.message[found.end():], error.status_code, param=origin)
 
 
 def render_tokenize_prompt(request: TokenizeRequest) -> str:

@@ -14,14 +14,13 @@ from dsv32.encoding import Delta, ToolCallDelta
 from dsv32.encoding.encode import EOS_TOKEN
 from dsv32.server.anthropic import (
     ContentBlocks,
-    _in_anthropic_terms,
     anthropic_error,
     fold_blocks,
     stop_reason,
     to_chat_request,
 )
 from dsv32.server.anthropic_protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
-from dsv32.server.chat import render_chat_prompt
+from dsv32.server.chat import in_client_terms, render_chat_prompt
 from dsv32.server.errors import APIError
 from tests.server.test_chat_parsing import CALL, USER
 
@@ -165,10 +164,10 @@ def test_requests_anthropic_refuses_are_refused(fields: dict, needle: str) -> No
 
 def test_rendering_errors_name_the_anthropic_message() -> None:
     error = APIError("messages[3]: a tool result must follow an assistant message with tool_calls", 400)
-    renamed = _in_anthropic_terms(error, ["system", "messages[0]", "messages[1]", "messages[1]"])
+    renamed = in_client_terms(error, ["system", "messages[0]", "messages[1]", "messages[1]"])
     assert renamed.message == "messages[1]: a tool result must follow an assistant message with tool_calls"
     other = APIError("max_tokens is too large", 400)
-    assert _in_anthropic_terms(other, ["messages[0]"]) is other
+    assert in_client_terms(other, ["messages[0]"]) is other
 
 
 # ---------------------------------------------------------------------------------------------------- output
