@@ -48,6 +48,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = _int_with_suffix(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
 def _int_with_suffix(text: str) -> int:
     """Integers, also written as vLLM allows for lengths: ``32k`` (x1000), ``32K`` (x1024), ``1m``/``1M``."""
     scale = {"k": 1000, "K": 1024, "m": 1_000_000, "M": 1024 * 1024}
@@ -82,6 +89,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--max-json-depth", type=_positive_int, default=server.limits.max_json_depth,
                      help="Deepest nesting of a JSON request body, and of JSON inside its strings (tool arguments, "
                           f"schemas); deeper is a 400 (default {server.limits.max_json_depth}).")
+    net.add_argument("--max-stored-responses", type=_non_negative_int, default=server.max_stored_responses,
+                     metavar="N", help="Responses (/v1/responses, store=true) kept in memory for retrieval and "
+                     f"previous_response_id; the oldest are dropped first (default {server.max_stored_responses}; 0 "
+                     "keeps none).")
     net.add_argument("--uvicorn-log-level", default=server.uvicorn_log_level,
                      choices=["critical", "error", "warning", "info", "debug", "trace"],
                      help=f"Log level of uvicorn's own messages (default {server.uvicorn_log_level}).")
@@ -306,8 +317,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     # The HTTP flags exist for `serve` only (`run-batch` has no server).
-    http = {key: getattr(args, key) for key in ("host", "port", "shutdown_timeout", "uvicorn_log_level")
-            if hasattr(args, key)}
+    http = {key: getattr(args, key) for key in ("host", "port", "shutdown_timeout", "uvicorn_log_level",
+                                               "max_stored_responses") if hasattr(args, key)}
     if hasattr(args, "max_request_bytes"):
         http["limits"] = RequestLimits(max_request_bytes=args.max_request_bytes, max_json_depth=args.max_json_depth)
     random_weights = args.model == TINY_PRESET or args.load_format == "dummy"

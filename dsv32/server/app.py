@@ -6,7 +6,8 @@ Routes (vLLM's shapes): ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``/v1/models/{model}``), ``POST /tokenize`` and ``/detokenize`` (also under ``/v1``), ``GET /tokenizer_info``,
 ``GET /health``, ``GET /version``, ``GET /metrics``. For load balancers (vllm-router, sglang-router):
 ``GET /get_load``, ``/get_model_info``, ``/get_server_info``, ``POST /flush_cache`` (``dsv32.server.worker_info``).
-Anthropic's ``POST /v1/messages`` and ``/v1/messages/count_tokens`` are ``dsv32.server.anthropic``'s router.
+Anthropic's ``POST /v1/messages`` and ``/v1/messages/count_tokens`` are ``dsv32.server.anthropic``'s router; OpenAI's
+Responses API (``/v1/responses``) is ``dsv32.server.responses``'s.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dsv32.engine.client import EngineClient
-from dsv32.server import anthropic
+from dsv32.server import anthropic, responses
 from dsv32.server.boundary import RequestBoundaryMiddleware
 from dsv32.server.chat import create_chat_completion, render_tokenize_prompt
 from dsv32.server.completions import create_completion
@@ -135,6 +136,8 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         return await create_completion(state, request, raw_request)
 
     app.include_router(anthropic.router)
+    app.state.responses = responses.ResponseStore(config.max_stored_responses)
+    app.include_router(responses.router)
 
     @app.post("/tokenize")
     @app.post("/v1/tokenize")

@@ -52,8 +52,13 @@ class ServerConfig:
     # Tokens a request that sets no max_tokens may generate; None: whatever the context has left (vLLM's rule). A
     # model with random weights would otherwise babble to the end of a 163,840-token context.
     default_max_tokens: int | None = None
+    # Responses (POST /v1/responses with store=true) kept in memory for GET and previous_response_id; the oldest are
+    # dropped first. 0 stores none.
+    max_stored_responses: int = 1000
 
     def __post_init__(self) -> None:
+        if self.max_stored_responses < 0:
+            raise ValueError(f"--max-stored-responses must be non-negative, got {self.max_stored_responses}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError(f"--default-max-tokens must be at least 1, got {self.default_max_tokens}")
         if not 0 <= self.port < 65536:
