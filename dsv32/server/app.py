@@ -7,7 +7,8 @@ Routes (vLLM's shapes): ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``GET /health``, ``GET /version``, ``GET /metrics``. For load balancers (vllm-router, sglang-router):
 ``GET /get_load``, ``/get_model_info``, ``/get_server_info``, ``POST /flush_cache`` (``dsv32.server.worker_info``).
 Anthropic's ``POST /v1/messages`` and ``/v1/messages/count_tokens`` are ``dsv32.server.anthropic``'s router; OpenAI's
-Responses API (``/v1/responses``) is ``dsv32.server.responses``'s.
+Responses API (``/v1/responses``) is ``dsv32.server.responses``'s, Ollama's native API (``/api/...``)
+``dsv32.server.ollama``'s.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dsv32.engine.client import EngineClient
-from dsv32.server import anthropic, responses
+from dsv32.server import anthropic, ollama, responses
 from dsv32.server.boundary import RequestBoundaryMiddleware
 from dsv32.server.chat import create_chat_completion, render_tokenize_prompt
 from dsv32.server.completions import create_completion
@@ -138,6 +139,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app.include_router(anthropic.router)
     app.state.responses = responses.ResponseStore(config.max_stored_responses)
     app.include_router(responses.router)
+    app.include_router(ollama.router)
 
     @app.post("/tokenize")
     @app.post("/v1/tokenize")
@@ -186,9 +188,9 @@ PROTECTED_ROUTES = frozenset({"/flush_cache"})
 
 
 class APIKeyMiddleware:
-    """With an API key, every ``/v1`` route (vLLM protects exactly these) and every route that changes the server's
-    state (``PROTECTED_ROUTES``) needs ``Authorization: Bearer <key>`` (the scheme is case-insensitive, RFC 7235) or
-    ``x-api-key: <key>`` (Anthropic's header, which its SDK sends).
+    """With an API key, every ``/v1`` route (vLLM protects exactly these), every Ollama ``/api`` route (they generate
+    too) and every route that changes the server's state (``PROTECTED_ROUTES``) needs ``Authorization: Bearer <key>``
+    (the scheme is case-insensitive, RFC 7235) or ``x-api-key: <key>`` (Anthropic's header, which its SDK sends).
     The rest (the chat page, health, version, metrics, the routers' load and info routes, ``/tokenize``,
     ``/detokenize``, ``/tokenizer_info``, ``/openapi.json``) stays open, as in vLLM. Plain ASGI rather than
     ``@app.middleware``: that wrapper buffers the request channel, which would hide a client disconnect from the
@@ -207,7 +209,7 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and scope["method"] != "OPTIONS"
-                and (scope["path"].startswith("/v1") or scope["path"] in PROTECTED_ROUTES)
+                and (scope["path"].startswith(("/v1", "/api/")) or scope["path"] in PROTECTED_ROUTES)
                 and not self._authorized(scope)):
             response = error_response(scope["path"], APIError(
                 "Unauthorized: a valid 'Authorization: Bearer <api key>' or 'x-api-key' header is required.", 401))

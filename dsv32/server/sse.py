@@ -67,8 +67,10 @@ async def _framed(events: AsyncGenerator[str, None], error_event: Callable[[APIE
 
 def sse_response(events: AsyncGenerator[str, None], headers: dict[str, str] | None = None, *,
                  error_event: Callable[[APIError], str] = _openai_error_event, done: str | None = SSE_DONE,
-                 on_error: Callable[[int], None] | None = None) -> StreamingResponse:
+                 on_error: Callable[[int], None] | None = None,
+                 media_type: str = "text/event-stream") -> StreamingResponse:
     """A ``text/event-stream`` response of ``events`` (already framed by ``sse_event``), ended by ``done``; an error
-    raised by ``events`` is sent as ``error_event(error)`` before it."""
-    return StreamingResponse(_framed(events, error_event, done, on_error), media_type="text/event-stream",
+    raised by ``events`` is sent as ``error_event(error)`` before it. Another framing (Ollama's NDJSON lines) passes
+    its ``media_type``."""
+    return StreamingResponse(_framed(events, error_event, done, on_error), media_type=media_type,
                              headers={**SSE_HEADERS, **(headers or {})})
