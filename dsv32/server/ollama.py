@@ -106,6 +106,12 @@ def _details(state: ServerState) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def chat_messages(messages: Sequence[OllamaMessage]) -> list[dict[str, Any]]:
+    """Ollama's messages as chat messages (tool results are matched to the calls by their order, as the V3.2
+    format renders them)."""
+    return [_chat_message(message) for message in messages]
+
+
 def _chat_message(message: OllamaMessage) -> dict[str, Any]:
     chat: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.role == "assistant":
@@ -300,7 +306,7 @@ async def chat(request: OllamaChatRequest, raw_request: Request) -> Response:
     state: ServerState = raw_request.app.state.server
     if not request.messages:
         return _loaded(state, request, is_chat=True)
-    messages = [_chat_message(message) for message in request.messages]
+    messages = chat_messages(request.messages)
     chat_request = to_chat_request(request, messages, request.tools)
     return await _answer(state, request, chat_request, [f"messages[{i}]" for i in range(len(messages))],
                          raw_request, is_chat=True)

@@ -75,7 +75,7 @@ class OllamaOptions(OllamaBaseModel):
     @field_validator("num_predict")
     @classmethod
     def _cap(cls, value: int | None) -> int | None:
-        if value is not None and value < -2:
+        if value is not None and (value == 0 or value < -2):
             raise ValueError("num_predict must be positive, -1 (no limit) or -2 (fill the context)")
         return value
 
