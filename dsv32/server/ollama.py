@@ -259,10 +259,10 @@ class _Generation:
         async with contextlib.aclosing(self.run.steps()) as steps:
             async for step in steps:
                 message = parts.feed(step.deltas, step.finished)
-                if step.finished:
-                    yield _line(self.last(message, step))
-                elif message["content"] or "thinking" in message or "tool_calls" in message:
+                if message["content"] or "thinking" in message or "tool_calls" in message:
                     yield _line(self.chunk(message, False))
+                if step.finished:  # as Ollama's: an empty message with the reason and the counts
+                    yield _line(self.last({"role": "assistant", "content": ""}, step))
 
 
 def _line(body: dict[str, Any]) -> str:

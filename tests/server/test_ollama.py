@@ -174,12 +174,13 @@ def test_chat_streams_ndjson_by_default(tokenizer: Tokenizer) -> None:
     assert [chunk.done for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
     assert all(set(STATS).isdisjoint(line) for line in lines[:-1]) and set(STATS) <= set(lines[-1])
     assert lines[-1]["done_reason"] == "stop" and lines[-1]["eval_count"] == len(TOOL_TURN)
-    # Thinking first, then the text, then the call once its arguments are whole.
-    kinds = [next(k for k in ("thinking", "tool_calls", "content") if line["message"].get(k)) for line in lines]
+    # Thinking first, then the text, then the call once its arguments are whole; the last line has no message.
+    kinds = [next(k for k in ("thinking", "tool_calls", "content") if line["message"].get(k)) for line in lines[:-1]]
     assert kinds == ["thinking", "thinking", "content", "tool_calls"]
+    assert lines[-1]["message"] == {"role": "assistant", "content": ""}
     assert "".join(c.message.thinking or "" for c in chunks) == "Need the weather."
     assert "".join(c.message.content for c in chunks) == "Let me check."
-    assert chunks[-1].message.tool_calls[0].function.arguments == {"city": "Paris"}
+    assert chunks[-2].message.tool_calls[0].function.arguments == {"city": "Paris"}
 
 
 def test_generate_answers_and_streams(tokenizer: Tokenizer) -> None:
@@ -193,6 +194,7 @@ def test_generate_answers_and_streams(tokenizer: Tokenizer) -> None:
     lines = lines_of(client.post("/api/generate", json=body))
     assert "".join(line["response"] for line in lines) == "Sunny."
     assert "".join(line.get("thinking", "") for line in lines) == "Need it." and lines[-1]["done"]
+    assert lines[-1]["response"] == ""
 
 
 def test_options_and_format_reach_the_engine(tokenizer: Tokenizer) -> None:
