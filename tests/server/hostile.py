@@ -565,6 +565,20 @@ def anthropic_error_problem(body: bytes) -> str | None:
     return None
 
 
+def ollama_error_problem(body: bytes) -> str | None:
+    """None when ``body`` is Ollama's error body ``{"error": "message"}`` (the ``/api`` routes), else what is wrong
+    with it."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return f"a 4xx whose body is not JSON: {body[:200]!r}"
+    if not isinstance(payload, dict) or list(payload) != ["error"]:
+        return f"a 4xx without Ollama's error body {{'error': message}}: {body[:200]!r}"
+    if not isinstance(payload["error"], str) or not payload["error"]:
+        return f"a 4xx whose error message is empty: {body[:200]!r}"
+    return None
+
+
 def names_field(error: dict[str, Any], field_name: str) -> bool:
     """Whether an error names ``field_name`` (in ``param`` or the message), in dotted or bracketed spelling."""
     leaf = field_name.split(".")[0]

@@ -11,9 +11,10 @@ values; the fuzzing passes are derandomized hypothesis runs with a bounded numbe
 
 Every answer must: not be a 5xx; arrive within the time limit; match the response schema where the OpenAPI document
 declares one for its status (``response_schema_conformance``); and, for a 4xx, carry its API's error envelope
-(OpenAI's; Anthropic's on ``/v1/messages``). After
+(OpenAI's; Anthropic's on ``/v1/messages``, Ollama's on ``/api``). After
 all of it the server must still answer /health with 200 and a plain chat completion, with nothing left running in
-the engine. Generations are kept short (``max_tokens`` at most 4, ``n`` at most 2) so the run stays in budget; huge
+the engine. Generations are kept short (``max_tokens`` / ``max_output_tokens`` / ``options.num_predict`` at most 4,
+``n`` at most 2) so the run stays in budget; huge
 values of those fields are tests/server/test_adversarial.py's.
 
 DSV32_SCHEMATHESIS_EXAMPLES sets the fuzzing examples per operation and pass (default 25).
@@ -34,7 +35,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.server.fuzz_target import AUTH, FuzzTarget, ServerDied, failure_report
-from tests.server.hostile import anthropic_error_problem, error_envelope_problem
+from tests.server.hostile import anthropic_error_problem, error_envelope_problem, ollama_error_problem
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +43,9 @@ EXAMPLES = int(os.environ.get("DSV32_SCHEMATHESIS_EXAMPLES", "25"))
 SEED = 20
 TIME_LIMIT_S = 10.0
 MAX_TOKENS = 4
-GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/messages")
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses", "/api/chat",
+                     "/api/generate")
+OLLAMA_ROUTES = ("/api/chat", "/api/generate")
 ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
 
 
@@ -59,12 +62,25 @@ def keep_generation_short(case: schemathesis.Case) -> None:
     body = case.body
     if case.path not in GENERATION_ROUTES or not isinstance(body, dict):
         return
-    for key in ("max_tokens", "max_completion_tokens", "min_tokens"):
+    if case.path in OLLAMA_ROUTES:
+        # Ollama's cap is options.num_predict; -1, -2 and a missing one are no cap but the context.
+        options = body.get("options")
+        if options is None:
+            body["options"] = options = {}
+        if isinstance(options, dict):
+            predict = options.get("num_predict")
+            if not isinstance(predict, int | float) or isinstance(predict, bool) or predict < 0 or predict > MAX_TOKENS:
+                options["num_predict"] = MAX_TOKENS
+        return
+    for key in ("max_tokens", "max_completion_tokens", "min_tokens", "max_output_tokens"):
         # A float counts: the int fields take 1000.0 as 1000.
         if isinstance(body.get(key), int | float) and not isinstance(body[key], bool) and body[key] > MAX_TOKENS:
             body[key] = MAX_TOKENS
     # null is no limit either: the generation would run to the end of the context.
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+    if case.path == "/v1/responses":
+        if body.get("max_output_tokens") is None:
+            body["max_output_tokens"] = MAX_TOKENS
+    elif body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = MAX_TOKENS
     for key in ("n", "best_of"):
         if isinstance(body.get(key), int) and not isinstance(body[key], bool) and body[key] > 2:
@@ -98,6 +114,24 @@ def repair(case: schemathesis.Case, model: str) -> None:
         thinking = body.get("thinking")
         if isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int):
             thinking["budget_tokens"] = 1
+    elif case.path == "/v1/responses":
+        if not isinstance(body.get("input"), str) or not body["input"]:
+            body["input"] = "Hello"
+        for key in ("previous_response_id", "conversation", "prompt", "truncation", "top_logprobs", "include"):
+            body.pop(key, None)
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            body["tool_choice"] = "auto"
+        if body.get("background"):
+            body["stream"], body["store"] = False, True
+    elif case.path == "/api/chat":
+        first = next((m for m in body.get("messages") or [] if isinstance(m, dict)), {})
+        text = first.get("content") if isinstance(first.get("content"), str) else "Hello"
+        body["messages"] = [{"role": "user", "content": text or "Hello"}]
+    elif case.path == "/api/generate":
+        if not isinstance(body.get("prompt"), str) or not body["prompt"]:
+            body["prompt"] = "Hello"
+        for key in ("raw", "template", "suffix", "context", "images"):
+            body.pop(key, None)
     elif case.path == "/v1/completions":
         if not isinstance(body.get("prompt"), str) or not body["prompt"]:
             body["prompt"] = "Hello"
@@ -140,7 +174,8 @@ class Run:
             problems += [(getattr(f, "title", type(f).__name__), str(f).splitlines()[0]) for f in group.exceptions]
         except AssertionError as failure:
             problems.append((getattr(failure, "title", type(failure).__name__), str(failure).splitlines()[0]))
-        envelope_problem = anthropic_error_problem if case.path in ANTHROPIC_ROUTES else error_envelope_problem
+        envelope_problem = (anthropic_error_problem if case.path in ANTHROPIC_ROUTES else ollama_error_problem
+                            if case.path.startswith("/api/") else error_envelope_problem)
         if 400 <= status < 500 and (problem := envelope_problem(response.content)):
             problems.append(("no error envelope", problem))
         if elapsed > TIME_LIMIT_S:
@@ -193,7 +228,8 @@ def test_every_route_keeps_its_contract_under_schemathesis(target: FuzzTarget) -
     model = target.client.get("/v1/models", timeout=10).json()["data"][0]["id"]
     operations = [result.ok() for result in schema.get_all_operations()]
     routes = {op.path for op in operations}
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens", "/tokenize",
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses",
+            "/v1/responses/{response_id}", "/api/chat", "/api/generate", "/api/tags", "/api/show", "/tokenize",
             "/detokenize", "/health"} <= routes, routes
     run = Run(target)
     for operation in operations:
