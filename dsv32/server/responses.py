@@ -110,6 +110,8 @@ def to_chat_request(request: ResponsesRequest, history: Sequence[dict[str, Any]]
     response keeps."""
     converted, input_origins = _input_messages(request.input)
     conversation = [*history, *converted]
+    if not conversation:
+        raise APIError("input must not be empty", 400, param="input")
     messages = list(conversation)
     origins = ["previous_response_id"] * len(history) + input_origins
     if request.instructions is not None:
@@ -498,8 +500,8 @@ async def retrieve_response(response_id: str, raw_request: Request) -> JSONRespo
 @router.delete(RESPONSES_PATH + "/{response_id}")
 async def delete_response(response_id: str, raw_request: Request) -> JSONResponse:
     stored = _store(raw_request).pop(response_id)
-    if stored.run is not None:
-        await stored.run.engine_request.abort()
+    if stored.task is not None:  # a background run: stopped, so it does not store its answer again
+        stored.task.cancel()
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 

@@ -7,10 +7,14 @@ errors in OpenAI's envelope. The API against a real server is test_responses_api
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 import openai
 import pytest
@@ -18,6 +22,7 @@ from pydantic import ValidationError
 
 from dsv32.encoding import Delta, ToolCallDelta
 from dsv32.encoding.encode import EOS_TOKEN
+from dsv32.engine.outputs import CompletionOutput, RequestOutput
 from dsv32.server.chat import render_chat_prompt
 from dsv32.server.responses import OutputItems, final_status, to_chat_request
 from dsv32.server.responses_protocol import ResponsesRequest
@@ -315,6 +320,62 @@ def test_errors_are_openai_errors(client: openai.OpenAI) -> None:
     response = client.responses.create(model="tiny", input="Hi")
     with pytest.raises(openai.BadRequestError, match="Only responses created with background=true"):
         client.responses.cancel(response.id)
+
+
+@dataclass
+class GatedEngine(ScriptedEngine):
+    """Holds every request after its first output until ``gate`` is set, or until it is aborted (then it ends with
+    finish_reason "abort", as the engine does); ``ended`` is set when a request's output stream ends, ``completed``
+    only if it played its whole script."""
+
+    gate: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)
+    aborted: set[str] = field(default_factory=set)
+    completed: bool = False
+
+    async def generate(self, prompt_token_ids: list[int], sampling_params: Any, request_id: str,
+                       **kwargs: Any) -> AsyncIterator[RequestOutput]:
+        try:
+            async for out in super().generate(prompt_token_ids, sampling_params, request_id, **kwargs):
+                yield out
+                while not self.gate.is_set():
+                    if request_id in self.aborted:
+                        yield RequestOutput(request_id, None, [], [CompletionOutput(
+                            index=0, text="", token_ids=[], finish_reason="abort")], finished=True)
+                        return
+                    await asyncio.sleep(0.001)
+            self.completed = True
+        finally:
+            self.ended.set()
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.add(request_id)
+
+
+def test_deleting_a_background_response_stops_it(tokenizer: Tokenizer) -> None:
+    engine = GatedEngine(tokenizer, ["a", "b", "c"])
+    for client in sdk(engine):
+        started = client.responses.create(model="tiny", input="Hi", background=True)
+        assert client.responses.retrieve(started.id).status == "in_progress"
+        client.responses.delete(started.id)
+        assert engine.ended.wait(timeout=30), "the background run was not stopped"
+        assert not engine.completed
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(started.id)
+
+
+def test_cancel_stops_a_background_response(tokenizer: Tokenizer) -> None:
+    engine = GatedEngine(tokenizer, ["a", "b", "c"])
+    for client in sdk(engine):
+        started = client.responses.create(model="tiny", input="Hi", background=True)
+        cancelled = client.responses.cancel(started.id)
+        assert cancelled.status == "cancelled" and cancelled.output_text == "a"
+        assert client.responses.retrieve(started.id).status == "cancelled" and not engine.completed
+
+
+def test_empty_input_is_refused(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="input must not be empty"):
+        client.responses.create(model="tiny", input=[])
 
 
 def test_store_false_is_not_kept_and_delete_forgets(client: openai.OpenAI) -> None:
