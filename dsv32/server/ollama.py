@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from dsv32.encoding import Delta
 from dsv32.server.chat import ChatRun, ChatStep, in_client_terms, start_chat_generation
-from dsv32.server.errors import APIError, model_not_found, register_error_shape
+from dsv32.server.errors import APIError, register_error_shape
 from dsv32.server.ollama_protocol import (
     OllamaChatRequest,
     OllamaGenerateRequest,
@@ -71,12 +71,14 @@ router = APIRouter()
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def served_name(state: ServerState, model: str) -> str:
-    """The served name ``model`` means (Ollama's ``name:latest`` tag allowed); a 404 for any other model."""
-    name = model.removesuffix(":latest")
-    if name not in state.config.served_model_names and name != state.config.model_path:
-        raise model_not_found(model)
-    return name
+def untagged(model: str) -> str:
+    """The served name an Ollama model name means (Ollama's default tag ``:latest`` may be given)."""
+    return model.removesuffix(":latest")
+
+
+def check_model(state: ServerState, model: str) -> None:
+    """A 404 unless ``model`` names the served model."""
+    state.check_model(untagged(model))
 
 
 def _tagged(name: str) -> str:
@@ -127,7 +129,7 @@ def _chat_message(message: OllamaMessage) -> dict[str, Any]:
 def to_chat_request(request: OllamaGenerationFields, messages: list[dict[str, Any]],
                     tools: Sequence[Any] | None = None) -> ChatCompletionRequest:
     """The chat request of ``messages`` with ``request``'s thinking, format and options."""
-    fields: dict[str, Any] = {"model": request.model.removesuffix(":latest"), "messages": messages}
+    fields: dict[str, Any] = {"model": untagged(request.model), "messages": messages}
     if tools:
         fields["tools"] = [tool.model_dump(exclude_none=True) for tool in tools]
     if isinstance(request.think, bool):
@@ -290,7 +292,7 @@ async def _answer(state: ServerState, request: OllamaGenerationFields, chat: Cha
 
 def _loaded(state: ServerState, request: OllamaGenerationFields, is_chat: bool) -> JSONResponse:
     """An empty conversation only loads the model in Ollama: done at once, ``done_reason`` "load"."""
-    served_name(state, request.model)
+    check_model(state, request.model)
     body: dict[str, Any] = {"model": request.model, "created_at": _created_at()}
     body.update({"message": {"role": "assistant", "content": ""}} if is_chat else {"response": ""})
     return JSONResponse({**body, "done": True, "done_reason": "load"})
@@ -347,7 +349,7 @@ async def running(raw_request: Request) -> dict[str, Any]:
 @router.post(API_PATH + "/show")
 async def show(request: OllamaShowRequest, raw_request: Request) -> dict[str, Any]:
     state: ServerState = raw_request.app.state.server
-    served_name(state, request.model_name)
+    check_model(state, request.model_name)
     config = state.engine.model_config
     family = _details(state)["family"]
     capabilities = ["completion"]
