@@ -2,9 +2,12 @@
 into ``reasoning`` / ``content`` / ``tool_calls`` - one response, or SSE chunks in vLLM's order (role, reasoning
 deltas, content deltas, tool-call deltas, the finish chunk, the usage chunk, ``[DONE]``).
 
-Prompt rendering and output parsing belong to ``dsv32.encoding``; this module only drives them. The parser's initial
-state (inside reasoning or not) comes from the rendered prompt - does it end in ``<think>`` - never from request
-flags, so the turn after a tool result is parsed right (sglang#17551).
+Prompt rendering and output parsing belong to ``dsv32.encoding``; this module only drives them.
+``start_chat_generation`` is the one way a conversation reaches the engine - for this route and for the APIs that
+convert their requests into a chat request (Anthropic's, OpenAI Responses, Ollama's) - and its ``ChatRun`` is what
+each of them reads its answer from, as the one output parser's deltas. The parser's initial state (inside reasoning
+or not) comes from the rendered prompt - does it end in ``<think>`` - never from request flags, so the turn after a
+tool result is parsed right (sglang#17551).
 
 ``tool_choice`` "required" or a named function (and ``strict`` tools under "auto") constrain the output to DSML
 tool calls with a grammar (``ChatEncoding.tool_call_structural_tag``); ``response_format``, ``structured_outputs``
