@@ -285,6 +285,12 @@ def test_tool_round_trip_through_previous_response_id(client: openai.OpenAI, eng
     assert "Use tools." not in prompt  # instructions are not carried over
     assert prompt.count("Weather in Paris?") == 1 and '<｜DSML｜invoke name="get_weather">' in prompt
     assert prompt.endswith("<function_results>\n<result>sunny</result>\n</function_results>\n\n</think>")
+    # The same turn with the first response's output items sent back as input, as SDK users do by hand.
+    replayed = [item.model_dump(exclude_none=True) for item in first.output]
+    client.responses.create(model="tiny", tools=[WEATHER], input=[
+        {"role": "user", "content": "Weather in Paris?"}, *replayed,
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert engine.calls[2][2] == prompt
 
 
 def test_structured_output_reaches_the_engine(client: openai.OpenAI, engine: ScriptedEngine) -> None:
