@@ -275,19 +275,25 @@ def test_stream_events_in_openais_order(client: openai.OpenAI) -> None:
             if item.type == "message" else {})} for item in final.output]
 
 
-def test_tool_round_trip_through_previous_response_id(client: openai.OpenAI, engine: ScriptedEngine) -> None:
+@pytest.mark.parametrize("reasoning", [None, {"effort": "high"}])
+def test_tool_round_trip_through_previous_response_id(client: openai.OpenAI, engine: ScriptedEngine,
+                                                      reasoning: dict | None) -> None:
+    thinking = {} if reasoning is None else {"reasoning": reasoning}
     first = client.responses.create(model="tiny", input="Weather in Paris?", instructions="Use tools.",
-                                    tools=[WEATHER])
+                                    tools=[WEATHER], **thinking)
     call = first.output[-1]
-    client.responses.create(model="tiny", previous_response_id=first.id, tools=[WEATHER],
+    client.responses.create(model="tiny", previous_response_id=first.id, tools=[WEATHER], **thinking,
                             input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
     prompt = engine.calls[1][2]
     assert "Use tools." not in prompt  # instructions are not carried over
     assert prompt.count("Weather in Paris?") == 1 and '<｜DSML｜invoke name="get_weather">' in prompt
-    assert prompt.endswith("<function_results>\n<result>sunny</result>\n</function_results>\n\n</think>")
+    assert "<function_results>\n<result>sunny</result>\n</function_results>" in prompt
+    # In thinking mode the tool-call turn keeps its reasoning, and the next turn starts thinking.
+    assert ("<think>Need the weather.</think>" in prompt) == (reasoning is not None)
+    assert prompt.endswith("<think>" if reasoning else "</think>")
     # The same turn with the first response's output items sent back as input, as SDK users do by hand.
     replayed = [item.model_dump(exclude_none=True) for item in first.output]
-    client.responses.create(model="tiny", tools=[WEATHER], input=[
+    client.responses.create(model="tiny", tools=[WEATHER], **thinking, input=[
         {"role": "user", "content": "Weather in Paris?"}, *replayed,
         {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
     assert engine.calls[2][2] == prompt
