@@ -362,7 +362,8 @@ class _Generation:
             "tool_choice": choice.model_dump() if isinstance(choice, FunctionToolChoice) else (choice or "auto"),
             "tools": [tool.model_dump(exclude_none=True) for tool in request.tools or []],
             "top_p": request.top_p, "truncation": request.truncation or "disabled",
-            "usage": usage.model_dump() if usage is not None else None, "user": None,
+            "usage": usage.model_dump() if usage is not None else None,
+            "user": (request.model_extra or {}).get("user"),
         }
 
     def items(self) -> OutputItems:
