@@ -130,12 +130,14 @@ def weather_of(city: str) -> dict[str, Any]:
 class Example:
     """One conversation: an OpenAI chat ``request`` (messages and the request fields that shape the prompt), the
     ``replies`` that follow it (assistant, tool, assistant ...), and ``expected``: what the first reply must hold to
-    be right (``answer`` text in the content, the first ``tool_call``, or a ``json`` value)."""
+    be right (``answer`` text in the content, the first ``tool_call``, or a ``json`` value). ``copied``: names the
+    replies copy from the prompt (the trainer tokenizes them as the prompt does, see ``dsv32.train.demo``)."""
 
     task: str
     request: dict[str, Any]
     replies: list[dict[str, Any]]
     expected: dict[str, Any] = field(default_factory=dict)
+    copied: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -277,14 +279,14 @@ class _Generator:
 
     def _tool_example(self, user: str, thinking: bool, needed: tuple[dict[str, Any], ...],
                       calls: list[dict[str, Any]], results: list[str], plan: str, summary: str,
-                      answer: str) -> Example:
+                      answer: str, copied: tuple[str, ...] = ()) -> Example:
         """A question answered by ``calls`` (one turn), their ``results``, then the final ``answer``."""
         replies = [_assistant("", plan, calls, thinking)]
         replies += [{"role": "tool", "content": result} for result in results]
         replies.append(_assistant(answer, summary, thinking=thinking))
         first = calls[0]["function"]
         expected = {"tool_call": {"name": first["name"], "arguments": json.loads(first["arguments"])}}
-        return Example("tools", self.request(user, thinking, tools=self.toolset(needed)), replies, expected)
+        return Example("tools", self.request(user, thinking, tools=self.toolset(needed)), replies, expected, copied)
 
     def tool_weather(self, thinking: bool) -> Example:
         city = self.city()
@@ -298,7 +300,7 @@ class _Generator:
             user, thinking, (GET_WEATHER,), [_call("get_weather", city=city)], [json.dumps(weather)],
             f"The user asks about the weather in {city}. I will call get_weather with city {city}.",
             f"get_weather says {city} is {cond} at {temp} degrees Celsius.",
-            f"In {city} it is currently {cond} with {temp} °C.")
+            f"In {city} it is currently {cond} with {temp} °C.", (city,))
 
     def tool_weather2(self, thinking: bool) -> Example:
         first, second = self.city(), self.city()
@@ -315,7 +317,7 @@ class _Generator:
             f"{first}: {w1['condition']}, {w1['temperature_c']} C. {second}: {w2['condition']}, "
             f"{w2['temperature_c']} C. {warmer} is warmer.",
             f"In {first} it is {w1['condition']} with {w1['temperature_c']} °C; in {second} it is "
-            f"{w2['condition']} with {w2['temperature_c']} °C. {warmer} is warmer.")
+            f"{w2['condition']} with {w2['temperature_c']} °C. {warmer} is warmer.", (first, second))
 
     def expression(self) -> tuple[str, int]:
         a, b = self.pair(10, 999)
@@ -375,7 +377,8 @@ class _Generator:
             [json.dumps(weather), str(value)],
             f"Two things: the weather in {city} (get_weather) and {expression} (calculator).",
             f"{city} is {weather['condition']}, {weather['temperature_c']} C; {expression} = {value}.",
-            f"In {city} it is {weather['condition']} with {weather['temperature_c']} °C, and {expression} = {value}.")
+            f"In {city} it is {weather['condition']} with {weather['temperature_c']} °C, and {expression} = {value}.",
+            (city,))
 
     def tool_no_tool(self, thinking: bool) -> Example:
         """Tools offered, none needed: the answer is text."""
@@ -396,6 +399,7 @@ class _Generator:
     # ---- JSON -----------------------------------------------------------------------------------------------
     def json(self) -> Example:
         kind = self.rng.choice(("person", "sum", "capitals", "compare"))
+        city = ""
         if kind == "person":
             name, age, city = self.rng.choice(NAMES), self.rng.randint(18, 90), self.city()
             keys = (self.rng.choice(("name", "full_name", "person")), self.rng.choice(("age", "years")),
@@ -427,7 +431,8 @@ class _Generator:
         reasoning = f"The schema asks for {', '.join(keys)}."
         content = json.dumps(value, ensure_ascii=False)
         return Example("json", self.request(user, thinking, response_format=response_format),
-                       [_assistant(content, reasoning, thinking=thinking)], {"json": value, "schema": schema})
+                       [_assistant(content, reasoning, thinking=thinking)], {"json": value, "schema": schema},
+                       (city,) if kind == "person" else ())
 
     # ---- chat -----------------------------------------------------------------------------------------------
     def chat_turn(self) -> tuple[str, str]:

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -76,15 +77,47 @@ class Sequence:
 
 
 def tokenize(example: Example, tokenizer: Tokenizer) -> Sequence:
-    """Token ids of the rendered conversation, segment by segment (segments meet at special tokens, so this is the
-    tokenization of the whole text)."""
+    """Token ids of the rendered conversation, segment by segment (segments meet at special tokens). The text is the
+    encoder's byte for byte; only the names a reply copies from the prompt (``Example.copied``) are tokenized as in
+    the prompt where no space precedes them (``copied_name_ids``), elsewhere the tokenization is the canonical one."""
     ids: list[int] = []
     trained: list[bool] = []
     for text, is_trained in render(example).segments:
-        piece = tokenizer.encode(text)
-        ids += piece
-        trained += [is_trained] * len(piece)
+        for piece, is_name in _split_names(text, example.copied if is_trained else ()):
+            piece_ids = copied_name_ids(piece, tokenizer) if is_name else tokenizer.encode(piece)
+            ids += piece_ids
+            trained += [is_trained] * len(piece_ids)
     return Sequence(ids, trained)
+
+
+def copied_name_ids(name: str, tokenizer: Tokenizer) -> list[int]:
+    """``name`` in the tokens the prompt spells it with (`` Velmora`` -> ``ĠVel m ora``), the first one without its
+    space (``Vel m ora``). The canonical tokenization of ``">Velmora`` (``">V elm ora``) would make the model
+    re-spell a name it has never seen; this one makes writing it a copy of the prompt's tokens."""
+    spaced = tokenizer.encode(" " + name)
+    first = tokenizer.convert_ids_to_tokens(spaced[:1])[0] or ""
+    if first == "Ġ":
+        return spaced[1:]
+    bare = tokenizer.token_to_id(first[1:]) if first.startswith("Ġ") else None
+    if bare is None:  # no such token without the space: spell that first piece canonically
+        return tokenizer.encode(tokenizer.decode(spaced[:1]).removeprefix(" ")) + spaced[1:]
+    return [bare, *spaced[1:]]
+
+
+def _split_names(text: str, names: tuple[str, ...]) -> list[tuple[str, bool]]:
+    """``text`` cut into pieces, ``True`` for an occurrence of one of ``names`` that no space precedes."""
+    if not names:
+        return [(text, False)]
+    pattern = re.compile("|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True)))
+    pieces: list[tuple[str, bool]] = []
+    done = 0
+    for match in pattern.finditer(text):
+        if match.start() > 0 and text[match.start() - 1] == " ":
+            continue
+        pieces += [(text[done:match.start()], False), (match.group(), True)]
+        done = match.end()
+    pieces.append((text[done:], False))
+    return [(piece, is_name) for piece, is_name in pieces if piece]
 
 
 @dataclass
@@ -197,7 +230,7 @@ def train(args: argparse.Namespace, progress: bool = True) -> TrainResult:
     batches = corpus.batches(args.batch_tokens, rng, tokenizer.eos_token_id)
     budget_s = args.minutes * 60 if args.minutes else math.inf
     history: list[dict[str, float]] = []
-    start, tokens, step = time.monotonic(), 0, 0
+    start, cpu_start, tokens, step = time.monotonic(), time.process_time(), 0, 0
     bar = tqdm(total=args.steps, desc="Training", unit="step", disable=not progress)
     while step < args.steps:
         elapsed = time.monotonic() - start
@@ -219,7 +252,9 @@ def train(args: argparse.Namespace, progress: bool = True) -> TrainResult:
         step += 1
         tokens += ids.numel()
         seconds = time.monotonic() - start
-        history.append({"step": step, "seconds": round(seconds, 2), "tokens": tokens, "lm": losses.lm,
+        # CPU seconds (all threads) tell the cost on a shared machine, where wall time depends on the others' load.
+        history.append({"step": step, "seconds": round(seconds, 2), "tokens": tokens,
+                        "cpu_seconds": round(time.process_time() - cpu_start, 2), "lm": losses.lm,
                         "mtp": losses.mtp, "indexer_kl": losses.indexer_kl, "sparse": float(sparse)})
         bar.update(1)
         bar.set_postfix(lm=f"{losses.lm:.3f}", mtp=f"{losses.mtp:.3f}", kl=f"{losses.indexer_kl:.3f}",
@@ -297,6 +332,8 @@ def run_train_demo(args: argparse.Namespace) -> int:
         return 2
     result = train(args)
     last = result.history[-1] if result.history else {}
+    cpu = last.get("cpu_seconds", float("nan"))
     print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min ({result.tokens / result.seconds:.0f} "
-          f"tokens/s), final next-token loss {last.get('lm', float('nan')):.3f}; checkpoint in {result.output}")
+          f"tokens/s, {result.tokens / cpu:.0f} tokens per CPU-second), final next-token loss "
+          f"{last.get('lm', float('nan')):.3f}; checkpoint in {result.output}")
     return 0

@@ -20,7 +20,7 @@ from dsv32.train.corpus import (
     held_out_pair,
     render,
 )
-from dsv32.train.demo import tokenize
+from dsv32.train.demo import copied_name_ids, tokenize
 
 EXAMPLES = list(examples(400, seed=7))
 
@@ -104,8 +104,20 @@ def test_unknown_split_or_task_is_refused() -> None:
         next(examples(1, tasks=("poetry",)))
 
 
-def test_segment_tokenization_is_the_whole_texts(tokenizer: Tokenizer) -> None:
-    for ex in EXAMPLES[:120]:
+def test_tokenization_is_the_texts_and_copies_names_as_the_prompt_spells_them(tokenizer: Tokenizer) -> None:
+    copied = 0
+    for ex in EXAMPLES[:150]:
         sequence = tokenize(ex, tokenizer)
-        assert sequence.ids == tokenizer.encode(render(ex).text)
+        text = render(ex).text
+        assert tokenizer.decode(sequence.ids, skip_special_tokens=False) == text
         assert any(sequence.trained) and not sequence.trained[0]
+        if not ex.copied:
+            assert sequence.ids == tokenizer.encode(text)
+        for name in ex.copied:
+            spaced = tokenizer.encode(" " + name)
+            written = copied_name_ids(name, tokenizer)
+            assert tokenizer.decode(written) == name
+            assert written[len(written) - len(spaced) + 1:] == spaced[1:]  # all but the first piece: the prompt's
+            assert any(sequence.ids[i:i + len(written)] == written for i in range(len(sequence.ids)))
+            copied += 1
+    assert copied > 10
