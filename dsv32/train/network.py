@@ -74,7 +74,7 @@ class Indexer(nn.Module):
         q = _rotate(rope.indexer, self.wq_b(qr).view(batch, length, self.n_heads, self.head_dim))
         k = _rotate(rope.indexer, self.k_norm(self.wk(x)))
         weights = self.weights_proj(x) * self.n_heads**-0.5
-        scores = torch.einsum("bthd,bsd->bths", q, k).mul(self.head_dim**-0.5).relu()
+        scores = torch.einsum("bthd,bsd->bths", q * self.head_dim**-0.5, k).relu()  # scaled on the small side
         scores = torch.einsum("bths,bth->bts", scores, weights)
         return scores.masked_fill(_future(length, x.device), float("-inf"))
 
@@ -107,8 +107,9 @@ class MLA(nn.Module):
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(batch, length, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv[..., :self.nope], kv[..., self.nope:]
         k_pe = _rotate(rope.mla, k_pe)
-        scores = (torch.einsum("bthd,bshd->bhts", q_nope, k_nope)
-                  + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.scale
+        # The softmax scale is applied to the queries, not to the [B, H, L, L] scores (one pass fewer each way).
+        scores = (torch.einsum("bthd,bshd->bhts", q_nope * self.scale, k_nope)
+                  + torch.einsum("bthd,bsd->bhts", q_pe * self.scale, k_pe))
         index_scores = self.indexer(x.detach(), qr.detach(), rope)
         masked = _future(length, x.device)
         if sparse and length > self.indexer.topk:
@@ -158,13 +159,18 @@ class MoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = route(F.linear(flat, self.gate.weight), self.gate.e_score_correction_bias, c.n_group,
                              c.topk_group, c.num_experts_per_tok, c.norm_topk_prob, c.routed_scaling_factor)
-        out = self.shared_experts(flat)
-        for expert_id, expert in enumerate(self.experts):
-            rows, slots = (ids == expert_id).nonzero(as_tuple=True)
-            if rows.numel():
-                out = out.index_add(0, rows, expert(flat[rows]) * weights[rows, slots, None])
+        # Each expert runs on the rows routed to it; their weighted outputs are summed into place in one go.
+        order = ids.flatten().argsort(stable=True)
+        counts = torch.bincount(ids.flatten(), minlength=c.n_routed_experts)
+        rows = order // c.num_experts_per_tok
+        routed = []
+        for expert, expert_rows in zip(self.experts, rows.split(counts.tolist()), strict=True):
+            if expert_rows.numel():
+                routed.append(expert(flat[expert_rows]))
+        scaled = torch.cat(routed) * weights.flatten()[order, None]
+        out = self.shared_experts(flat).index_add(0, rows, scaled)
         with torch.no_grad():
-            self.load += torch.bincount(ids.flatten(), minlength=c.n_routed_experts).float()
+            self.load += counts.float()
         return out.view_as(x)
 
     @torch.no_grad()
