@@ -39,7 +39,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # In fp32 (as the inference model), also when autocast hands in bf16 activations.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
 
 
 def _linear(fan_in: int, fan_out: int) -> nn.Linear:
@@ -119,9 +120,10 @@ class MLA(nn.Module):
             masked = masked[:, None]
         probs = scores.masked_fill(masked, float("-inf")).softmax(dim=-1)
         out = self.o_proj(torch.einsum("bhts,bshd->bthd", probs, v).flatten(2))
-        target = probs.detach().sum(1)
+        # The KL in fp32 whatever the matmul precision (bf16 rounding would make it slightly negative).
+        target = probs.detach().float().sum(1)
         target = target / target.sum(-1, keepdim=True)
-        log_q = index_scores.masked_fill(masked.squeeze(1) if masked.dim() == 4 else masked, float("-inf"))
+        log_q = index_scores.float().masked_fill(masked.squeeze(1) if masked.dim() == 4 else masked, float("-inf"))
         log_q = log_q.log_softmax(dim=-1)
         kl = (target * (target.clamp_min(1e-12).log() - log_q.clamp_min(-1e4))).sum(-1)
         return AttentionOutput(out, kl.mean())

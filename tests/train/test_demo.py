@@ -21,8 +21,9 @@ def _args(tmp_path, *extra: str) -> argparse.Namespace:
                               "--bias-update-rate", "0.01", *extra])
 
 
-def test_a_few_toy_steps_lower_the_loss_and_export(tmp_path) -> None:
-    result = train(_args(tmp_path, "--steps", "24", "--dense-share", "0.5"), progress=False)
+@pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32", "bf16"])
+def test_a_few_toy_steps_lower_the_loss_and_export(tmp_path, precision: list[str]) -> None:
+    result = train(_args(tmp_path, "--steps", "24", "--dense-share", "0.5", *precision), progress=False)
     history = result.history
     assert result.steps == 24 and len(history) == 24
     first = sum(h["lm"] for h in history[:3]) / 3
