@@ -229,12 +229,18 @@ def train(args: argparse.Namespace, progress: bool = True) -> TrainResult:
                                   lr=args.lr, betas=(0.9, 0.95))
     batches = corpus.batches(args.batch_tokens, rng, tokenizer.eos_token_id)
     budget_s = args.minutes * 60 if args.minutes else math.inf
+
+    def used(steps_done: int, seconds: float) -> float:
+        """The share of the budget used: the schedule's clock."""
+        return max(steps_done / args.steps, seconds / budget_s)
+
     history: list[dict[str, float]] = []
     start, cpu_start, tokens, step = time.monotonic(), time.process_time(), 0, 0
-    bar = tqdm(total=args.steps, desc="Training", unit="step", disable=not progress)
+    # The bar shows the share of the budget (steps or minutes, whichever ends first) and its ETA.
+    bar = tqdm(total=100.0, desc="Training", disable=not progress,
+               bar_format="{l_bar}{bar}| [{elapsed}<{remaining}{postfix}]")
     while step < args.steps:
-        elapsed = time.monotonic() - start
-        fraction = max(step / args.steps, elapsed / budget_s)
+        fraction = used(step, time.monotonic() - start)
         if fraction >= 1:
             break
         sparse = fraction >= args.dense_share
@@ -257,8 +263,8 @@ def train(args: argparse.Namespace, progress: bool = True) -> TrainResult:
         history.append({"step": step, "seconds": round(seconds, 2), "tokens": tokens,
                         "cpu_seconds": round(time.process_time() - cpu_start, 2), "lm": losses.lm,
                         "mtp": losses.mtp, "indexer_kl": losses.indexer_kl, "sparse": float(sparse)})
-        bar.update(1)
-        bar.set_postfix(lm=f"{losses.lm:.3f}", mtp=f"{losses.mtp:.3f}", kl=f"{losses.indexer_kl:.3f}",
+        bar.update(100.0 * min(used(step, seconds), 1.0) - bar.n)
+        bar.set_postfix(step=step, lm=f"{losses.lm:.3f}", mtp=f"{losses.mtp:.3f}", kl=f"{losses.indexer_kl:.3f}",
                         stage="sparse" if sparse else "dense", tok_s=f"{tokens / seconds:.0f}")
     bar.close()
     seconds = time.monotonic() - start
