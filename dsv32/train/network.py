@@ -112,18 +112,18 @@ class MLA(nn.Module):
         scores = (torch.einsum("bthd,bshd->bhts", q_nope * self.scale, k_nope)
                   + torch.einsum("bthd,bsd->bhts", q_pe * self.scale, k_pe))
         index_scores = self.indexer(x.detach(), qr.detach(), rope)
-        masked = _future(length, x.device)
+        hidden_keys = _future(length, x.device)  # [L, L], or [B, L, L] once the indexer prunes
         if sparse and length > self.indexer.topk:
             chosen = index_scores.detach().topk(self.indexer.topk, dim=-1).indices
             # Rows with fewer causal keys than top-k also pick future (-inf) keys; the causal mask removes them.
-            masked = masked | torch.ones_like(index_scores, dtype=torch.bool).scatter_(-1, chosen, False)
-            masked = masked[:, None]
-        probs = scores.masked_fill(masked, float("-inf")).softmax(dim=-1)
+            hidden_keys = hidden_keys | torch.ones_like(index_scores, dtype=torch.bool).scatter_(-1, chosen, False)
+        head_mask = hidden_keys[:, None] if hidden_keys.dim() == 3 else hidden_keys
+        probs = scores.masked_fill(head_mask, float("-inf")).softmax(dim=-1)
         out = self.o_proj(torch.einsum("bhts,bshd->bthd", probs, v).flatten(2))
         # The KL in fp32 whatever the matmul precision (bf16 rounding would make it slightly negative).
         target = probs.detach().float().sum(1)
         target = target / target.sum(-1, keepdim=True)
-        log_q = index_scores.float().masked_fill(masked.squeeze(1) if masked.dim() == 4 else masked, float("-inf"))
+        log_q = index_scores.float().masked_fill(hidden_keys, float("-inf"))
         log_q = log_q.log_softmax(dim=-1)
         kl = (target * (target.clamp_min(1e-12).log() - log_q.clamp_min(-1e4))).sum(-1)
         return AttentionOutput(out, kl.mean())
