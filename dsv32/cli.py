@@ -423,6 +423,11 @@ _EXTERNAL_SUBCOMMANDS = (
     ("eval", "gsm8k", "dsv32.eval.gsm8k", "add_eval_gsm8k_arguments", "run_eval_gsm8k",
      "GSM8K accuracy of a running server."),
 )
+# Top-level subcommands written in other modules: (name, module, add-arguments, run, help).
+_EXTERNAL_COMMANDS = (
+    ("train-demo", "dsv32.train.demo", "add_train_demo_arguments", "run_train_demo",
+     "Train the small DeepSeek-V3.2 demo model on CPU (synthetic corpus) and export it as an HF checkpoint."),
+)
 
 
 def _add_external(group_parser: argparse.ArgumentParser, group: str, chosen: Sequence[str]) -> None:
@@ -449,7 +454,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                "  dsv32 serve /models/DeepSeek-V3.2 --max-model-len 32k\n"
                "  dsv32 chat --url http://127.0.0.1:8000\n"
                "  dsv32 run-batch -i requests.jsonl -o results.jsonl --model /models/DeepSeek-V3.2\n"
-               "  dsv32 bench serve --num-prompts 100\n  dsv32 eval gsm8k",
+               "  dsv32 bench serve --num-prompts 100\n  dsv32 eval gsm8k\n"
+               "  dsv32 train-demo --minutes 90",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -477,6 +483,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     evaluate = subparsers.add_parser("eval", help="Accuracy evaluations (eval gsm8k).",
                                      description="Accuracy evaluations.")
     _add_external(evaluate, "eval", argv)
+    for name, module_name, add_name, run_name, help_text in _EXTERNAL_COMMANDS:
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if list(argv[:1]) == [name]:  # torch is imported only when this command runs
+            module = importlib.import_module(module_name)
+            getattr(module, add_name)(sub)
+            sub.set_defaults(handler=getattr(module, run_name))
     return parser
 
 
