@@ -221,6 +221,22 @@ def _parse_quant(q: dict[str, Any] | None) -> QuantConfig | None:
                        activation_scheme=q.get("activation_scheme", "dynamic"), scale_fmt=q.get("scale_fmt"))
 
 
+def online_quantization(requested: str | None, config: ModelConfig) -> str | None:
+    """The online mode to apply at load (``int8`` / ``int4``, or None) when ``--quantization requested`` meets a
+    checkpoint of ``config``; a forced checkpoint format that the checkpoint does not have, or an online mode on a
+    checkpoint already in integers, is a ``ConfigError``."""
+    stored = config.quantization.quant_method if config.quantization is not None else None
+    if requested is None or requested == stored:
+        return None
+    if requested in ONLINE_QUANTIZATION:
+        if stored not in (None, "fp8"):
+            raise ConfigError(f"--quantization {requested}: the checkpoint is already quantised "
+                              f"(config.json 'quantization_config.quant_method' = {stored!r}); omit --quantization")
+        return requested
+    raise ConfigError(f"--quantization {requested}: the checkpoint's config.json 'quantization_config.quant_method' "
+                      f"is {stored!r}")
+
+
 def _validate(c: ModelConfig) -> None:
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
@@ -356,6 +372,11 @@ class SpeculativeConfig:
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# --quantization: the online weight-only modes, or the name of a checkpoint's own format (vLLM / SGLang names) to
+# insist on it (a checkpoint in another format is then an error).
+ONLINE_QUANTIZATION = ("int8", "int4")
+CHECKPOINT_QUANTIZATION = ("fp8", "blockwise_int8", "w8a8_int8", "compressed-tensors")
+QUANTIZATION_METHODS = ONLINE_QUANTIZATION + CHECKPOINT_QUANTIZATION
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DEVICES = ("auto", "cpu", "cuda")  # the CLI's choices; EngineConfig also takes "cuda:N"
@@ -408,6 +429,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     block_size: int = 64
     kv_cache_dtype: str = "auto"
+    # Weight quantisation (vLLM's --quantization): None = as the checkpoint stores it (config.json's
+    # quantization_config); int8 / int4 = quantise online at load; a checkpoint format's name = insist on it.
+    quantization: str | None = None
     kv_cache_memory: int | None = None  # bytes for the KV cache; None = from gpu_memory_utilization / a CPU default
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
@@ -455,6 +479,9 @@ class EngineConfig:
                 raise ConfigError(f"--cuda-graph-sizes must be positive integers, got {list(self.cuda_graph_sizes)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(f"--quantization {self.quantization!r}: expected one of "
+                              f"{', '.join(QUANTIZATION_METHODS)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype {self.kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
         if self.load_format not in LOAD_FORMATS:

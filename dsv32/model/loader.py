@@ -28,12 +28,13 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from dsv32.config import ModelConfig
+from dsv32.config import ConfigError, ModelConfig, online_quantization
 from dsv32.distributed.parallel import SINGLE_PROCESS, ParallelContext, validate_layout
 from dsv32.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8
 from dsv32.model.deepseek import DeepseekForCausalLM, Embedding
 from dsv32.model.linear import Linear, narrow_padded
 from dsv32.model.moe import FP8_BLOCK, Experts
+from dsv32.model.quantize import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +81,21 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
                dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", seed: int = 0,
                with_mtp: bool = False, progress: bool = True, keep_fp8: bool | None = None,
-               parallel: ParallelContext = SINGLE_PROCESS) -> DeepseekForCausalLM:
+               parallel: ParallelContext = SINGLE_PROCESS, quantization: str | None = None) -> DeepseekForCausalLM:
     """Instantiate ``DeepseekForCausalLM`` on ``device`` and load (or, for ``dummy``, generate) its weights
     (``parallel``: this rank's shard of them).
 
     ``keep_fp8``: keep the checkpoint's e4m3 weights as they are, with their block multipliers (default: on CUDA;
     on CPU the dequantised weights are as fast and the outputs are the same). Tensors the checkpoint stores in
-    another dtype (norms, router, embeddings, LM head, ...) are loaded into the compute dtype either way."""
+    another dtype (norms, router, embeddings, LM head, ...) are loaded into the compute dtype either way.
+
+    ``quantization``: vLLM's ``--quantization`` (``dsv32.config.online_quantization``): ``int8`` / ``int4`` quantise
+    the covered weights at load (``dsv32.model.quantize``), after they are loaded (and dequantised from FP8)."""
     device = torch.device(device)
+    online = online_quantization(quantization, config)
+    if online is not None and device.type != "cpu":
+        raise ConfigError(f"--quantization {online}: the packed INT8 / INT4 kernels run on CPU only (device "
+                          f"{device.type})")
     if keep_fp8 is None:
         keep_fp8 = device.type == "cuda"
     torch_dtype = compute_dtype(resolve_dtype(dtype, config), device)
@@ -102,6 +110,8 @@ def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
         load_safetensors(model, path, progress=progress, keep_fp8=keep_fp8)
     else:
         raise ValueError(f"load_format {load_format!r}: expected auto, safetensors or dummy")
+    if online is not None:
+        quantize_model(model, online)
     model.prepare_weights()
     return model.eval()
 
