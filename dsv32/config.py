@@ -531,6 +531,14 @@ class EngineConfig:
         if self.distributed_timeout_s <= 0:
             raise ConfigError(f"--distributed-timeout must be positive, got {self.distributed_timeout_s}")
 
+    def weight_quantization(self, model_config: ModelConfig) -> str | None:
+        """The weights' format as served: ``--quantization``, else the checkpoint's ``quant_method`` (None for
+        dummy weights, drawn in the compute dtype whatever the config says)."""
+        if self.quantization is not None:
+            return self.quantization
+        dummy = self.model == TINY_PRESET or self.load_format == "dummy"
+        return model_config.quantization.quant_method if model_config.quantization and not dummy else None
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model

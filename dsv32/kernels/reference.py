@@ -317,14 +317,16 @@ def fused_moe_fixed_shape(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
 
 def fused_moe_int_fixed_shape(x: torch.Tensor, w13: PackedIntWeight, w2: PackedIntWeight,
                               topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """``fused_moe_fixed_shape`` for INT8 / INT4 expert stacks: few pairs (``T * k <= E``), each pair's expert is
-    picked by a tensor index (its packed bytes only); more pairs, every expert runs every token, combined densely."""
+    """``fused_moe_fixed_shape`` for INT8 / INT4 expert stacks: one token (the batch-1 graph), each of its ``k``
+    pairs picks its expert by a tensor index (its packed bytes only); more tokens, every expert runs every token,
+    combined densely (the integer kernels take one 2-D weight each, so the pairs of a batch whose size is symbolic
+    in the graph cannot be looped over; ``T == 1`` is decided by the shape's range, adding no guard)."""
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.data.shape[0]
     routed = (topk_ids >= 0) & (topk_ids < num_experts)
     ids = topk_ids.clamp(0, num_experts - 1)
     weights = topk_weights.float() * routed
-    if num_tokens * top_k <= num_experts:
+    if num_tokens == 1 and top_k <= num_experts:
         rows = x.repeat_interleave(top_k, dim=0)
         ys = [int_linear(_swiglu(int_linear(rows[p:p + 1], w13.expert(e))), w2.expert(e))
               for p, e in enumerate(ids.flatten().unbind(0))]

@@ -28,9 +28,8 @@ def load_engine_model(engine_config: EngineConfig, model_config: ModelConfig, de
                        seed=engine_config.seed, with_mtp=engine_config.num_speculative_tokens > 0,
                        progress=parallel.rank == 0, parallel=parallel, quantization=engine_config.quantization)
     if parallel.rank == 0:
-        method = engine_config.quantization or (model_config.quantization.quant_method if model_config.quantization
-                                                else None)
-        logger.info("model weights: %.1f MiB (quantization: %s)", weight_bytes(model) / 2**20, method or "none")
+        logger.info("model weights: %.1f MiB (quantization: %s)", weight_bytes(model) / 2**20,
+                    engine_config.weight_quantization(model_config) or "none")
     model.kernel_backend = select_backend(device.type, engine_config.kernel_backend)
     if parallel.rank == 0:
         logger.info("kernel backend for %s: %s", device.type, model.kernel_backend.name)
