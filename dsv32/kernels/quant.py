@@ -29,6 +29,7 @@ INT4_SYMMETRIC_ZERO = 8
 INT8_MAX = 127
 INT4_MAX = 15
 _INT4PACK_N_MULTIPLE = 16  # tinygemm's CPU layout packs 16 output rows together
+_INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes tinygemm's CPU kernel takes
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,18 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE, symme
     return IntWeight(4, q.view(rows, cols).to(torch.uint8), scale, zero, group_size)
 
 
+def concat_rows(first: IntWeight, second: IntWeight) -> IntWeight:
+    """One ``IntWeight`` of ``first``'s rows then ``second``'s (an expert's gate and up projections); ValueError when
+    their formats differ (bits, groups, zero points, act order)."""
+    same_g_idx = (first.g_idx is None and second.g_idx is None) or (
+        first.g_idx is not None and second.g_idx is not None and torch.equal(first.g_idx, second.g_idx))
+    if ((first.bits, first.group_size, first.act_quant) != (second.bits, second.group_size, second.act_quant)
+            or (first.zero is None) != (second.zero is None) or not same_g_idx):
+        raise ValueError("the two weights are quantised differently")
+    zero = torch.cat((first.zero, second.zero)) if first.zero is not None else None
+    return replace(first, q=torch.cat((first.q, second.q)), scale=torch.cat((first.scale, second.scale)), zero=zero)
+
+
 def dequantize(weight: IntWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The reference: ``W`` [N, K] in ``dtype``, formed elementwise from the plain form."""
     if weight.bits == 8:
@@ -138,10 +151,11 @@ class PackedIntWeight:
 
 
 def packable(shape: tuple[int, int], bits: int, group_size: int = INT4_GROUP_SIZE) -> bool:
-    """Whether the CPU kernels take an ``[N, K]`` weight of ``bits``: INT8 any; INT4 needs ``K`` a multiple of the
-    group and ``N`` of 16 (tinygemm's row tile)."""
+    """Whether the CPU kernels take an ``[N, K]`` weight of ``bits``: INT8 any; INT4 needs a group of 32, 64, 128 or
+    256 dividing ``K`` and ``N`` a multiple of 16 (tinygemm's row tile)."""
     rows, cols = shape
-    return bits == 8 or (cols % group_size == 0 and rows % _INT4PACK_N_MULTIPLE == 0)
+    return bits == 8 or (group_size in _INT4PACK_GROUP_SIZES and cols % group_size == 0
+                         and rows % _INT4PACK_N_MULTIPLE == 0)
 
 
 def pack(weight: IntWeight, dtype: torch.dtype) -> PackedIntWeight:
@@ -152,7 +166,8 @@ def pack(weight: IntWeight, dtype: torch.dtype) -> PackedIntWeight:
                                act_quant=weight.act_quant)
     if not packable(weight.shape, 4, weight.group_size):
         raise ValueError(f"a {rows}x{cols} INT4 weight with groups of {weight.group_size} does not fit the CPU INT4 "
-                         f"kernel (it needs K % group == 0 and N % {_INT4PACK_N_MULTIPLE} == 0)")
+                         f"kernel (it needs a group in {_INT4PACK_GROUP_SIZES}, K % group == 0 and "
+                         f"N % {_INT4PACK_N_MULTIPLE} == 0)")
     q, scale, zero, perm = weight.q, weight.scale.float(), weight.zero, None
     if weight.g_idx is not None:
         groups = weight.groups()
