@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dsv32.kernels import reference
 from dsv32.kernels.quant import (
@@ -73,12 +74,25 @@ def test_unpackable_int4_shape_is_refused() -> None:
         pack(quantize_int4(torch.randn(24, 128), 128), torch.float32)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+def _moe_reference(x: torch.Tensor, w13: list[IntWeight], w2: list[IntWeight], weights: torch.Tensor,
+                   ids: torch.Tensor) -> torch.Tensor:
+    """Token by token, slot by slot: each routed expert's two dequantise-then-matmul products (``reference_linear``,
+    activations rounded per token for W8A8), weighted and summed in fp32. Ids outside the experts add nothing."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(ids[t].tolist()):
+            if 0 <= e < len(w13):
+                gate, up = reference_linear(x[t:t + 1], w13[e]).chunk(2, dim=-1)
+                out[t] += weights[t, j] * reference_linear(F.silu(gate) * up, w2[e])[0].float()
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["int8", "w8a8", "int4"])
 @pytest.mark.parametrize("num_tokens", [1, 3, 12])
-def test_int_moe_matches_dense_moe_on_dequantized_experts(bits: int, num_tokens: int) -> None:
+def test_int_moe_matches_per_pair_reference(fmt: str, num_tokens: int) -> None:
     num_experts, hidden, inter, top_k = 6, 128, 128, 2
     gen = torch.Generator().manual_seed(num_tokens)
-    quantize = quantize_int8 if bits == 8 else quantize_int4
+    quantize = {"int8": quantize_int8, "w8a8": lambda w: quantize_int8(w, act_quant=True), "int4": quantize_int4}[fmt]
     w13 = [quantize(torch.randn(2 * inter, hidden, generator=gen) * 0.1) for _ in range(num_experts)]
     w2 = [quantize(torch.randn(hidden, inter, generator=gen) * 0.1) for _ in range(num_experts)]
     x = torch.randn(num_tokens, hidden, generator=gen)
@@ -86,15 +100,12 @@ def test_int_moe_matches_dense_moe_on_dequantized_experts(bits: int, num_tokens:
     weights = torch.rand(num_tokens, top_k, generator=gen)
     packed13 = stack_packed([pack(w, torch.float32) for w in w13])
     packed2 = stack_packed([pack(w, torch.float32) for w in w2])
-    want = reference.fused_moe(x, torch.stack([dequantize(w) for w in w13]), torch.stack([dequantize(w) for w in w2]),
-                               weights, ids)
+    want = _moe_reference(x, w13, w2, weights, ids)
     torch.testing.assert_close(reference.fused_moe_int(x, packed13, packed2, weights, ids), want, atol=1e-4, rtol=1e-4)
     fixed = reference.fused_moe_int_fixed_shape(x, packed13, packed2, weights, ids)
     torch.testing.assert_close(fixed, want, atol=1e-4, rtol=1e-4)
     # ids outside [0, E) (another rank's experts) contribute nothing in the fixed-shape form
     other_rank = ids.clone()
     other_rank[:, 1] = num_experts + 1
-    only_first = reference.fused_moe(x, torch.stack([dequantize(w) for w in w13]),
-                                     torch.stack([dequantize(w) for w in w2]), weights[:, :1], ids[:, :1])
     torch.testing.assert_close(reference.fused_moe_int_fixed_shape(x, packed13, packed2, weights, other_rank),
-                               only_first, atol=1e-4, rtol=1e-4)
+                               _moe_reference(x, w13, w2, weights, other_rank), atol=1e-4, rtol=1e-4)
