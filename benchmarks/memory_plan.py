@@ -100,11 +100,15 @@ GPUS = (
     # B200 (HBM3e, 192 GB raw, 180 GB usable per DGX B200's 1440 GB): nvidia-smi 183359 MiB
     # (NVIDIA/TensorRT-LLM#10278, 8xB200 running DeepSeek-V3.2-Exp); PyTorch "total capacity of 178.35 GiB".
     Gpu("B200", int(178.35 * GiB)),
+)
+# The cards people plan quantised deployments on (--gpu picks them).
+A100_GPUS = (
     # A100-SXM4-80GB: nvidia-smi 81920 MiB; PyTorch "total capacity of 79.15 GiB" (public OOM reports).
     Gpu("A100-80GB", int(79.15 * GiB)),
     # A100-SXM4-40GB / PCIe 40GB: nvidia-smi 40960 MiB; PyTorch "total capacity of 39.39 GiB".
     Gpu("A100-40GB", int(39.39 * GiB)),
 )
+ALL_GPUS = GPUS + A100_GPUS
 WEIGHT_FORMATS = ("fp8", "int8", "int4")
 
 
@@ -302,7 +306,7 @@ def cache_tokens(budget: int, bytes_per_token: int, block_size: int, config: Mod
 
 
 def plan(model: DeepseekForCausalLM, utilization: float = 0.9, reserve_bytes: int = int(DEFAULT_RESERVE_GIB * GiB),
-         block_size: int = 64, layouts: tuple[Layout, ...] = LAYOUTS, gpus: tuple[Gpu, ...] = GPUS[:2],
+         block_size: int = 64, layouts: tuple[Layout, ...] = LAYOUTS, gpus: tuple[Gpu, ...] = GPUS,
          weights: str = "fp8") -> list[PlanRow]:
     """One row per layout and GPU for ``model`` (from ``build_model``)."""
     specs = enumerate_tensors(model, weights)
@@ -354,13 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=WORLD_SIZE, help="GPUs in all (16: two 8-GPU machines).")
     parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="fp8",
                         help="The checkpoint's FP8 kept (default), or bf16 quantised online (--quantization).")
-    parser.add_argument("--gpu", nargs="+", choices=[gpu.name for gpu in GPUS], default=["H200", "B200"])
+    parser.add_argument("--gpu", nargs="+", choices=[gpu.name for gpu in ALL_GPUS], default=["H200", "B200"])
     args = parser.parse_args(argv)
     layouts = make_layouts(args.world_size)
     config = ModelConfig()
     model = build_model(config, args.speculative, args.weights)
     specs = enumerate_tensors(model, args.weights)
-    gpus = tuple(gpu for gpu in GPUS if gpu.name in args.gpu)
+    gpus = tuple(gpu for gpu in ALL_GPUS if gpu.name in args.gpu)
     rows = plan(model, args.gpu_memory_utilization, int(args.reserve_gib * GiB), args.block_size, layouts, gpus,
                 args.weights)
     layers = config.num_hidden_layers + (config.num_nextn_predict_layers if args.speculative else 0)
