@@ -18,7 +18,6 @@ usage: quantization.py [--repeats 3] [--steps 32] [--out benchmarks/quantization
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -62,30 +61,33 @@ def timed_generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float
     return time.perf_counter() - start
 
 
-def measure_speed(mode: str | None, args: argparse.Namespace) -> dict[str, object]:
-    llm = LLM("tiny", model_config=speed_config(), dtype="bfloat16", quantization=mode, enforce_eager=True,
-              max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=1024, enable_prefix_caching=False)
-    weight_bytes = llm.engine.weight_bytes
+def measure_speed(args: argparse.Namespace) -> dict[str | None, dict[str, object]]:
+    """Every mode's engine loaded side by side and timed in turns (bf16, int8, int4 within each repeat), so a burst
+    of load from other jobs hits the modes of one repeat alike: the ratios are taken per repeat."""
+    llms = {mode: LLM("tiny", model_config=speed_config(), dtype="bfloat16", quantization=mode, enforce_eager=True,
+                      max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=1024, enable_prefix_caching=False)
+            for mode in MODES}
+    results: dict[str | None, dict[str, object]] = {
+        mode: {"weight_bytes": llm.engine.weight_bytes, "decode_b1": [], "decode_b8": [], "prefill": []}
+        for mode, llm in llms.items()}
+    for llm in llms.values():
+        timed_generate(llm, [[5] * 16], 4)  # warm-up: first-call allocations, oneDNN kernel selection
     gen = torch.Generator().manual_seed(0)
-    result: dict[str, object] = {"weight_bytes": weight_bytes}
-    timed_generate(llm, [[5] * 16], 4)  # warm-up: first-call allocations, oneDNN kernel selection
-    for batch in (1, 8):
-        rates = []
-        for _ in range(args.repeats):
-            prompts = [torch.randint(10, 30000, (32,), generator=gen).tolist() for _ in range(batch)]
-            first = timed_generate(llm, prompts, 1)
-            full = timed_generate(llm, prompts, 1 + args.steps)
-            rates.append(batch * args.steps / max(full - first, 1e-9))
-        result[f"decode_b{batch}"] = rates
-    prefill = []
     for _ in range(args.repeats):
+        for batch in (1, 8):
+            prompts = [torch.randint(10, 30000, (32,), generator=gen).tolist() for _ in range(batch)]
+            for mode, llm in llms.items():
+                first = timed_generate(llm, prompts, 1)
+                full = timed_generate(llm, prompts, 1 + args.steps)
+                results[mode][f"decode_b{batch}"].append(batch * args.steps / max(full - first, 1e-9))
         prompt = torch.randint(10, 30000, (512,), generator=gen).tolist()
-        prefill.append(512 / timed_generate(llm, [prompt], 1))
-    result["prefill"] = prefill
-    llm.engine.close()
-    del llm
-    gc.collect()
-    return result
+        for mode, llm in llms.items():
+            results[mode]["prefill"].append(512 / timed_generate(llm, [prompt], 1))
+        print({name(m): {k: v[-1] for k, v in r.items() if k != "weight_bytes"} for m, r in results.items()},
+              file=sys.stderr, flush=True)
+    for llm in llms.values():
+        llm.engine.close()
+    return results
 
 
 def teacher_forced_logits(config: ModelConfig, mode: str | None, ids: torch.Tensor) -> torch.Tensor:
@@ -130,17 +132,15 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "quantization.md"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    speed = {}
-    for mode in MODES:
-        speed[mode] = measure_speed(mode, args)
-        print(name(mode), speed[mode], file=sys.stderr, flush=True)
+    speed = measure_speed(args)
     quality = {"tiny V3.2 preset": measure_quality(tiny_config())}
     base = speed[None]
     lines = ["| mode | weight bytes | x bf16 | decode tok/s b1 | x bf16 | decode tok/s b8 | x bf16 | prefill tok/s "
              "(512) | x bf16 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode in MODES:
         row = speed[mode]
-        ratios = [statistics.median(row[k]) / statistics.median(base[k]) for k in ("decode_b1", "decode_b8", "prefill")]
+        ratios = [statistics.median(a / b for a, b in zip(row[k], base[k], strict=True))
+                  for k in ("decode_b1", "decode_b8", "prefill")]
         lines.append(f"| {name(mode)} | {row['weight_bytes'] / 2**20:,.0f} MiB | "
                      f"{row['weight_bytes'] / base['weight_bytes']:.2f} | {spread(row['decode_b1'])} | {ratios[0]:.2f} "
                      f"| {spread(row['decode_b8'])} | {ratios[1]:.2f} | {spread(row['prefill'])} | {ratios[2]:.2f} |")
@@ -153,7 +153,8 @@ def main() -> int:
         "# Weight quantisation on CPU: bytes, speed, quality", "", f"`python benchmarks/quantization.py --repeats "
         f"{args.repeats} --steps {args.steps}` on {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}. "
         "The cores are shared with other jobs: timings are disturbed; each is the median of the runs with the "
-        "(min-max) spread.", "", "## Speed (speed model, eager)", "", *lines, "",
+        "(min-max) spread; the modes run in turns within each repeat and `x bf16` is the median of the per-repeat ratios.",
+        "", "## Speed (speed model, eager)", "", *lines, "",
         f"## Quality vs bf16 (teacher-forced, {QUALITY_TOKENS} tokens)", "", *quality_lines, ""])
     print(report)
     with open(args.out, "w") as fh:
