@@ -153,7 +153,8 @@ def main() -> int:
         "# Weight quantisation on CPU: bytes, speed, quality", "", f"`python benchmarks/quantization.py --repeats "
         f"{args.repeats} --steps {args.steps}` on {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}. "
         "The cores are shared with other jobs: timings are disturbed; each is the median of the runs with the "
-        "(min-max) spread; the modes run in turns within each repeat and `x bf16` is the median of the per-repeat ratios.",
+        "(min-max) spread; the modes run in turns within each repeat and `x bf16` is the median of the per-repeat "
+        "ratios.",
         "", "## Speed (speed model, eager)", "", *lines, "",
         f"## Quality vs bf16 (teacher-forced, {QUALITY_TOKENS} tokens)", "", *quality_lines, ""])
     print(report)
