@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.serving import engine_turn, load_lines  # noqa: E402
 from dsv32.config import ModelConfig, tiny_config  # noqa: E402
 from dsv32.engine.llm import LLM  # noqa: E402
 from dsv32.engine.sampling_params import SamplingParams  # noqa: E402
@@ -146,7 +147,9 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "quantization.md"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    speed = measure_speed(args)
+    busy: list[str] = []
+    with engine_turn("the three modes' engines", os.cpu_count() or 1, busy):
+        speed = measure_speed(args)
     quality = {"tiny V3.2 preset": measure_quality(tiny_config())}
     base = speed[None]
     lines = ["| mode | weight bytes | x bf16 | decode tok/s b1 | x bf16 | decode tok/s b8 | x bf16 | prefill tok/s "
@@ -168,7 +171,7 @@ def main() -> int:
         f"{args.repeats} --steps {args.steps}` on {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}. "
         "The cores are shared with other jobs: timings are disturbed; each is the median of the runs with the "
         "(min-max) spread; the modes run in turns within each repeat and `x bf16` is the median of the per-repeat "
-        "ratios.",
+        "ratios.", "", *load_lines(busy),
         "", "## Speed (speed model, eager)", "", *lines, "",
         f"## Quality vs bf16 (teacher-forced, {QUALITY_TOKENS} tokens)", "", *quality_lines, ""])
     print(report)
