@@ -3,8 +3,12 @@ covered projections, bytes, and the --quantization checks."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from dsv32.config import ConfigError, ModelConfig
 from dsv32.kernels.quant import dequantize, packable
@@ -14,6 +18,7 @@ from dsv32.model.moe import Experts
 from dsv32.model.quantize import QUANTIZED_PROJECTIONS, quantizer, weight_bytes
 
 from .conftest import VOCAB, make_hf_checkpoint, single_sequence_batch
+from .test_loader import _write_fp8_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +103,22 @@ def test_quantization_flag_checks(hf_checkpoints: dict[str, str]) -> None:
         load_model(config, path, dtype="float32", progress=False, quantization="w8a8_int8")
     with pytest.raises(ConfigError, match="CPU only"):
         load_model(config, None, device="meta", progress=False, quantization="int8")
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_online_quantization_of_an_fp8_checkpoint_quantizes_its_dequantized_weights(
+        hf_checkpoints: dict[str, str], tmp_path, method: str) -> None:
+    """From FP8: the e4m3 weights are dequantised at load, then quantised, exactly as the same weights stored in
+    bf16/fp32 would be."""
+    fp8_dir, plain_dir = str(tmp_path / "fp8"), str(tmp_path / "plain")
+    reference = _write_fp8_checkpoint(hf_checkpoints["v32"], fp8_dir)
+    os.makedirs(plain_dir)
+    save_file({k: v.contiguous() for k, v in reference.items()}, os.path.join(plain_dir, "model.safetensors"))
+    shutil.copy(os.path.join(hf_checkpoints["v32"], "config.json"), plain_dir)
+    ids = torch.randint(0, VOCAB, (16,), generator=torch.Generator().manual_seed(3))
+    from_fp8 = load_model(ModelConfig.from_pretrained(fp8_dir), fp8_dir, dtype="float32", progress=False,
+                          quantization=method)
+    from_plain = load_model(ModelConfig.from_pretrained(plain_dir), plain_dir, dtype="float32", progress=False,
+                            quantization=method)
+    assert from_fp8.model.layers[1].self_attn.o_proj.int_weight is not None
+    torch.testing.assert_close(_logits(from_fp8, ids), _logits(from_plain, ids), atol=1e-5, rtol=1e-5)
