@@ -81,9 +81,14 @@ class Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """``W`` in the compute dtype (the weight itself unless it is kept in e4m3 or integers; then a fresh
         dequantised copy)."""
-        if self.int_weight is not None:  # the kernel's own product with the identity: W^T, exactly as it multiplies
-            eye = torch.eye(self.in_features, dtype=self.dtype, device=self.weight.device)
-            return int_linear(eye, self.int_weight).t().contiguous()
+        if self.int_weight is not None:  # the kernel's own product with the identity (W^T, as it multiplies)
+            parts = []
+            for start in range(0, self.in_features, 1024):  # 1024 rows of the identity at a time
+                rows = torch.zeros(min(1024, self.in_features - start), self.in_features, dtype=self.dtype,
+                                   device=self.weight.device)
+                rows.diagonal(start).fill_(1)
+                parts.append(int_linear(rows, self.int_weight))
+            return torch.cat(parts).t().contiguous()
         if self.weight_scale_inv is None:
             return self.weight
         return dequantize_block_fp8(self.weight, self.weight_scale_inv, self.block, self.dtype)

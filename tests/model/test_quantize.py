@@ -122,3 +122,12 @@ def test_online_quantization_of_an_fp8_checkpoint_quantizes_its_dequantized_weig
                             quantization=method)
     assert from_fp8.model.layers[1].self_attn.o_proj.int_weight is not None
     torch.testing.assert_close(_logits(from_fp8, ids), _logits(from_plain, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_dequantized_weight_of_an_int_linear_is_its_codes() -> None:
+    linear = Linear(2304, 48, torch.float32)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 2304))
+    codes = quantizer("int8")[1](linear.weight)
+    linear.quantize(codes)
+    torch.testing.assert_close(linear.dequantized_weight(), dequantize(codes), atol=1e-6, rtol=1e-5)
