@@ -32,8 +32,14 @@ Tokens that fit, per GPU: ``floor((utilization x capacity - weights - reserve) /
 whole blocks, as ``dsv32.engine.runner.plan_kv_cache`` does. ``reserve`` stands for what the engine's profiling
 step measures besides the weights (see ``DEFAULT_RESERVE_GIB``).
 
+``--weights int8`` / ``int4``: the bf16 checkpoint quantised as ``--quantization int8|int4`` holds it
+(``dsv32.model.quantize``): the covered projections and experts as int8 codes with one bf16 scale per output row, or
+as 4-bit codes (two a byte) with a bf16 (scale, offset) pair per 128-column group; the rest in bf16. A per-row scale
+is held whole by every rank of a row-parallel split. (dsv32's INT kernels run on CPU; the bytes are the same for a
+GPU's W8A16 / W4A16 layouts.)
+
 usage: memory_plan.py [--gpu-memory-utilization 0.9] [--reserve-gib 6] [--speculative] [--block-size 64]
-                      [--world-size 8]
+                      [--world-size 8] [--weights fp8|int8|int4] [--gpu H200 B200 A100-80GB A100-40GB]
 """
 
 from __future__ import annotations
@@ -54,10 +60,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dsv32.config import EngineConfig, ModelConfig  # noqa: E402
 from dsv32.engine.runner import plan_kv_cache  # noqa: E402
 from dsv32.kernels.fp8 import FP8_DTYPE  # noqa: E402
+from dsv32.kernels.quant import INT4_GROUP_SIZE  # noqa: E402
 from dsv32.model.deepseek import DeepseekForCausalLM  # noqa: E402
 from dsv32.model.linear import Linear  # noqa: E402
 from dsv32.model.mla import MLA  # noqa: E402
 from dsv32.model.moe import FP8_BLOCK, Experts  # noqa: E402
+from dsv32.model.quantize import QUANTIZED_PROJECTIONS  # noqa: E402
 
 GiB = 1 << 30
 WORLD_SIZE = 8
@@ -93,6 +101,15 @@ GPUS = (
     # (NVIDIA/TensorRT-LLM#10278, 8xB200 running DeepSeek-V3.2-Exp); PyTorch "total capacity of 178.35 GiB".
     Gpu("B200", int(178.35 * GiB)),
 )
+# The cards people plan quantised deployments on (--gpu picks them).
+A100_GPUS = (
+    # A100-SXM4-80GB: nvidia-smi 81920 MiB; PyTorch "total capacity of 79.15 GiB" (public OOM reports).
+    Gpu("A100-80GB", int(79.15 * GiB)),
+    # A100-SXM4-40GB / PCIe 40GB: nvidia-smi 40960 MiB; PyTorch "total capacity of 39.39 GiB".
+    Gpu("A100-40GB", int(39.39 * GiB)),
+)
+ALL_GPUS = GPUS + A100_GPUS
+WEIGHT_FORMATS = ("fp8", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -102,7 +119,7 @@ class TensorSpec:
 
     name: str
     shape: tuple[int, ...]
-    itemsize: int
+    itemsize: float  # bytes per element: 0.5 for 4-bit codes
     role: str
     fp8: bool
 
@@ -112,7 +129,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.itemsize
+        return math.ceil(self.numel * self.itemsize)
 
 
 # Sharding roles, first match wins; a name matching none is replicated (norms, q_a_proj, kv_a_proj_with_mqa, the
@@ -163,7 +180,7 @@ class Layout:
     def shard_shape(self, spec: TensorSpec) -> tuple[int, ...]:
         """The shape one rank holds; refuses a split that is uneven or breaks an FP8 128x128 block."""
         dim = self.split_dim.get(spec.role)
-        if dim is None:
+        if dim is None or spec.shape[dim] == 1:  # replicated, or a per-row scale's single column: held whole
             return spec.shape
         size = spec.shape[dim]
         if size % self.world_size:
@@ -176,7 +193,7 @@ class Layout:
         return spec.shape[:dim] + (part,) + spec.shape[dim + 1:]
 
     def shard_bytes(self, spec: TensorSpec) -> int:
-        return math.prod(self.shard_shape(spec)) * spec.itemsize
+        return math.ceil(math.prod(self.shard_shape(spec)) * spec.itemsize)
 
     def is_split(self, spec: TensorSpec) -> bool:
         return self.split_dim.get(spec.role) is not None
@@ -204,13 +221,15 @@ LAYOUTS = make_layouts()
 TP8, TP8_EP8, DP8_EP8 = LAYOUTS
 
 
-def build_model(config: ModelConfig, with_mtp: bool) -> DeepseekForCausalLM:
-    """The model on the meta device, weights stored as the loader stores a FP8 checkpoint on CUDA, derived MLA
-    weights made. No memory is allocated."""
+def build_model(config: ModelConfig, with_mtp: bool, weights: str = "fp8") -> DeepseekForCausalLM:
+    """The model on the meta device, weights stored as the loader stores a FP8 checkpoint on CUDA (``weights``
+    ``fp8``; else bf16, quantised in ``enumerate_tensors``), derived MLA weights made. No memory is allocated."""
     block = config.quantization.weight_block_size if config.quantization else (FP8_BLOCK, FP8_BLOCK)
     with torch.device("meta"):
         model = DeepseekForCausalLM(config, torch.bfloat16, with_mtp=with_mtp)
         for name, module in model.named_modules():
+            if weights != "fp8":
+                break
             if isinstance(module, Linear) and not name.endswith(UNSCALED_LINEARS):
                 module.to_fp8(block)
             elif isinstance(module, Experts):
@@ -222,7 +241,7 @@ def build_model(config: ModelConfig, with_mtp: bool) -> DeepseekForCausalLM:
     return model
 
 
-def enumerate_tensors(model: DeepseekForCausalLM) -> list[TensorSpec]:
+def enumerate_tensors(model: DeepseekForCausalLM, weights: str = "fp8") -> list[TensorSpec]:
     """Every tensor the model keeps: parameters, buffers (block scales, RoPE frequencies) and MLA's derived weights
     (``MLAWeights``: the bf16 ``kv_b`` and its absorbed parts, counted where they own memory, not where views)."""
     named: list[tuple[str, torch.Tensor]] = [*model.named_parameters(), *model.named_buffers()]
@@ -231,8 +250,25 @@ def enumerate_tensors(model: DeepseekForCausalLM) -> list[TensorSpec]:
             derived = module.mla_weights
             named += [(f"{name}.mla_weights.{f.name}", getattr(derived, f.name)) for f in dataclasses.fields(derived)
                       if getattr(derived, f.name)._base is None]
-    return [TensorSpec(name, tuple(t.shape), t.element_size(), _first_match(name, ROLE_PATTERNS, "replicated"),
-                       t.dtype == FP8_DTYPE) for name, t in named]
+    specs = [TensorSpec(name, tuple(t.shape), t.element_size(), _first_match(name, ROLE_PATTERNS, "replicated"),
+                        t.dtype == FP8_DTYPE) for name, t in named]
+    return specs if weights == "fp8" else [q for spec in specs for q in _quantized(spec, weights)]
+
+
+def _quantized(spec: TensorSpec, weights: str) -> list[TensorSpec]:
+    """``spec`` as ``--quantization weights`` holds it: a covered weight becomes its codes and scales."""
+    owner = spec.name.rpartition(".")[0].rpartition(".")[2]
+    covered = spec.name.endswith(("experts.gate_up_proj", "experts.down_proj")) or (
+        spec.name.endswith(".weight") and owner in QUANTIZED_PROJECTIONS)
+    if not covered:
+        return [spec]
+    *lead, cols = spec.shape
+    if weights == "int8":  # int8 codes, one bf16 scale per output row
+        return [dataclasses.replace(spec, itemsize=1),
+                dataclasses.replace(spec, name=spec.name + ".scale", shape=(*lead, 1), itemsize=2)]
+    groups = cols // INT4_GROUP_SIZE  # two codes a byte, a bf16 (scale, offset) pair per group
+    return [dataclasses.replace(spec, itemsize=0.5),
+            dataclasses.replace(spec, name=spec.name + ".scales", shape=(*lead, groups), itemsize=4)]
 
 
 def checkpoint_param_count(specs: list[TensorSpec]) -> int:
@@ -245,7 +281,7 @@ def scale_count(specs: list[TensorSpec]) -> int:
 
 
 def _is_scale_or_derived(name: str) -> bool:
-    return name.endswith(("_scale_inv", "inv_freq")) or ".mla_weights." in name
+    return name.endswith(("_scale_inv", "inv_freq", ".scale", ".scales")) or ".mla_weights." in name
 
 
 @dataclass(frozen=True)
@@ -270,9 +306,10 @@ def cache_tokens(budget: int, bytes_per_token: int, block_size: int, config: Mod
 
 
 def plan(model: DeepseekForCausalLM, utilization: float = 0.9, reserve_bytes: int = int(DEFAULT_RESERVE_GIB * GiB),
-         block_size: int = 64, layouts: tuple[Layout, ...] = LAYOUTS, gpus: tuple[Gpu, ...] = GPUS) -> list[PlanRow]:
+         block_size: int = 64, layouts: tuple[Layout, ...] = LAYOUTS, gpus: tuple[Gpu, ...] = GPUS,
+         weights: str = "fp8") -> list[PlanRow]:
     """One row per layout and GPU for ``model`` (from ``build_model``)."""
-    specs = enumerate_tensors(model)
+    specs = enumerate_tensors(model, weights)
     kv = {dtype: model.kv_cache_bytes_per_token(dtype) for dtype in KV_CACHE_DTYPES}
     rows = []
     for layout in layouts:
@@ -319,15 +356,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="Count the MTP layer (weights and its KV layer), as --speculative-config loads it.")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--world-size", type=int, default=WORLD_SIZE, help="GPUs in all (16: two 8-GPU machines).")
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="fp8",
+                        help="The checkpoint's FP8 kept (default), or bf16 quantised online (--quantization).")
+    parser.add_argument("--gpu", nargs="+", choices=[gpu.name for gpu in ALL_GPUS], default=["H200", "B200"])
     args = parser.parse_args(argv)
     layouts = make_layouts(args.world_size)
     config = ModelConfig()
-    model = build_model(config, args.speculative)
-    specs = enumerate_tensors(model)
-    rows = plan(model, args.gpu_memory_utilization, int(args.reserve_gib * GiB), args.block_size, layouts)
+    model = build_model(config, args.speculative, args.weights)
+    specs = enumerate_tensors(model, args.weights)
+    gpus = tuple(gpu for gpu in ALL_GPUS if gpu.name in args.gpu)
+    rows = plan(model, args.gpu_memory_utilization, int(args.reserve_gib * GiB), args.block_size, layouts, gpus,
+                args.weights)
     layers = config.num_hidden_layers + (config.num_nextn_predict_layers if args.speculative else 0)
     mtp = "MTP layer loaded, sharing the embedding and LM head" if args.speculative else "MTP layer not loaded"
-    print(f"DeepSeek-V3.2 ({checkpoint_param_count(specs) / 1e9:.2f}B weights held, {mtp}), {args.world_size} GPUs, "
+    print(f"DeepSeek-V3.2 ({checkpoint_param_count(specs) / 1e9:.2f}B weights held as {args.weights}, {mtp}), "
+          f"{args.world_size} GPUs, "
           f"--gpu-memory-utilization {args.gpu_memory_utilization}, reserve {args.reserve_gib:g} GiB/GPU, "
           f"KV over {layers} layers, sizes in GiB (2^30 B)\n")
     print(markdown_table(rows))

@@ -25,6 +25,7 @@ from dsv32.config import (
     KERNEL_BACKENDS,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
+    QUANTIZATION_METHODS,
     TINY_PRESET,
     ConfigError,
     EngineConfig,
@@ -155,6 +156,10 @@ def add_engine_arguments(eng: argparse._ArgumentGroup) -> None:
                      help=f"KV-cache block size in tokens (default {engine.block_size}).")
     eng.add_argument("--kv-cache-dtype", default=engine.kv_cache_dtype, choices=KV_CACHE_DTYPES,
                      help=f"KV-cache storage dtype: auto (model dtype) or fp8 (default {engine.kv_cache_dtype}).")
+    eng.add_argument("--quantization", "-q", default=engine.quantization, choices=QUANTIZATION_METHODS,
+                     help="Weights: int8 (per output channel) or int4 (groups of 128) quantised online at load, "
+                          "weight-only; or the checkpoint's own format to insist on it (default: as config.json's "
+                          "quantization_config says).")
     eng.add_argument("--kv-cache-memory-bytes", type=_positive_int, default=engine.kv_cache_memory,
                      help="Bytes for the KV cache (default: from --gpu-memory-utilization, or a CPU default).")
     eng.add_argument("--gpu-memory-utilization", type=float, default=engine.gpu_memory_utilization,
@@ -297,6 +302,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
         kv_cache_memory=args.kv_cache_memory_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,

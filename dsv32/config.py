@@ -36,13 +36,24 @@ class YarnConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """``quantization_config`` of DeepSeek's FP8 checkpoints: e4m3 weights with 128x128 block scales."""
+    """A checkpoint's ``quantization_config``, as vLLM / SGLang name the formats:
+
+    * ``fp8`` (DeepSeek's own): e4m3 ``weight`` with fp32 ``weight_scale_inv`` per ``weight_block_size`` block;
+    * ``blockwise_int8`` (SGLang): the same names and blocks, int8 codes;
+    * ``w8a8_int8`` (SGLang): int8 ``weight`` with a ``weight_scale`` per output channel, activations rounded to int8
+      per token at run time;
+    * ``compressed-tensors`` ``pack-quantized`` (GPTQ / AWQ exports, vLLM): ``weight_bits``-bit codes packed in int32
+      ``weight_packed`` ``[N, K * bits / 32]``, ``weight_scale`` ``[N, K / group]``, ``weight_shape``, optional
+      ``weight_zero_point`` and ``weight_g_idx``; the ``ignore`` list's modules keep plain weights.
+
+    Which tensors are quantised is read from the checkpoint's names: a module with a plain ``weight`` is not."""
 
     quant_method: str = "fp8"
     fmt: str = "e4m3"
     weight_block_size: tuple[int, int] = (128, 128)
     activation_scheme: str = "dynamic"
     scale_fmt: str | None = "ue8m0"
+    weight_bits: int = 8
 
 
 @dataclass(frozen=True)
@@ -208,17 +219,76 @@ def _parse_rope(rope: dict[str, Any] | None) -> YarnConfig | None:
 def _parse_quant(q: dict[str, Any] | None) -> QuantConfig | None:
     if not q:
         return None
+    if not isinstance(q, dict):
+        raise ConfigError(f"config.json key 'quantization_config' = {q!r}: expected an object")
     method = q.get("quant_method")
-    if method != "fp8":
-        raise ConfigError(f"config.json key 'quantization_config.quant_method' = {method!r}: only 'fp8' is supported")
-    fmt = q.get("fmt", "e4m3")
-    if fmt != "e4m3":
+    if method == "compressed-tensors":
+        return _parse_compressed_tensors(q)
+    if method == "w8a8_int8":
+        return QuantConfig(quant_method=method, fmt="int8", activation_scheme="dynamic", scale_fmt=None)
+    if method not in ("fp8", "blockwise_int8"):
+        raise ConfigError(f"config.json key 'quantization_config.quant_method' = {method!r}: expected one of "
+                          f"{', '.join(CHECKPOINT_QUANTIZATION)}")
+    fmt = q.get("fmt", "e4m3") if method == "fp8" else "int8"
+    if fmt != "e4m3" and method == "fp8":
         raise ConfigError(f"config.json key 'quantization_config.fmt' = {fmt!r}: only 'e4m3' is supported")
     block = q.get("weight_block_size", [128, 128])
-    if not isinstance(block, (list, tuple)) or len(block) != 2:
+    if not isinstance(block, (list, tuple)) or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
         raise ConfigError(f"config.json key 'quantization_config.weight_block_size' = {block!r}: expected [rows, cols]")
+    if q.get("activation_scheme", "dynamic") != "dynamic":
+        raise ConfigError(f"config.json key 'quantization_config.activation_scheme' = {q['activation_scheme']!r}: "
+                          "only 'dynamic' is supported")
     return QuantConfig(quant_method=method, fmt=fmt, weight_block_size=(int(block[0]), int(block[1])),
-                       activation_scheme=q.get("activation_scheme", "dynamic"), scale_fmt=q.get("scale_fmt"))
+                       activation_scheme="dynamic", scale_fmt=q.get("scale_fmt"))
+
+
+def _parse_compressed_tensors(q: dict[str, Any]) -> QuantConfig:
+    """``compressed-tensors``: weight-only integer ``pack-quantized`` groups (W4A16 / W8A16), one bit width."""
+    key = "config.json key 'quantization_config"
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ConfigError(f"{key}.config_groups' = {groups!r}: expected at least one quantisation group")
+    bits: set[int] = set()
+    for name, group in groups.items():
+        where = f"{key}.config_groups.{name}"
+        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+            raise ConfigError(f"{where}.weights' is missing: expected the weights' quantisation arguments")
+        fmt = group.get("format") or q.get("format")
+        if fmt != "pack-quantized":
+            raise ConfigError(f"{key}.format' = {fmt!r}: only 'pack-quantized' (W4A16 / W8A16) is supported")
+        if group.get("input_activations") is not None:
+            raise ConfigError(f"{where}.input_activations': only weight-only quantisation (null) is supported")
+        weights = group["weights"]
+        if weights.get("type", "int") != "int" or weights.get("num_bits") not in (4, 8):
+            raise ConfigError(f"{where}.weights.num_bits' = {weights.get('num_bits')!r} ({weights.get('type')}): "
+                              "expected int 4 or 8")
+        if weights.get("strategy") not in ("group", "channel"):
+            raise ConfigError(f"{where}.weights.strategy' = {weights.get('strategy')!r}: expected 'group' or "
+                              "'channel'")
+        bits.add(weights["num_bits"])
+    if len(bits) > 1:
+        raise ConfigError(f"{key}.config_groups': groups of {sorted(bits)} bits; one bit width is supported")
+    status = q.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise ConfigError(f"{key}.quantization_status' = {status!r}: expected 'compressed' (packed weights)")
+    return QuantConfig(quant_method="compressed-tensors", fmt="pack-quantized", activation_scheme="none",
+                       scale_fmt=None, weight_bits=bits.pop())
+
+
+def online_quantization(requested: str | None, config: ModelConfig) -> str | None:
+    """The online mode to apply at load (``int8`` / ``int4``, or None) when ``--quantization requested`` meets a
+    checkpoint of ``config``; a forced checkpoint format that the checkpoint does not have, or an online mode on a
+    checkpoint already in integers, is a ``ConfigError``."""
+    stored = config.quantization.quant_method if config.quantization is not None else None
+    if requested is None or requested == stored:
+        return None
+    if requested in ONLINE_QUANTIZATION:
+        if stored not in (None, "fp8"):
+            raise ConfigError(f"--quantization {requested}: the checkpoint is already quantised "
+                              f"(config.json 'quantization_config.quant_method' = {stored!r}); omit --quantization")
+        return requested
+    raise ConfigError(f"--quantization {requested}: the checkpoint's config.json 'quantization_config.quant_method' "
+                      f"is {stored!r}")
 
 
 def _validate(c: ModelConfig) -> None:
@@ -356,6 +426,11 @@ class SpeculativeConfig:
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# --quantization: the online weight-only modes, or the name of a checkpoint's own format (vLLM / SGLang names) to
+# insist on it (a checkpoint in another format is then an error).
+ONLINE_QUANTIZATION = ("int8", "int4")
+CHECKPOINT_QUANTIZATION = ("fp8", "blockwise_int8", "w8a8_int8", "compressed-tensors")
+QUANTIZATION_METHODS = ONLINE_QUANTIZATION + CHECKPOINT_QUANTIZATION
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DEVICES = ("auto", "cpu", "cuda")  # the CLI's choices; EngineConfig also takes "cuda:N"
@@ -408,6 +483,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     block_size: int = 64
     kv_cache_dtype: str = "auto"
+    # Weight quantisation (vLLM's --quantization): None = as the checkpoint stores it (config.json's
+    # quantization_config); int8 / int4 = quantise online at load; a checkpoint format's name = insist on it.
+    quantization: str | None = None
     kv_cache_memory: int | None = None  # bytes for the KV cache; None = from gpu_memory_utilization / a CPU default
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
@@ -455,6 +533,9 @@ class EngineConfig:
                 raise ConfigError(f"--cuda-graph-sizes must be positive integers, got {list(self.cuda_graph_sizes)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(f"--quantization {self.quantization!r}: expected one of "
+                              f"{', '.join(QUANTIZATION_METHODS)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype {self.kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
         if self.load_format not in LOAD_FORMATS:
@@ -503,6 +584,14 @@ class EngineConfig:
             raise ConfigError(f"--master-port must be in [1, 65535], got {self.master_port}")
         if self.distributed_timeout_s <= 0:
             raise ConfigError(f"--distributed-timeout must be positive, got {self.distributed_timeout_s}")
+
+    def weight_quantization(self, model_config: ModelConfig) -> str | None:
+        """The weights' format as served: ``--quantization``, else the checkpoint's ``quant_method`` (None for
+        dummy weights, drawn in the compute dtype whatever the config says)."""
+        if self.quantization is not None:
+            return self.quantization
+        dummy = self.model == TINY_PRESET or self.load_format == "dummy"
+        return model_config.quantization.quant_method if model_config.quantization and not dummy else None
 
     @property
     def model_name(self) -> str:

@@ -74,6 +74,7 @@ class EngineCore:
         self.runner = ModelRunner(self.executor.model, engine_config, self.device, self.tokenizer.eos_token_id,
                                   self.structured_output, proposer)
         self.max_model_len = self.runner.max_model_len
+        self.weight_bytes = self.executor.model.weight_bytes()
         self.block_manager: BlockPool = make_block_pool(engine_config, self.runner.num_blocks)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
                                    engine_config.max_num_batched_tokens, is_ready=self.structured_output.is_ready,
@@ -318,6 +319,7 @@ class EngineCore:
             generation_tokens_total=self._generation_tokens_total,
             spec_decode=replace(self.spec_decode_stats, accepted_per_pos=list(self.spec_decode_stats.accepted_per_pos))
             if self.spec_decode_stats else None,
+            weight_bytes=self.weight_bytes,
         )
 
     def reset_prefix_cache(self) -> bool:

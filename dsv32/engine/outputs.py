@@ -120,6 +120,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     spec_decode: SpecDecodeStats | None = None  # vllm:spec_decode_*, when speculative decoding is on
+    weight_bytes: int = 0  # the model's weights as held by the driver's process (its shard under TP)
 
 
 @dataclass

@@ -14,6 +14,7 @@ the context of a query is given by cache *slots*, and top-k selections by contex
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from dsv32.kernels.cache_format import CacheLayout, prepare_index_q, read_index_rows, read_latent_rows
 from dsv32.kernels.fp8 import dequantize_block_fp8
+from dsv32.kernels.quant import PackedIntWeight, int_linear
 
 if TYPE_CHECKING:
     from dsv32.kernels.attention import MLAWeights
@@ -241,16 +243,40 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         w13 = dequantize_experts(w13, w13_scale, x.dtype)
     if w2_scale is not None:
         w2 = dequantize_experts(w2, w2_scale, x.dtype)
-    num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
+
+    def run(xs: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if num_experts * int(counts.max()) <= MOE_PADDING_FACTOR * xs.shape[0]:
+            return _experts_padded(xs, w13, w2, sorted_ids, counts)
+        return _experts_looped(xs, lambda e, rows: F.linear(rows, w13[e]), lambda e, rows: rows @ w2[e].t(),
+                               w2.shape[1], counts.tolist())
+
+    return _grouped_by_expert(x, topk_weights, topk_ids, num_experts, run)
+
+
+def fused_moe_int(x: torch.Tensor, w13: PackedIntWeight, w2: PackedIntWeight, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """``fused_moe`` for experts held as INT8 / INT4 stacks (``dsv32.kernels.quant``): the same grouping, one packed
+    integer GEMM pair per expert that got tokens."""
+    num_experts = w13.data.shape[0]
+
+    def run(xs: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return _experts_looped(xs, lambda e, rows: int_linear(rows, w13.expert(e)),
+                               lambda e, rows: int_linear(rows, w2.expert(e)), w2.out_features, counts.tolist())
+
+    return _grouped_by_expert(x, topk_weights, topk_ids, num_experts, run)
+
+
+def _grouped_by_expert(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                       run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sort the (token, expert) pairs by expert, ``run(rows, their expert ids, rows per expert)`` them through their
+    experts, and combine each token's ``k`` outputs with its routing weights: fp32 ``[T, H]``."""
+    num_tokens, top_k = topk_ids.shape
     flat_ids = topk_ids.flatten()
     order = flat_ids.argsort(stable=True)
     counts = torch.bincount(flat_ids, minlength=num_experts)
     xs = x[order // top_k]  # the (token, expert) pairs' inputs, grouped by expert
-    if num_experts * int(counts.max()) <= MOE_PADDING_FACTOR * xs.shape[0]:
-        ys = _experts_padded(xs, w13, w2, flat_ids[order], counts)
-    else:
-        ys = _experts_looped(xs, w13, w2, counts.tolist())
+    ys = run(xs, flat_ids[order], counts)
     # Back to (token, j) order, then each token's weighted sum of its k expert outputs as one batched GEMM.
     y = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
     return torch.bmm(topk_weights.float()[:, None, :], y.float())[:, 0]
@@ -289,6 +315,28 @@ def fused_moe_fixed_shape(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     return torch.einsum("te,eth->th", dense, y.float())
 
 
+def fused_moe_int_fixed_shape(x: torch.Tensor, w13: PackedIntWeight, w2: PackedIntWeight,
+                              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """``fused_moe_fixed_shape`` for INT8 / INT4 expert stacks: one token (the batch-1 graph), each of its ``k``
+    pairs picks its expert by a tensor index (its packed bytes only); more tokens, every expert runs every token,
+    combined densely (the integer kernels take one 2-D weight each, so the pairs of a batch whose size is symbolic
+    in the graph cannot be looped over; ``T == 1`` is decided by the shape's range, adding no guard)."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w13.data.shape[0]
+    routed = (topk_ids >= 0) & (topk_ids < num_experts)
+    ids = topk_ids.clamp(0, num_experts - 1)
+    weights = topk_weights.float() * routed
+    if num_tokens == 1 and top_k <= num_experts:
+        rows = x.repeat_interleave(top_k, dim=0)
+        ys = [int_linear(_swiglu(int_linear(rows[p:p + 1], w13.expert(e))), w2.expert(e))
+              for p, e in enumerate(ids.flatten().unbind(0))]
+        y = torch.cat(ys).view(num_tokens, top_k, -1)
+        return torch.bmm(weights[:, None, :], y.float())[:, 0]
+    dense = weights.new_zeros(num_tokens, num_experts).scatter_add_(1, ids, weights)
+    y = torch.stack([int_linear(_swiglu(int_linear(x, w13.expert(e))), w2.expert(e)) for e in range(num_experts)])
+    return torch.einsum("te,eth->th", dense, y.float())
+
+
 # Routed experts run as one padded batched GEMM pair when that wastes at most this factor of rows (dense routing:
 # few experts, many tokens each); else one GEMM pair per expert that got tokens.
 MOE_PADDING_FACTOR = 4
@@ -311,15 +359,17 @@ def _experts_padded(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, sorte
     return out[sorted_ids, rank]
 
 
-def _experts_looped(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Expert-grouped rows ``xs`` [P, H] through their experts, one GEMM pair per expert that has rows."""
-    ys = torch.empty(xs.shape[0], w2.shape[1], dtype=xs.dtype, device=xs.device)
+def _experts_looped(xs: torch.Tensor, gate_up: Callable[[int, torch.Tensor], torch.Tensor],
+                    down: Callable[[int, torch.Tensor], torch.Tensor], hidden: int, counts: list[int]) -> torch.Tensor:
+    """Expert-grouped rows ``xs`` [P, H] through their experts, one GEMM pair per expert that has rows
+    (``gate_up(e, rows)`` / ``down(e, rows)``: expert ``e``'s two projections)."""
+    ys = torch.empty(xs.shape[0], hidden, dtype=xs.dtype, device=xs.device)
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
         end = start + count
-        torch.mm(_swiglu(F.linear(xs[start:end], w13[expert])), w2[expert].t(), out=ys[start:end])
+        ys[start:end] = down(expert, _swiglu(gate_up(expert, xs[start:end])))
         start = end
     return ys
 

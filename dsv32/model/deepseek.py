@@ -49,6 +49,7 @@ from dsv32.model.linear import Linear
 from dsv32.model.mla import MLA
 from dsv32.model.moe import MLP, MoE
 from dsv32.model.norm import RMSNorm
+from dsv32.model.quantize import weight_bytes
 from dsv32.model.rope import RopeTables, rope_inv_freq
 
 
@@ -170,6 +171,10 @@ class DeepseekForCausalLM(nn.Module):
 
     def kv_cache_bytes_per_token(self, kv_cache_dtype: str) -> int:
         return self.cache_layout(kv_cache_dtype).bytes_per_token() * self.num_cache_layers
+
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's weights as held (packed INT8 / INT4 codes and their scales included)."""
+        return weight_bytes(self)
 
     def prepare_weights(self) -> None:
         """Derived weights made once after loading (the absorbed MLA weights, norm weights in the compute dtype,

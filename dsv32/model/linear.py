@@ -7,6 +7,10 @@ all-reduces the partial outputs). ``in_features`` / ``out_features`` are the loc
 The weight is either in the compute dtype or, loaded with ``keep_fp8``, as the checkpoint stores it: e4m3 with one
 fp32 multiplier per block, ``W[n, k] = W_fp8[n, k] * weight_scale_inv[n // b_n, k // b_k]`` (``(b_n, b_k)`` is the
 checkpoint's ``weight_block_size``, 128x128 for DeepSeek; partial edge blocks allowed).
+
+Or, quantised to INT8 / INT4 (``quantize``: online at load, or a quantised checkpoint's codes), the weight lives only
+as a ``PackedIntWeight`` (``dsv32.kernels.quant``) that the CPU's packed integer kernels multiply; ``weight`` is then
+an empty placeholder.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 from dsv32.distributed.parallel import Shard
 from dsv32.kernels import get_backend
 from dsv32.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8
+from dsv32.kernels.quant import IntWeight, PackedIntWeight, int_linear, pack
 from dsv32.kernels.reference import matmul_wt, packed_linear, prepack_weight
 
 
@@ -43,11 +48,24 @@ class Linear(nn.Module):
         self.block: tuple[int, int] | None = None
         self.register_buffer("weight_scale_inv", None, persistent=False)
         self.packed_weight: torch.Tensor | None = None  # see prepare_weights
+        self.int_weight: PackedIntWeight | None = None  # see quantize
+
+    def quantize(self, weight: IntWeight) -> None:
+        """Hold the weight as ``weight`` (INT8 / INT4 codes of this ``[out, in]`` matrix), packed for the integer
+        kernels; the compute-dtype weight is released."""
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(f"quantised weight has shape {weight.shape}, expected "
+                             f"{(self.out_features, self.in_features)}")
+        self.int_weight = pack(weight, self.dtype)
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.dtype, device=self.weight.device), requires_grad=False)
+        self.weight_scale_inv = None
+        self.packed_weight = None
 
     def prepare_weights(self) -> None:
         """Prepack a compute-dtype weight for the CPU's GEMM once after loading (``dsv32.kernels`` ``prepack_weight``;
         ``load_model`` calls it; call it again after changing the weight)."""
-        self.packed_weight = prepack_weight(self.weight) if self.weight_scale_inv is None else None
+        plain = self.weight_scale_inv is None and self.int_weight is None
+        self.packed_weight = prepack_weight(self.weight) if plain else None
 
     def to_fp8(self, block: tuple[int, int]) -> None:
         """Store the weight as e4m3 with ``block`` multipliers (both left to be filled, e.g. by the loader): the
@@ -61,7 +79,16 @@ class Linear(nn.Module):
         self.packed_weight = None
 
     def dequantized_weight(self) -> torch.Tensor:
-        """``W`` in the compute dtype (the weight itself unless it is kept in e4m3; then a fresh dequantised copy)."""
+        """``W`` in the compute dtype (the weight itself unless it is kept in e4m3 or integers; then a fresh
+        dequantised copy)."""
+        if self.int_weight is not None:  # the kernel's own product with the identity (W^T, as it multiplies)
+            parts = []
+            for start in range(0, self.in_features, 1024):  # 1024 rows of the identity at a time
+                rows = torch.zeros(min(1024, self.in_features - start), self.in_features, dtype=self.dtype,
+                                   device=self.weight.device)
+                rows.diagonal(start).fill_(1)
+                parts.append(int_linear(rows, self.int_weight))
+            return torch.cat(parts).t().contiguous()
         if self.weight_scale_inv is None:
             return self.weight
         return dequantize_block_fp8(self.weight, self.weight_scale_inv, self.block, self.dtype)
@@ -69,6 +96,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
+        if self.int_weight is not None:
+            return int_linear(x, self.int_weight)
         if self.weight_scale_inv is not None:
             return get_backend(x.device).fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
         # oneDNN's packed weight is opaque to torch.compile; a compiled graph packs its (frozen) weights itself.

@@ -28,12 +28,15 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from dsv32.config import ModelConfig
+from dsv32.config import ConfigError, ModelConfig, online_quantization
 from dsv32.distributed.parallel import SINGLE_PROCESS, ParallelContext, validate_layout
 from dsv32.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8
+from dsv32.kernels.quant import IntWeight, concat_rows, dequantize, packable
+from dsv32.model.checkpoint_quant import CheckpointFormatError, is_companion, read_int_weight, weight_name
 from dsv32.model.deepseek import DeepseekForCausalLM, Embedding
 from dsv32.model.linear import Linear, narrow_padded
 from dsv32.model.moe import FP8_BLOCK, Experts
+from dsv32.model.quantize import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 SCALE_SUFFIX = "_scale_inv"
+# Checkpoint formats whose integer codes the loader hands to the packed kernels (``dsv32.model.checkpoint_quant``).
+INT_CHECKPOINT_METHODS = ("w8a8_int8", "compressed-tensors")
 
 
 class CheckpointError(ValueError):
@@ -80,14 +85,25 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
                dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", seed: int = 0,
                with_mtp: bool = False, progress: bool = True, keep_fp8: bool | None = None,
-               parallel: ParallelContext = SINGLE_PROCESS) -> DeepseekForCausalLM:
+               parallel: ParallelContext = SINGLE_PROCESS, quantization: str | None = None) -> DeepseekForCausalLM:
     """Instantiate ``DeepseekForCausalLM`` on ``device`` and load (or, for ``dummy``, generate) its weights
     (``parallel``: this rank's shard of them).
 
     ``keep_fp8``: keep the checkpoint's e4m3 weights as they are, with their block multipliers (default: on CUDA;
     on CPU the dequantised weights are as fast and the outputs are the same). Tensors the checkpoint stores in
-    another dtype (norms, router, embeddings, LM head, ...) are loaded into the compute dtype either way."""
+    another dtype (norms, router, embeddings, LM head, ...) are loaded into the compute dtype either way.
+
+    ``quantization``: vLLM's ``--quantization`` (``dsv32.config.online_quantization``): ``int8`` / ``int4`` quantise
+    the covered weights at load (``dsv32.model.quantize``), after they are loaded (and dequantised from FP8)."""
     device = torch.device(device)
+    online = online_quantization(quantization, config)
+    stored = config.quantization.quant_method if config.quantization is not None else None
+    if stored in INT_CHECKPOINT_METHODS and parallel.world_size > 1:
+        raise ConfigError(f"a {stored} checkpoint with {parallel.world_size} ranks: integer checkpoints load in one "
+                          "process only (tensor/expert parallel slicing of their codes is not supported)")
+    if online is not None and device.type != "cpu":
+        raise ConfigError(f"--quantization {online}: the packed INT8 / INT4 kernels run on CPU only (device "
+                          f"{device.type})")
     if keep_fp8 is None:
         keep_fp8 = device.type == "cuda"
     torch_dtype = compute_dtype(resolve_dtype(dtype, config), device)
@@ -102,6 +118,8 @@ def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
         load_safetensors(model, path, progress=progress, keep_fp8=keep_fp8)
     else:
         raise ValueError(f"load_format {load_format!r}: expected auto, safetensors or dummy")
+    if online is not None:
+        quantize_model(model, online)
     model.prepare_weights()
     return model.eval()
 
@@ -221,26 +239,40 @@ def load_safetensors(model: DeepseekForCausalLM, path: str, progress: bool = Tru
     files = checkpoint_files(path)
     scales = {n for n in files if n.endswith(SCALE_SUFFIX)}
     block = config.quantization.weight_block_size if config.quantization else (128, 128)
-    if keep_fp8:
+    int_method = config.quantization.quant_method if config.quantization else None
+    if int_method not in INT_CHECKPOINT_METHODS:
+        int_method = None
+    if keep_fp8 and int_method is None and (config.quantization is None or config.quantization.quant_method == "fp8"):
         _store_fp8(model, scales, with_mtp, block)
     params = dict(model.named_parameters())
     filled: set[tuple[str, int | None, str | None]] = set()
+    staged: dict[str, list[tuple[_Target, IntWeight]]] = {}  # expert codes, packed once all are read
     by_file: dict[str, list[str]] = {}
     for name, file in files.items():
-        if name not in scales:
+        if name not in scales and not (int_method and is_companion(name)):
             by_file.setdefault(file, []).append(name)
     bar = tqdm(total=sum(map(len, by_file.values())), desc="Loading safetensors", unit="tensor", disable=not progress)
     for file, names in by_file.items():
         with safe_open(file, framework="pt") as fh:
             for name in sorted(names):
                 bar.update(1)
-                target = _resolve(name, model, with_mtp, params)
+                target = _resolve(weight_name(name), model, with_mtp, params)
                 if target is None:
                     continue
                 if name not in fh.keys():
                     raise CheckpointError(f"tensor {name!r} listed in the index is missing from {file}")
                 tensor_slice = fh.get_slice(name)
                 shape = tuple(tensor_slice.get_shape())
+                codes = _read_codes(int_method, config, name, tensor_slice, files) if int_method else None
+                if codes is not None:
+                    if codes.shape != tuple(target.full_shape):
+                        raise CheckpointError(f"quantised tensor {name!r} holds a {codes.shape} weight, expected "
+                                              f"{tuple(target.full_shape)} from config.json")
+                    if not _hold_codes(model, target, codes, staged):
+                        with torch.no_grad():
+                            target.destination().copy_(dequantize(codes, target.param.dtype))
+                    filled.add((target.name, target.expert, target.part))
+                    continue
                 if shape != tuple(target.full_shape):
                     raise CheckpointError(f"tensor {name!r} has shape {shape}, expected {tuple(target.full_shape)} "
                                           "from config.json")
@@ -248,7 +280,7 @@ def load_safetensors(model: DeepseekForCausalLM, path: str, progress: bool = Tru
                 scale_name = name + SCALE_SUFFIX
                 kept = target.param.dtype == FP8_DTYPE
                 scale = None
-                if tensor.dtype == FP8_DTYPE:
+                if tensor.dtype == FP8_DTYPE or tensor.dtype == torch.int8 and scale_name in files:  # blockwise_int8
                     if scale_name not in files:
                         raise CheckpointError(f"FP8 tensor {name!r} has no {scale_name!r}")
                     with safe_open(files[scale_name], framework="pt") as sf:
@@ -270,7 +302,65 @@ def load_safetensors(model: DeepseekForCausalLM, path: str, progress: bool = Tru
                         _scale_view(model, target).copy_(scale)
                 filled.add((target.name, target.expert, target.part))
     bar.close()
+    _pack_staged_experts(model, staged)
     _check_complete(model, params, filled)
+
+
+def _read_codes(method: str, config: ModelConfig, name: str, tensor_slice: Any,
+                files: dict[str, str]) -> IntWeight | None:
+    """The integer codes of checkpoint tensor ``name`` (None: a plain tensor), companions read from their files."""
+
+    def read(companion: str) -> torch.Tensor | None:
+        if companion not in files:
+            return None
+        with safe_open(files[companion], framework="pt") as fh:
+            return fh.get_tensor(companion)
+
+    try:
+        return read_int_weight(method, config.quantization.weight_bits, name, tensor_slice[:], read)
+    except CheckpointFormatError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _hold_codes(model: DeepseekForCausalLM, target: _Target, codes: IntWeight,
+                staged: dict[str, list[tuple[_Target, IntWeight]]]) -> bool:
+    """Give ``target`` the codes themselves, for the packed integer kernels (an expert's are staged until its layer
+    is read); False where they cannot be held and are to be dequantised at load instead: off CPU, a shape the
+    kernels do not take, or ``kv_b_proj`` (MLA absorbs it in the compute dtype)."""
+    device = target.param.device
+    if device.type != "cpu":
+        return False
+    if target.expert is not None:
+        staged.setdefault(target.name.rpartition(".")[0], []).append((target, codes))
+        return True
+    owner_name, _, leaf = target.name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if (not isinstance(owner, Linear) or leaf != "weight" or owner_name.endswith("kv_b_proj")
+            or not packable(codes.shape, codes.bits, codes.group_size)):
+        return False
+    owner.quantize(codes)
+    return True
+
+
+def _pack_staged_experts(model: DeepseekForCausalLM, staged: dict[str, list[tuple[_Target, IntWeight]]]) -> None:
+    """Quantise each layer's experts with the codes read for them (gate and up rows stacked per expert); a layer
+    whose codes cannot be stacked or packed (mixed formats, differing act orders, a shape the kernels do not take)
+    is dequantised into its compute-dtype stacks instead."""
+    for prefix, entries in staged.items():
+        experts = model.get_submodule(prefix)
+        parts = {(target.expert, target.part): codes for target, codes in entries}
+        count = experts.experts.count
+        try:
+            gate_up = [concat_rows(parts[(e, "gate_proj")], parts[(e, "up_proj")]) for e in range(count)]
+            down = [parts[(e, "down_proj")] for e in range(count)]
+        except (KeyError, ValueError):
+            gate_up = down = []
+        if gate_up and all(packable(w.shape, w.bits, w.group_size) for w in (*gate_up, *down)):
+            experts.quantize(gate_up, down)
+            continue
+        with torch.no_grad():
+            for target, codes in entries:
+                target.destination().copy_(dequantize(codes, target.param.dtype))
 
 
 def _store_fp8(model: DeepseekForCausalLM, scales: set[str], with_mtp: bool, block: tuple[int, int]) -> None:

@@ -30,7 +30,8 @@ from dsv32.config import ModelConfig
 from dsv32.distributed.parallel import SINGLE_PROCESS, ExpertRange, ParallelContext, Shard
 from dsv32.kernels import get_backend
 from dsv32.kernels.fp8 import FP8_DTYPE
-from dsv32.kernels.reference import fused_moe_fixed_shape
+from dsv32.kernels.quant import IntWeight, PackedIntWeight, pack, stack_packed
+from dsv32.kernels.reference import fused_moe_fixed_shape, fused_moe_int, fused_moe_int_fixed_shape
 from dsv32.model.linear import Linear
 
 
@@ -107,6 +108,7 @@ class Experts(nn.Module):
         self.full_inter = inter
         self.total_experts = num_experts
         self.is_expert_slice = self.experts.count < num_experts
+        self.dtype = dtype  # the compute dtype, also when the weights are kept in e4m3 or integers
         num_experts, inter = self.experts.count, self.inter_shard.local(inter)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype), requires_grad=False)
@@ -114,6 +116,27 @@ class Experts(nn.Module):
         # None while the weights are in the compute dtype.
         self.register_buffer("gate_up_proj_scale_inv", None, persistent=False)
         self.register_buffer("down_proj_scale_inv", None, persistent=False)
+        # Experts quantised to INT8 / INT4 (``quantize``): both stacks packed for the integer kernels, the
+        # compute-dtype parameters then empty.
+        self.gate_up_int: PackedIntWeight | None = None
+        self.down_int: PackedIntWeight | None = None
+
+    def quantize(self, gate_up: list[IntWeight], down: list[IntWeight]) -> None:
+        """Hold every expert as INT8 / INT4 codes: ``gate_up[e]`` of ``[2I, H]`` (gate rows then up rows),
+        ``down[e]`` of ``[H, I]``, one per expert of this rank; packed and stacked, the compute-dtype stacks
+        released."""
+        for name, weights in (("gate_up_proj", gate_up), ("down_proj", down)):
+            param = getattr(self, name)
+            expected = tuple(param.shape[1:])
+            if len(weights) != param.shape[0] or any(w.shape != expected for w in weights):
+                raise ValueError(f"quantised {name}: expected {param.shape[0]} experts of {expected}")
+        dtype = self.dtype
+        self.gate_up_int = stack_packed([pack(w, dtype) for w in gate_up])
+        self.down_int = stack_packed([pack(w, dtype) for w in down])
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(self, name, nn.Parameter(torch.empty(0, dtype=dtype, device=getattr(self, name).device),
+                                             requires_grad=False))
+            setattr(self, f"{name}_scale_inv", None)
 
     def to_fp8(self, name: str) -> None:
         """Store ``name`` (``gate_up_proj`` or ``down_proj``) as e4m3 with 128x128 block multipliers, both left to be
@@ -150,26 +173,33 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Routed-expert output ``[T, hidden]`` fp32 (this rank's experts' share): grouped GEMMs over the tokens each
-        expert got (``dsv32.kernels``: fused Triton kernels on CUDA, a per-expert loop in torch elsewhere)."""
-        backend = get_backend(x.device)
+        expert got (``dsv32.kernels``: fused Triton kernels on CUDA, a per-expert loop in torch elsewhere; INT8 / INT4
+        experts: the packed integer kernels per expert)."""
         if x.shape[0] == 0:
             return x.new_zeros(x.shape, dtype=torch.float32)
         if torch.compiler.is_compiling():  # a captured decode graph: shapes must not depend on the routing
-            return fused_moe_fixed_shape(x, self.gate_up_proj, self.down_proj, weights, ids - self.experts.first,
+            local_ids = ids - self.experts.first
+            if self.gate_up_int is not None:
+                return fused_moe_int_fixed_shape(x, self.gate_up_int, self.down_int, weights, local_ids)
+            return fused_moe_fixed_shape(x, self.gate_up_proj, self.down_proj, weights, local_ids,
                                          self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
         if not self.is_expert_slice:
-            return backend.fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids,
-                                     self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
+            return self._grouped(x, weights, ids)
         # Expert parallel: only the (token, slot) pairs routed to this rank's experts, then summed per token.
         local_ids = ids - self.experts.first
         tokens, slots = ((local_ids >= 0) & (local_ids < self.experts.count)).nonzero(as_tuple=True)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         if tokens.numel():
-            pairs = backend.fused_moe(x[tokens], self.gate_up_proj, self.down_proj, weights[tokens, slots, None],
-                                      local_ids[tokens, slots, None], self.gate_up_proj_scale_inv,
-                                      self.down_proj_scale_inv)
-            out.index_add_(0, tokens, pairs)
+            out.index_add_(0, tokens, self._grouped(x[tokens], weights[tokens, slots, None],
+                                                    local_ids[tokens, slots, None]))
         return out
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``x`` through this rank's experts ``local_ids`` [T, k] (all valid), weighted and summed: fp32."""
+        if self.gate_up_int is not None:
+            return fused_moe_int(x, self.gate_up_int, self.down_int, weights, local_ids)
+        return get_backend(x.device).fused_moe(x, self.gate_up_proj, self.down_proj, weights, local_ids,
+                                               self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
 
 
 class MoE(nn.Module):

@@ -52,6 +52,8 @@ def server_info(state: ServerState, version: str) -> dict[str, Any]:
         "max_num_batched_tokens": engine_config.max_num_batched_tokens,
         "page_size": engine_config.block_size,
         "kv_cache_dtype": engine_config.kv_cache_dtype,
+        "quantization": engine_config.weight_quantization(state.engine.model_config),
+        "weight_bytes": state.engine.stats().weight_bytes,
         "enable_prefix_caching": engine_config.enable_prefix_caching,
         "reasoning_parser": state.config.reasoning_parser,
         "tool_call_parser": state.config.tool_call_parser,

@@ -148,3 +148,19 @@ def test_main_prints_one_row_per_layout_and_gpu(bench, capsys: pytest.CaptureFix
     rows = [line for line in out.splitlines() if line.startswith("| TP8") or line.startswith("| DP8")]
     assert len(rows) == len(bench.LAYOUTS) * len(bench.GPUS)
     assert "671.88B" in out and "routed experts" in out
+
+
+def test_online_int_weights_cost_what_their_codes_cost(bench) -> None:
+    """``--weights int8`` / ``int4``: the covered weights at 1 byte (+ a bf16 scale per row) and half a byte (+ a bf16
+    pair per 128 columns), the rest bf16, the same elements counted as held."""
+    bf16_model = bench.build_model(bench.ModelConfig(), with_mtp=False, weights="int8")
+    totals = {}
+    for weights in ("int8", "int4"):
+        specs = bench.enumerate_tensors(bf16_model, weights)
+        totals[weights] = sum(s.nbytes for s in specs)
+        assert bench.checkpoint_param_count(specs) == pytest.approx(671.88e9, rel=1e-3)
+    bf16 = sum(t.numel() * t.element_size() for t in (*bf16_model.parameters(), *bf16_model.buffers()))
+    assert 0.5 < totals["int8"] / bf16 < 0.53
+    assert 0.26 < totals["int4"] / bf16 < 0.29
+    rows = bench.plan(bf16_model, layouts=bench.make_layouts(8)[:1], gpus=bench.A100_GPUS[-1:], weights="int8")
+    assert rows[0].weight_bytes > rows[0].gpu.capacity  # 8x A100-40GB cannot hold V3.2 in int8

@@ -30,6 +30,9 @@ class ModelHandle(Protocol):
 
     def kv_cache_bytes_per_token(self, kv_cache_dtype: str) -> int: ...
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this process holds (its shard), as stored (``dsv32.model.quantize.weight_bytes``)."""
+
     def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str) -> KVCache: ...
 
     def __call__(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dsv32.kernels import select_backend
 from dsv32.model.deepseek import DeepseekForCausalLM
 from dsv32.model.graphs import DecodeGraphs, capture_sizes
 from dsv32.model.loader import load_model
+from dsv32.model.quantize import weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,10 @@ def load_engine_model(engine_config: EngineConfig, model_config: ModelConfig, de
     model = load_model(model_config, None if is_preset else engine_config.model,
                        "dummy" if is_preset else engine_config.load_format, engine_config.dtype, device,
                        seed=engine_config.seed, with_mtp=engine_config.num_speculative_tokens > 0,
-                       progress=parallel.rank == 0, parallel=parallel)
+                       progress=parallel.rank == 0, parallel=parallel, quantization=engine_config.quantization)
+    if parallel.rank == 0:
+        logger.info("model weights: %.1f MiB (quantization: %s)", weight_bytes(model) / 2**20,
+                    engine_config.weight_quantization(model_config) or "none")
     model.kernel_backend = select_backend(device.type, engine_config.kernel_backend)
     if parallel.rank == 0:
         logger.info("kernel backend for %s: %s", device.type, model.kernel_backend.name)

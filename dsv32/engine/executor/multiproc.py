@@ -131,6 +131,9 @@ class DistributedModel:
     def kv_cache_bytes_per_token(self, kv_cache_dtype: str) -> int:
         return self.model.kv_cache_bytes_per_token(kv_cache_dtype)
 
+    def weight_bytes(self) -> int:
+        return self.model.weight_bytes()
+
     # Calls every rank runs.
     def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str) -> KVCache:
         cache_id = self._next_cache_id

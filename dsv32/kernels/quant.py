@@ -1,0 +1,210 @@
+"""Weight-only integer formats (INT8 per output channel, INT4 group-wise): quantise, dequantise, pack, multiply.
+
+A quantised ``[N, K]`` weight is first held in its plain form, ``IntWeight`` (what checkpoints store and what the
+plain-PyTorch references read), then packed once at load for the device's kernels (``PackedIntWeight``):
+
+* INT8: ``W[n, k] = q[n, k] * scale[n]`` with ``q`` int8 in ``[-127, 127]``. Packed: ``q`` itself and ``scale`` in
+  the compute dtype, multiplied by ``aten._weight_int8pack_mm`` (CPU: the int8 weight is widened in registers, the
+  activations stay in the compute dtype). ``act_quant`` (SGLang's ``w8a8_int8``): each activation row is first
+  rounded to int8 with its own scale ``amax / 127`` (per-token dynamic), the product is then exact integer
+  arithmetic scaled by both scales.
+* INT4: ``W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]`` with ``q`` in ``[0, 15]`` and ``g = k // group_size``
+  (symmetric: ``zero = 8``). Packed: torch's CPU tinygemm layout (``aten._convert_weight_to_int4pack_for_cpu``,
+  two values a byte) with ``[K / group, N, 2]`` (scale, offset) pairs in the compute dtype, where tinygemm computes
+  ``(q - 8) * scale + offset``, so ``offset = (8 - zero) * scale``; multiplied by ``aten._weight_int4pack_mm_for_cpu``.
+  GPTQ's act-order (``g_idx``: column ``k`` belongs to group ``g_idx[k]``) is served by sorting the columns by
+  group once at load and gathering the activations' columns in the same order at each call (as vLLM does).
+
+Neither kernel forms the weight in the compute dtype outside registers: the per-step cost is the packed bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+INT4_GROUP_SIZE = 128  # online INT4's group along the input features (the public GPTQ/AWQ checkpoints' choice)
+INT4_SYMMETRIC_ZERO = 8
+INT8_MAX = 127
+INT4_MAX = 15
+_INT4PACK_N_MULTIPLE = 16  # tinygemm's CPU layout packs 16 output rows together
+_INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes tinygemm's CPU kernel takes
+
+
+@dataclass(frozen=True)
+class IntWeight:
+    """A plain quantised ``[N, K]`` weight (one expert's or one projection's). ``bits`` 8: ``q`` int8 ``[N, K]``,
+    ``scale`` fp32 ``[N]``. ``bits`` 4: ``q`` uint8 ``[N, K]`` in ``[0, 15]``, ``scale`` fp32 ``[N, K / group_size]``,
+    ``zero`` ``[N, K / group_size]`` (``None``: symmetric, 8), ``g_idx`` int ``[K]`` (``None``: column ``k`` is in
+    group ``k // group_size``)."""
+
+    bits: int
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+    group_size: int = 0
+    g_idx: torch.Tensor | None = None
+    act_quant: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def groups(self) -> torch.Tensor:
+        """The group of every input column ``[K]``."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.q.shape[1], device=self.q.device) // self.group_size
+
+
+def quantize_int8(weight: torch.Tensor, act_quant: bool = False) -> IntWeight:
+    """Round ``weight`` [N, K] to int8 with one scale per output row, ``amax / 127`` (absmax, symmetric)."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX
+    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return IntWeight(8, q, scale, act_quant=act_quant)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE, symmetric: bool = True) -> IntWeight:
+    """Round ``weight`` [N, K] to 4 bits per ``group_size`` consecutive input columns: symmetric (``amax / 7``, codes
+    ``-7..7`` stored as ``1..15`` around zero 8) or asymmetric (``(max - min) / 15`` with an integer zero point)."""
+    rows, cols = weight.shape
+    if cols % group_size:
+        raise ValueError(f"INT4 groups of {group_size} need the input size ({cols}) to be a multiple of it")
+    w = weight.float().view(rows, cols // group_size, group_size)
+    if symmetric:
+        scale = w.abs().amax(dim=-1).clamp(min=1e-12) / (INT4_SYMMETRIC_ZERO - 1)
+        zero = None
+        q = torch.round(w / scale[..., None]).clamp(1 - INT4_SYMMETRIC_ZERO, INT4_SYMMETRIC_ZERO - 1)
+        q = q + INT4_SYMMETRIC_ZERO
+    else:
+        lo, hi = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+        scale = ((hi - lo) / INT4_MAX).clamp(min=1e-12)
+        zero = torch.round(-lo / scale).clamp(0, INT4_MAX)
+        q = (torch.round(w / scale[..., None]) + zero[..., None]).clamp(0, INT4_MAX)
+    return IntWeight(4, q.view(rows, cols).to(torch.uint8), scale, zero, group_size)
+
+
+def concat_rows(first: IntWeight, second: IntWeight) -> IntWeight:
+    """One ``IntWeight`` of ``first``'s rows then ``second``'s (an expert's gate and up projections); ValueError when
+    their formats differ (bits, groups, zero points, act order)."""
+    same_g_idx = (first.g_idx is None and second.g_idx is None) or (
+        first.g_idx is not None and second.g_idx is not None and torch.equal(first.g_idx, second.g_idx))
+    if ((first.bits, first.group_size, first.act_quant) != (second.bits, second.group_size, second.act_quant)
+            or (first.zero is None) != (second.zero is None) or not same_g_idx):
+        raise ValueError("the two weights are quantised differently")
+    zero = torch.cat((first.zero, second.zero)) if first.zero is not None else None
+    return replace(first, q=torch.cat((first.q, second.q)), scale=torch.cat((first.scale, second.scale)), zero=zero)
+
+
+def dequantize(weight: IntWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The reference: ``W`` [N, K] in ``dtype``, formed elementwise from the plain form."""
+    if weight.bits == 8:
+        return (weight.q.float() * weight.scale.float()[:, None]).to(dtype)
+    groups = weight.groups()
+    zero = weight.zero.float() if weight.zero is not None else INT4_SYMMETRIC_ZERO
+    zero_cols = zero[:, groups] if isinstance(zero, torch.Tensor) else zero
+    return ((weight.q.float() - zero_cols) * weight.scale.float()[:, groups]).to(dtype)
+
+
+def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) dynamic INT8: ``(q int8 [..., K], scale fp32 [..., 1])`` with ``x ~ q * scale``."""
+    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / INT8_MAX
+    return torch.round(x.float() / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def reference_linear(x: torch.Tensor, weight: IntWeight) -> torch.Tensor:
+    """``x @ W^T`` by dequantise-then-matmul in fp32 (with ``act_quant``, on the int8-rounded activations), in
+    ``x``'s dtype: the ground truth of ``int_linear``."""
+    xf = x.float()
+    if weight.act_quant:
+        xq, xs = quantize_activations_int8(x)
+        xf = xq.float() * xs
+    return (xf @ dequantize(weight).t()).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class PackedIntWeight:
+    """An ``IntWeight`` in the CPU kernels' layout (or a stack of ``E`` of them, one per expert, along a leading
+    dimension): ``data`` int8 ``[.., N, K]`` or tinygemm uint8 ``[.., N, K / 2]``, ``scales`` ``[.., N]`` or
+    ``[.., K / group, N, 2]`` in the compute dtype, ``perm`` the act-order column order (``None``: as stored)."""
+
+    bits: int
+    data: torch.Tensor
+    scales: torch.Tensor
+    out_features: int
+    in_features: int
+    group_size: int = 0
+    perm: torch.Tensor | None = None
+    act_quant: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.perm.numel() * self.perm.element_size() if self.perm is not None else 0
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size() + extra
+
+    def expert(self, index: int) -> PackedIntWeight:
+        """Expert ``index`` of a stack (contiguous views: nothing is copied)."""
+        perm = self.perm[index] if self.perm is not None else None
+        return replace(self, data=self.data[index], scales=self.scales[index], perm=perm)
+
+
+def packable(shape: tuple[int, int], bits: int, group_size: int = INT4_GROUP_SIZE) -> bool:
+    """Whether the CPU kernels take an ``[N, K]`` weight of ``bits``: INT8 any; INT4 needs a group of 32, 64, 128 or
+    256 dividing ``K`` and ``N`` a multiple of 16 (tinygemm's row tile)."""
+    rows, cols = shape
+    return bits == 8 or (group_size in _INT4PACK_GROUP_SIZES and cols % group_size == 0
+                         and rows % _INT4PACK_N_MULTIPLE == 0)
+
+
+def pack(weight: IntWeight, dtype: torch.dtype) -> PackedIntWeight:
+    """Pack ``weight`` once for ``int_linear`` with activations in ``dtype``."""
+    rows, cols = weight.shape
+    if weight.bits == 8:
+        return PackedIntWeight(8, weight.q.contiguous(), weight.scale.to(dtype).contiguous(), rows, cols,
+                               act_quant=weight.act_quant)
+    if not packable(weight.shape, 4, weight.group_size):
+        raise ValueError(f"a {rows}x{cols} INT4 weight with groups of {weight.group_size} does not fit the CPU INT4 "
+                         f"kernel (it needs a group in {_INT4PACK_GROUP_SIZES}, K % group == 0 and "
+                         f"N % {_INT4PACK_N_MULTIPLE} == 0)")
+    q, scale, zero, perm = weight.q, weight.scale.float(), weight.zero, None
+    if weight.g_idx is not None:
+        groups = weight.groups()
+        if not torch.equal(groups, torch.arange(cols, device=groups.device) // weight.group_size):
+            perm = torch.argsort(groups, stable=True)
+            if not torch.equal(groups[perm], torch.arange(cols, device=groups.device) // weight.group_size):
+                raise ValueError(f"g_idx does not assign exactly {weight.group_size} columns to each group")
+            q = q[:, perm]
+    zero = zero.float() if zero is not None else torch.full_like(scale, INT4_SYMMETRIC_ZERO)
+    offset = (INT4_SYMMETRIC_ZERO - zero) * scale
+    data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    scales = torch.stack((scale.t(), offset.t()), dim=-1).to(dtype).contiguous()
+    return PackedIntWeight(4, data, scales, rows, cols, weight.group_size, perm)
+
+
+def stack_packed(experts: list[PackedIntWeight]) -> PackedIntWeight:
+    """One ``PackedIntWeight`` over ``E`` experts of the same format (stacked along a new leading dimension)."""
+    first = experts[0]
+    perm = torch.stack([e.perm for e in experts]) if first.perm is not None else None
+    return replace(first, data=torch.stack([e.data for e in experts]), scales=torch.stack([e.scales for e in experts]),
+                   perm=perm)
+
+
+def int_linear(x: torch.Tensor, weight: PackedIntWeight) -> torch.Tensor:
+    """``x @ W^T`` ``[..., N]`` in ``x``'s dtype for a packed INT8 / INT4 weight (CPU packed kernels)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, weight.in_features)
+    if weight.perm is not None:
+        x2 = x2[:, weight.perm]
+    if weight.bits == 8:
+        if weight.act_quant:
+            xq, xs = quantize_activations_int8(x2)
+            # int8 codes are exact in fp32 and the kernel accumulates in fp32: the integer product, then both scales
+            y = torch.ops.aten._weight_int8pack_mm(xq.float(), weight.data, weight.scales.float()) * xs
+            y = y.to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), weight.data, weight.scales)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), weight.data, weight.group_size, weight.scales)
+    return y.view(*lead, weight.out_features)

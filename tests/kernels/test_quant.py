@@ -1,0 +1,111 @@
+"""INT8 / INT4 weight-only kernels (CPU packed ``aten`` kernels) against the plain dequantise-then-matmul reference:
+linear layers in each format (per-channel INT8, W8A8 dynamic activations, INT4 symmetric, with zero points, with
+act-order ``g_idx``) and the grouped / fixed-shape MoE over INT experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv32.kernels import reference
+from dsv32.kernels.quant import (
+    IntWeight,
+    dequantize,
+    int_linear,
+    pack,
+    quantize_int4,
+    quantize_int8,
+    reference_linear,
+    stack_packed,
+)
+
+
+def _weight(rows: int, cols: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    # rows of very different magnitude, so a per-channel or per-group scale matters
+    return torch.randn(rows, cols, generator=gen) * torch.logspace(-2, 0, rows)[:, None]
+
+
+def _formats(rows: int, cols: int) -> dict[str, IntWeight]:
+    w = _weight(rows, cols, 0)
+    int4_zero = quantize_int4(w, 64, symmetric=False)
+    # act-order: columns of each group scattered over K (GPTQ's g_idx), codes/scales/zeros as stored
+    g_idx = torch.randperm(cols, generator=torch.Generator().manual_seed(3)) // 64
+    act_order = IntWeight(4, int4_zero.q, int4_zero.scale, int4_zero.zero, 64, g_idx.int())
+    return {"int8": quantize_int8(w), "w8a8": quantize_int8(w, act_quant=True),
+            "int4_sym": quantize_int4(w, 128), "int4_zero": int4_zero, "int4_act_order": act_order}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["int8", "w8a8", "int4_sym", "int4_zero", "int4_act_order"])
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_int_linear_matches_dequantized_reference(fmt: str, dtype: torch.dtype, rows: int) -> None:
+    weight = _formats(96, 256)[fmt]
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    got = int_linear(x, pack(weight, dtype))
+    want = reference_linear(x, weight)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
+
+
+def test_quantize_round_trips_within_half_a_step() -> None:
+    w = _weight(64, 256, 1)
+    int8 = quantize_int8(w)
+    assert (dequantize(int8) - w).abs().le(int8.scale[:, None] / 2 + 1e-7).all()
+    for symmetric in (True, False):
+        int4 = quantize_int4(w, 128, symmetric)
+        assert int4.q.max() <= 15 and int4.q.min() >= 0
+        step = int4.scale.repeat_interleave(128, dim=1)
+        assert (dequantize(int4) - w).abs().le(step / 2 + 1e-6).all()
+
+
+def test_act_order_is_the_same_weight_as_stored() -> None:
+    weight = _formats(32, 256)["int4_act_order"]
+    dense = dequantize(weight)
+    groups = weight.g_idx.long()
+    k = 7
+    expected = (weight.q[:, k].float() - weight.zero[:, groups[k]]) * weight.scale[:, groups[k]]
+    torch.testing.assert_close(dense[:, k], expected)
+
+
+def test_unpackable_int4_shape_is_refused() -> None:
+    with pytest.raises(ValueError, match="N % 16"):
+        pack(quantize_int4(torch.randn(24, 128), 128), torch.float32)
+
+
+def _moe_reference(x: torch.Tensor, w13: list[IntWeight], w2: list[IntWeight], weights: torch.Tensor,
+                   ids: torch.Tensor) -> torch.Tensor:
+    """Token by token, slot by slot: each routed expert's two dequantise-then-matmul products (``reference_linear``,
+    activations rounded per token for W8A8), weighted and summed in fp32. Ids outside the experts add nothing."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(ids[t].tolist()):
+            if 0 <= e < len(w13):
+                gate, up = reference_linear(x[t:t + 1], w13[e]).chunk(2, dim=-1)
+                out[t] += weights[t, j] * reference_linear(F.silu(gate) * up, w2[e])[0].float()
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["int8", "w8a8", "int4"])
+@pytest.mark.parametrize("num_tokens", [1, 3, 12])
+def test_int_moe_matches_per_pair_reference(fmt: str, num_tokens: int) -> None:
+    num_experts, hidden, inter, top_k = 6, 128, 128, 2
+    gen = torch.Generator().manual_seed(num_tokens)
+    quantize = {"int8": quantize_int8, "w8a8": lambda w: quantize_int8(w, act_quant=True), "int4": quantize_int4}[fmt]
+    w13 = [quantize(torch.randn(2 * inter, hidden, generator=gen) * 0.1) for _ in range(num_experts)]
+    w2 = [quantize(torch.randn(hidden, inter, generator=gen) * 0.1) for _ in range(num_experts)]
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, top_k, generator=gen)
+    packed13 = stack_packed([pack(w, torch.float32) for w in w13])
+    packed2 = stack_packed([pack(w, torch.float32) for w in w2])
+    want = _moe_reference(x, w13, w2, weights, ids)
+    torch.testing.assert_close(reference.fused_moe_int(x, packed13, packed2, weights, ids), want, atol=1e-4, rtol=1e-4)
+    fixed = reference.fused_moe_int_fixed_shape(x, packed13, packed2, weights, ids)
+    torch.testing.assert_close(fixed, want, atol=1e-4, rtol=1e-4)
+    # ids outside [0, E) (another rank's experts) contribute nothing in the fixed-shape form
+    other_rank = ids.clone()
+    other_rank[:, 1] = num_experts + 1
+    torch.testing.assert_close(reference.fused_moe_int_fixed_shape(x, packed13, packed2, weights, other_rank),
+                               _moe_reference(x, w13, w2, weights, other_rank), atol=1e-4, rtol=1e-4)
