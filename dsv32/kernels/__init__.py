@@ -1,7 +1,8 @@
 """Kernel backend selection: one interface for the hot ops, Triton kernels on CUDA, plain PyTorch everywhere else.
 
 The model calls ``get_backend(tensor.device).<op>(...)``; both backends implement the same signatures (documented
-in ``dsv32.kernels.reference``, whose functions *are* the torch backend):
+in ``dsv32.kernels.reference``; the torch backend is its functions but for the long-context ops, tiled in
+``dsv32.kernels.tiled``):
 
 * ``indexer_topk``: lightning-indexer scores over the paged (auto / FP8) key cache + top-k positions;
 * ``mla_decode`` / ``mla_prefill``: (sparse) MLA over the paged latent cache, with the ``MLAWeights`` prepared at
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from dsv32.kernels import reference
+from dsv32.kernels import torch_ops
 from dsv32.kernels.cache_format import CacheLayout
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ KERNEL_OPS = ("indexer_topk", "mla_decode", "mla_prefill", "fused_moe", "rms_nor
 
 
 class ModuleBackend:
-    """A ``KernelBackend`` made of one module's functions, each named as its op (``reference`` for torch,
+    """A ``KernelBackend`` made of one module's functions, each named as its op (``torch_ops`` for torch,
     ``triton_ops`` for Triton)."""
 
     def __init__(self, name: str, module: ModuleType) -> None:
@@ -84,7 +85,7 @@ class ModuleBackend:
             setattr(self, op, getattr(module, op))
 
 
-TORCH_BACKEND: KernelBackend = ModuleBackend("torch", reference)
+TORCH_BACKEND: KernelBackend = ModuleBackend("torch", torch_ops)
 
 
 def triton_backend() -> KernelBackend:

@@ -1,0 +1,120 @@
+"""The CPU backend's long-context ops: the lightning indexer and sparse prefill attention with memory bounded by a tile,
+whatever the context length.
+
+``dsv32.kernels.reference`` holds the plain forms of these ops (the test oracle): they score every query against the
+whole context at once (``[n, H, L]`` fp32 index scores, ``[H, n, L]`` attention scores), which at long context costs
+gigabytes per step. Here the same contracts are met tile by tile:
+
+* ``indexer_topk``: key tiles are read straight from the paged index cache; per tile the per-head dots are formed,
+  ReLU'd, weighted and summed over heads, leaving ``[queries, tile]`` scores that are merged into a running top-k
+  (``[queries, k]``). Transient memory is ``O(queries x (tile + k))``; keys past every query's causal horizon are
+  never read. The GEMMs run in fp32, as the reference's: this CPU's bf16 GEMMs (torch 2.13, oneDNN) round their
+  output to bf16, which moves scores near the top-k boundary and changes the selection.
+* ``mla_prefill``: with a top-k selection, only the context rows some query of the chunk selected are read and
+  up-projected, and the queries attend those rows in blocks sized so the scores stay within a fixed budget (a key
+  no query selected is never touched); without one (context <= ``index_topk``: the paper's dense "masked MHA mode"
+  for short prefill) it is the reference.
+
+Selections equal the reference's up to ties (the merge may keep a different one of equal scores); attention outputs
+agree to rounding (the softmax runs over the selected columns only, in another summation order).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from dsv32.kernels import reference
+from dsv32.kernels.cache_format import CacheLayout, prepare_index_q, read_index_rows, read_latent_rows
+
+if TYPE_CHECKING:
+    from dsv32.kernels.attention import MLAWeights
+
+# fp32 elements of one tile's transient products (indexer: per-head dots [B, queries, H, keys]; attention: scores
+# [H, queries, keys]): 8M = 32 MiB, whatever the context.
+TILE_ELEMENTS = 1 << 23
+# Keys per indexer tile, at most: several times top-k keeps the merges (a top-k over k + tile candidates) cheap
+# against the scoring, while the query block shrinks to keep the tile within TILE_ELEMENTS.
+MAX_KEY_TILE = 8192
+MIN_KEY_TILE = 256
+
+
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, layout: CacheLayout,
+                 slot_table: torch.Tensor, kv_lens: torch.Tensor, topk: int) -> torch.Tensor:
+    """``reference.indexer_topk``'s contract, tile by tile: top-k context positions ``[B, n, min(topk, L)]`` (``-1``
+    padded) of queries ``q`` [B, n, H, D] with head weights [B, n, H] over the keys at ``slot_table`` [B, L], query
+    ``(b, i)`` seeing positions ``< kv_lens[b, i]``."""
+    if torch.compiler.is_compiling():
+        # A captured decode step (one query per sequence, ``L`` a dynamic dimension the tile loop cannot follow):
+        # its scores are [B, 1, L], the size of one tile's at B * H queries.
+        return reference.indexer_topk(q, weights, index_cache, layout, slot_table, kv_lens, topk)
+    batch, length = slot_table.shape
+    _, n, n_heads, dim = q.shape
+    k_out = min(topk, length)
+    out = torch.full((batch, n, k_out), -1, dtype=torch.long, device=q.device)
+    if k_out == 0 or n == 0:
+        return out
+    q = prepare_index_q(q, layout)  # fp32, in the keys' numeric domain
+    weights = weights.float()
+    key_tile = max(MIN_KEY_TILE, min(MAX_KEY_TILE, max(topk, TILE_ELEMENTS // (batch * n * n_heads))))
+    query_block = max(1, TILE_ELEMENTS // (batch * n_heads * key_tile))
+    for q0 in range(0, n, query_block):
+        rows = slice(q0, min(n, q0 + query_block))
+        positions, scores = _block_topk(q[:, rows], weights[:, rows], index_cache, layout, slot_table,
+                                        kv_lens[:, rows], k_out, key_tile)
+        out[:, rows, :positions.shape[-1]] = torch.where(torch.isneginf(scores), -1, positions)
+    return out
+
+
+def _block_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, layout: CacheLayout,
+                slot_table: torch.Tensor, kv_lens: torch.Tensor, k_out: int,
+                key_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-``k_out`` (positions, scores) ``[B, b, <= k_out]`` of one block of queries (fp32 ``q`` [B, b, H,
+    D]) over key tiles of ``key_tile`` positions; invisible positions score ``-inf``."""
+    batch, n, n_heads, dim = q.shape
+    q_rows = q.reshape(batch, n * n_heads, dim)
+    head_weights = weights[:, :, None, :]  # [B, b, 1, H]
+    best_scores = q.new_empty(batch, n, 0)
+    best_positions = torch.empty(batch, n, 0, dtype=torch.long, device=q.device)
+    horizon = int(kv_lens.max())  # no query of the block sees a key past it
+    fully_visible = int(kv_lens.min())
+    for t0 in range(0, horizon, key_tile):
+        t1 = min(horizon, t0 + key_tile)
+        keys = read_index_rows(index_cache[slot_table[:, t0:t1].flatten()], layout).view(batch, t1 - t0, dim)
+        # The reference's arithmetic on this tile: fp32 dots, scaled, ReLU, then the head-weighted sum as one GEMM.
+        dots = torch.bmm(q_rows, keys.transpose(1, 2)).view(batch, n, n_heads, -1).mul_(dim ** -0.5).relu_()
+        scores = torch.matmul(head_weights, dots)[:, :, 0]  # [B, b, tile]
+        positions = torch.arange(t0, t1, device=q.device)
+        if t1 > fully_visible:
+            scores.masked_fill_(positions >= kv_lens[..., None], float("-inf"))
+        best_scores = torch.cat((best_scores, scores), dim=-1)
+        best_positions = torch.cat((best_positions, positions.expand(batch, n, -1)), dim=-1)
+        if best_scores.shape[-1] > k_out:
+            best_scores, chosen = best_scores.topk(k_out, dim=-1, sorted=False)
+            best_positions = best_positions.gather(-1, chosen)
+    return best_positions, best_scores
+
+
+def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
+                layout: CacheLayout, slots: torch.Tensor, positions: torch.Tensor,
+                topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
+    """``reference.mla_prefill``'s contract (``[n, H, d_v]``): with a top-k selection, attention over the selected
+    rows only, in query blocks whose scores ``[H, block, selected]`` stay within ``TILE_ELEMENTS``."""
+    if topk_positions is None:
+        return reference.mla_prefill(q_nope, q_pe, weights, latent_cache, layout, slots, positions, None,
+                                     softmax_scale)
+    n, n_heads = q_nope.shape[:2]
+    selected = torch.unique(topk_positions[topk_positions >= 0])  # sorted context positions some query chose
+    latent_rows, k_pe = read_latent_rows(latent_cache[slots[selected]], layout)
+    kv = F.linear(latent_rows, weights.w_kvb)
+    # Each query's selection as columns of the selected rows (selections are causal: no further mask is needed).
+    columns = torch.where(topk_positions >= 0, torch.searchsorted(selected, topk_positions.clamp(min=0)), -1)
+    out = q_nope.new_empty(n, n_heads, weights.w_uv.shape[2])
+    query_block = max(1, TILE_ELEMENTS // (n_heads * max(1, selected.numel())))
+    for q0 in range(0, n, query_block):
+        rows = slice(q0, min(n, q0 + query_block))
+        allowed = reference.positions_to_mask(columns[rows], selected.numel())
+        out[rows] = reference.mha_attention(q_nope[rows], q_pe[rows], kv, k_pe, allowed, softmax_scale)
+    return out
