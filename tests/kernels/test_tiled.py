@@ -107,11 +107,26 @@ def test_sparse_prefill_attends_the_selected_rows_as_the_reference(fmt, dtype, t
     for topk_positions in (_causal_topk(positions, 48, gen), None):
         args = (q_nope, q_pe, weights, cache.latent[0], cache.layout, context, positions, topk_positions, SCALE)
         expected = reference.mla_prefill(*args).float()
-        for tile_elements in (tiled.TILE_ELEMENTS, 4096):  # one query block, then blocks of a few queries
-            monkeypatch.setattr(tiled, "TILE_ELEMENTS", tile_elements)
-            got = tiled.mla_prefill(*args)
-            assert got.dtype == dtype
-            assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
+        # The expanded form, then the absorbed one (gathering priced at nothing); each in one query block, then in
+        # blocks of a few queries.
+        for gather_cost in (10**9, 0):
+            monkeypatch.setattr(tiled, "GATHERED_ELEMENT_COST", gather_cost)
+            for tile_elements in (1 << 23, 4096):
+                monkeypatch.setattr(tiled, "TILE_ELEMENTS", tile_elements)
+                monkeypatch.setattr(tiled, "GATHER_ELEMENTS", tile_elements * 4)
+                got = tiled.mla_prefill(*args)
+                assert got.dtype == dtype
+                assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_the_absorbed_form_is_chosen_where_the_chunk_is_small_against_its_selected_rows() -> None:
+    layout = make_cache("auto", torch.bfloat16, 16, index_head_dim=0).layout
+    # issue 26's tiny model (4 heads of 32 + 64 / 32) at 16K context, top-2048: the union of a chunk's selections
+    # is nearly the whole context; a short chunk gathers less than the whole context's up-projection costs.
+    assert tiled.absorbed_is_cheaper(16, 2048, 16000, 4, 32, 32, layout)
+    assert not tiled.absorbed_is_cheaper(1024, 2048, 16000, 4, 32, 32, layout)
+    # The real model's 128 heads: the up-projection of the selected rows dwarfs any gathering.
+    assert tiled.absorbed_is_cheaper(2048, 2048, 16000, 128, 128, 128, layout)
 
 
 def _greedy_run(model, prompt: torch.Tensor, chunk: int, num_decodes: int) -> tuple[torch.Tensor, list[int]]:
