@@ -92,11 +92,19 @@ def _block_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tenso
         positions = torch.arange(t0, t1, device=q.device)
         if t1 > fully_visible:
             scores.masked_fill_(positions >= kv_lens[..., None], float("-inf"))
-        best_scores = torch.cat((best_scores, scores), dim=-1)
-        best_positions = torch.cat((best_positions, positions.expand(batch, n, -1)), dim=-1)
-        if best_scores.shape[-1] > k_out:
-            best_scores, chosen = best_scores.topk(k_out, dim=-1, sorted=False)
-            best_positions = best_positions.gather(-1, chosen)
+        best_positions, best_scores = merge_topk(best_positions, best_scores, positions, scores, k_out)
+    return best_positions, best_scores
+
+
+def merge_topk(best_positions: torch.Tensor, best_scores: torch.Tensor, positions: torch.Tensor,
+               scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A running top-``k`` (positions, scores) ``[..., <= k]`` merged with one tile's scores ``[..., tile]`` at
+    context ``positions`` [tile]: the top-``k`` of both (unsorted)."""
+    best_scores = torch.cat((best_scores, scores), dim=-1)
+    best_positions = torch.cat((best_positions, positions.expand(scores.shape)), dim=-1)
+    if best_scores.shape[-1] > k:
+        best_scores, chosen = best_scores.topk(k, dim=-1, sorted=False)
+        best_positions = best_positions.gather(-1, chosen)
     return best_positions, best_scores
 
 
