@@ -10,10 +10,11 @@ gigabytes per step. Here the same contracts are met tile by tile:
   (``[queries, k]``). Transient memory is ``O(queries x (tile + k))``; keys past every query's causal horizon are
   never read. The GEMMs run in fp32, as the reference's: this CPU's bf16 GEMMs (torch 2.13, oneDNN) round their
   output to bf16, which moves scores near the top-k boundary and changes the selection.
-* ``mla_prefill``: with a top-k selection, only the context rows some query of the chunk selected are read and
-  up-projected, and the queries attend those rows in blocks sized so the scores stay within a fixed budget (a key
-  no query selected is never touched); without one (context <= ``index_topk``: the paper's dense "masked MHA mode"
-  for short prefill) it is the reference.
+* ``mla_prefill``: with a top-k selection, each query attends only its selected rows, in whichever form costs less
+  for the chunk: the expanded (MHA) form over the rows some query of the chunk selected (read and up-projected once;
+  a key no query selected is never touched), or the absorbed (MQA) form over each query's own gathered latent rows
+  (no up-projection); both in query blocks whose transient tensors stay within a fixed budget. Without a selection
+  (context <= ``index_topk``: the paper's dense "masked MHA mode" for short prefill) it is the reference.
 
 Selections equal the reference's up to ties (the merge may keep a different one of equal scores); attention outputs
 agree to rounding (the softmax runs over the selected columns only, in another summation order).
