@@ -104,19 +104,19 @@ def report(results: dict[tuple[str, int], list[dict[str, float]]], contexts: lis
         "4 layers, kv_lora 512, rope 64, indexer 16 x 128, **index_topk 2048**), bf16, batch 1.",
         "",
         f"- before: {commits['before']}; after: {commits['after']}.",
-        f"- median of {args.repeats} runs per cell, spread (min-max) in brackets; before and after interleaved, "
-        "each run its own process. **The machine is shared** (other work runs on the same cores): the timings are "
-        "disturbed, the spreads show by how much.",
+        "- median of the runs per cell, spread (min-max) in brackets; before and after interleaved, each run its "
+        "own process. **The machine is shared** (other work runs on the same cores): the timings are disturbed, the "
+        "spreads show by how much.",
         "",
-        "| context | | prefill tok/s | decode tok/s | peak RSS MB |",
-        "|---|---|---|---|---|",
+        "| context | | runs | prefill tok/s | decode tok/s | peak RSS MB |",
+        "|---|---|---|---|---|---|",
     ]
     for context in contexts:
         for side in ("before", "after"):
             runs = results.get((side, context), [])
             if runs:
                 cells = [summary([r[key] for r in runs]) for key, _ in FIGURES]
-                lines.append(f"| {context} | {side} | " + " | ".join(cells) + " |")
+                lines.append(f"| {context} | {side} | {len(runs)} | " + " | ".join(cells) + " |")
     lines.append("")
     for side in ("before", "after"):
         def median(key: str, context: int, side: str = side) -> float | None:
