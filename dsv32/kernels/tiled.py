@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 # fp32 elements of one tile's transient products (indexer: per-head dots [B, queries, H, keys]; attention: scores
 # [H, queries, keys]): 8M = 32 MiB, whatever the context.
 TILE_ELEMENTS = 1 << 23
-# Keys per indexer tile, at most: several times top-k keeps the merges (a top-k over k + tile candidates) cheap
-# against the scoring, while the query block shrinks to keep the tile within TILE_ELEMENTS.
-MAX_KEY_TILE = 8192
+# Keys per indexer tile, at least: no fewer than top-k keeps the merges (a top-k over k + tile candidates) cheap
+# against the scoring; the query block shrinks to keep the tile within TILE_ELEMENTS (a decode's one query per
+# sequence scores up to TILE_ELEMENTS / (B x H) keys, 512K for one sequence of 16 index heads, in one tile).
 MIN_KEY_TILE = 256
 # Cache-row elements the absorbed sparse prefill gathers at once ([queries, k, latent_width] in the storage dtype):
 # 32M, 64 MiB in bf16 (28 queries of the real top-2048 a block).
@@ -62,7 +62,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tens
         return out
     q = prepare_index_q(q, layout)  # fp32, in the keys' numeric domain
     weights = weights.float()
-    key_tile = max(MIN_KEY_TILE, min(MAX_KEY_TILE, max(topk, TILE_ELEMENTS // (batch * n * n_heads))))
+    key_tile = max(MIN_KEY_TILE, topk, TILE_ELEMENTS // (batch * n * n_heads))
     query_block = max(1, TILE_ELEMENTS // (batch * n_heads * key_tile))
     for q0 in range(0, n, query_block):
         rows = slice(q0, min(n, q0 + query_block))
