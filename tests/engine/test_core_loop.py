@@ -56,6 +56,9 @@ class FakeModel:
     def capture_decode_graphs(self, kv_cache: None) -> tuple[int, ...]:
         return ()  # runs eagerly
 
+    def weight_bytes(self) -> int:
+        return 0  # no weights
+
     def __call__(self, batch: ForwardBatch, kv_cache: None) -> torch.Tensor:
         if CRASH in batch.input_ids.tolist():
             raise RuntimeError("the model step failed")
