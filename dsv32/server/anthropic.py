@@ -28,14 +28,15 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from dsv32.encoding import Delta, StreamingParser
+from dsv32.encoding import StreamingParser
+from dsv32.encoding.stream import ToolCallDelta
 from dsv32.engine.outputs import CompletionOutput
 from dsv32.server.anthropic_protocol import (
     AnthropicCountTokensRequest,
@@ -54,6 +55,7 @@ from dsv32.server.chat import (
     start_chat_generation,
 )
 from dsv32.server.errors import APIError, register_error_shape
+from dsv32.server.output_runs import Kind, OutputRuns
 from dsv32.server.protocol import ChatCompletionRequest
 from dsv32.server.sse import named_sse_event, sse_response
 from dsv32.server.state import ServerState
@@ -161,52 +163,28 @@ def tool_use_id(call_id: str) -> str:
 
 
 @dataclass
-class ContentBlocks:
-    """Turns the chat parser's deltas into Anthropic's content-block events (``content_block_start`` / ``_delta``
-    / ``_stop``), one block per run of thinking, of text, and per tool call. Text the parser finds inside a tool call
-    (stray text between its parameters) is held until the call's block closes, so a block never reopens."""
+class ContentBlocks(OutputRuns):
+    """Anthropic's content-block events (``content_block_start`` / ``_delta`` / ``_stop``) for the chat parser's
+    deltas: ``thinking`` blocks for reasoning, ``text`` blocks, a ``tool_use`` block per call (``OutputRuns``)."""
 
-    include_text: bool = True  # False: a forced tool call; any text is markup the grammar cut off, not an answer
-    include_thinking: bool = True
     index: int = -1
-    open_kind: str | None = None  # "thinking", "text", "tool_use" or None
-    held_text: list[str] = field(default_factory=list)
 
-    def feed(self, deltas: Sequence[Delta]) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        for delta in deltas:
-            if delta.reasoning_content and self.include_thinking:
-                events += self._append("thinking", delta.reasoning_content)
-            elif delta.content and self.include_text:
-                if self.open_kind == "tool_use":
-                    self.held_text.append(delta.content)
-                else:
-                    events += self._append("text", delta.content)
-            elif delta.tool_call is not None:
-                call = delta.tool_call
-                if call.id is not None:
-                    events += self._close()
-                    events += self._open({"type": "tool_use", "id": tool_use_id(call.id), "name": call.name,
-                                          "input": {}})
-                    self.open_kind = "tool_use"
-                if call.arguments:
-                    events.append(self._delta({"type": "input_json_delta", "partial_json": call.arguments}))
-        return events
+    def begin(self, kind: Kind) -> list[dict[str, Any]]:
+        return self._open({"type": "thinking", "thinking": "", "signature": ""} if kind == "reasoning"
+                          else {"type": "text", "text": ""})
 
-    def close(self) -> list[dict[str, Any]]:
-        """Close the open block (and send text held back inside a tool call)."""
-        return self._close()
+    def text_delta(self, kind: Kind, text: str) -> list[dict[str, Any]]:
+        key = "thinking" if kind == "reasoning" else "text"
+        return [self._delta({"type": f"{key}_delta", key: text})]
 
-    def _append(self, kind: str, text: str) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        if self.open_kind != kind:
-            events += self._close()
-            events += self._open({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking"
-                                 else {"type": "text", "text": ""})
-            self.open_kind = kind
-        key = "thinking" if kind == "thinking" else "text"
-        events.append(self._delta({"type": f"{key}_delta", key: text}))
-        return events
+    def start_call(self, call: ToolCallDelta) -> list[dict[str, Any]]:
+        return self._open({"type": "tool_use", "id": tool_use_id(call.id or ""), "name": call.name, "input": {}})
+
+    def call_arguments(self, arguments: str) -> list[dict[str, Any]]:
+        return [self._delta({"type": "input_json_delta", "partial_json": arguments})]
+
+    def end(self, kind: Kind, status: str) -> list[dict[str, Any]]:
+        return [{"type": "content_block_stop", "index": self.index}]
 
     def _open(self, block: dict[str, Any]) -> list[dict[str, Any]]:
         self.index += 1
@@ -214,17 +192,6 @@ class ContentBlocks:
 
     def _delta(self, delta: dict[str, Any]) -> dict[str, Any]:
         return {"type": "content_block_delta", "index": self.index, "delta": delta}
-
-    def _close(self) -> list[dict[str, Any]]:
-        if self.open_kind is None:
-            return []
-        events = [{"type": "content_block_stop", "index": self.index}]
-        was_tool, self.open_kind = self.open_kind == "tool_use", None
-        if was_tool and self.held_text:
-            held, self.held_text = "".join(self.held_text), []
-            events += self._append("text", held)
-            events += self._close()
-        return events
 
 
 def fold_blocks(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -278,7 +245,7 @@ class _Generation:
     def blocks(self) -> ContentBlocks:
         thinking = self.request.thinking
         return ContentBlocks(include_text=not self.run.rendered.forces_tool_call,
-                             include_thinking=thinking is None or thinking.display != "omitted")
+                             include_reasoning=thinking is None or thinking.display != "omitted")
 
     def message(self, content: list[dict[str, Any]], reason: str | None, sequence: str | None,
                 usage: AnthropicUsage) -> dict[str, Any]:

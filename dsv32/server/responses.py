@@ -37,10 +37,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from dsv32.encoding import Delta
+from dsv32.encoding.stream import ToolCallDelta
 from dsv32.engine.outputs import CompletionOutput
 from dsv32.server.chat import ChatRun, ChatStep, in_client_terms, start_chat_generation
 from dsv32.server.errors import APIError
+from dsv32.server.output_runs import Kind, OutputRuns
 from dsv32.server.protocol import ChatCompletionRequest, random_uuid
 from dsv32.server.responses_protocol import (
     FunctionCallItem,
@@ -150,16 +151,12 @@ def _item_id(prefix: str) -> str:
 
 
 @dataclass
-class OutputItems:
-    """Turns the chat parser's deltas into Responses output items and the stream events that build them (without
-    their sequence numbers): one ``reasoning`` item per run of thinking, one ``message`` per run of text, one
-    ``function_call`` per call. Text the parser finds inside a tool call is held until the call's item is done, so an
-    item never reopens. ``items`` is the output so far (each item whole once done)."""
+class OutputItems(OutputRuns):
+    """Responses output items and the stream events that build them (without their sequence numbers) for the chat
+    parser's deltas: a ``reasoning`` item per run of thinking, a ``message`` per run of text, a ``function_call`` per
+    call (``OutputRuns``). ``items`` is the output so far (each item whole once done)."""
 
-    include_text: bool = True  # False: a forced tool call; any text is markup the grammar cut off, not an answer
     items: list[dict[str, Any]] = field(default_factory=list)
-    open_kind: str | None = None  # "reasoning", "message", "function_call" or None
-    held_text: list[str] = field(default_factory=list)
 
     @property
     def _open(self) -> dict[str, Any]:
@@ -168,83 +165,57 @@ class OutputItems:
     def _ids(self) -> dict[str, Any]:
         return {"item_id": self._open["id"], "output_index": len(self.items) - 1}
 
-    def feed(self, deltas: Sequence[Delta]) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        for delta in deltas:
-            if delta.reasoning_content:
-                events += self._append("reasoning", delta.reasoning_content)
-            elif delta.content and self.include_text:
-                if self.open_kind == "function_call":
-                    self.held_text.append(delta.content)
-                else:
-                    events += self._append("message", delta.content)
-            elif delta.tool_call is not None:
-                call = delta.tool_call
-                if call.id is not None:
-                    events += self.close()
-                    events += self._start({"id": _item_id("fc"), "type": "function_call", "status": "in_progress",
-                                           "call_id": call.id, "name": call.name, "arguments": ""})
-                if call.arguments:
-                    self._open["arguments"] += call.arguments
-                    events.append({"type": "response.function_call_arguments.delta", **self._ids(),
-                                   "delta": call.arguments})
-        return events
+    def begin(self, kind: Kind) -> list[dict[str, Any]]:
+        if kind == "reasoning":
+            part: dict[str, Any] = {"type": "reasoning_text", "text": ""}
+            item = {"id": _item_id("rs"), "type": "reasoning", "summary": [], "content": [part],
+                    "status": "in_progress"}
+        else:
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            item = {"id": _item_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
+                    "content": [part]}
+        return [*self._start(item), {"type": "response.content_part.added", **self._ids(), "content_index": 0,
+                                     "part": dict(part)}]
 
-    def close(self, status: str = "completed") -> list[dict[str, Any]]:
-        """Finish the open item with ``status`` (and send text held back inside a tool call)."""
-        if self.open_kind is None:
-            return []
-        item, kind = self._open, self.open_kind
-        self.open_kind = None
+    def text_delta(self, kind: Kind, text: str) -> list[dict[str, Any]]:
+        self._open["content"][0]["text"] += text
+        delta = {"type": f"response.{'reasoning_text' if kind == 'reasoning' else 'output_text'}.delta",
+                 **self._ids(), "content_index": 0, "delta": text}
+        if kind == "text":
+            delta["logprobs"] = []
+        return [delta]
+
+    def start_call(self, call: ToolCallDelta) -> list[dict[str, Any]]:
+        return self._start({"id": _item_id("fc"), "type": "function_call", "status": "in_progress",
+                            "call_id": call.id, "name": call.name, "arguments": ""})
+
+    def call_arguments(self, arguments: str) -> list[dict[str, Any]]:
+        self._open["arguments"] += arguments
+        return [{"type": "response.function_call_arguments.delta", **self._ids(), "delta": arguments}]
+
+    def end(self, kind: Kind, status: str) -> list[dict[str, Any]]:
+        item = self._open
         item["status"] = status
-        if kind == "function_call":
+        if kind == "call":
             events = [{"type": "response.function_call_arguments.done", **self._ids(), "name": item["name"],
                        "arguments": item["arguments"]}]
         else:
             part = item["content"][0]
             prefix = "reasoning_text" if kind == "reasoning" else "output_text"
             text_done = {"type": f"response.{prefix}.done", **self._ids(), "content_index": 0, "text": part["text"]}
-            if kind == "message":
+            if kind == "text":
                 text_done["logprobs"] = []
             events = [text_done, {"type": "response.content_part.done", **self._ids(), "content_index": 0,
                                   "part": dict(part)}]
         events.append({"type": "response.output_item.done", "output_index": len(self.items) - 1,
                        "item": copy.deepcopy(item)})
-        if kind == "function_call" and self.held_text:
-            held, self.held_text = "".join(self.held_text), []
-            events += self._append("message", held)
-            events += self.close(status)
         return events
 
     def _start(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        self.open_kind = item["type"]
         # The item as announced: no content yet (its parts are added by their own events).
         announced = {**item, "content": []} if "content" in item else dict(item)
         self.items.append(item)
         return [{"type": "response.output_item.added", "output_index": len(self.items) - 1, "item": announced}]
-
-    def _append(self, kind: str, text: str) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        if self.open_kind != kind:
-            events += self.close()
-            if kind == "reasoning":
-                part: dict[str, Any] = {"type": "reasoning_text", "text": ""}
-                item = {"id": _item_id("rs"), "type": "reasoning", "summary": [], "content": [part],
-                        "status": "in_progress"}
-            else:
-                part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-                item = {"id": _item_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
-                        "content": [part]}
-            events += self._start(item)
-            events.append({"type": "response.content_part.added", **self._ids(), "content_index": 0,
-                           "part": dict(part)})
-        self._open["content"][0]["text"] += text
-        delta = {"type": f"response.{'reasoning_text' if kind == 'reasoning' else 'output_text'}.delta",
-                 **self._ids(), "content_index": 0, "delta": text}
-        if kind == "message":
-            delta["logprobs"] = []
-        events.append(delta)
-        return events
 
 
 def assistant_message(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

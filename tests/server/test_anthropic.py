@@ -212,7 +212,7 @@ def test_text_inside_a_tool_call_follows_its_block() -> None:
 
 
 def test_omitted_thinking_is_not_returned() -> None:
-    blocks = ContentBlocks(include_thinking=False)
+    blocks = ContentBlocks(include_reasoning=False)
     events = blocks.feed([Delta(reasoning_content="hmm"), Delta(content="answer")]) + blocks.close()
     assert fold_blocks(events) == [{"type": "text", "text": "answer"}]
 
