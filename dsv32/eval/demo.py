@@ -51,7 +51,6 @@ from dsv32.eval.client import gather_limited, model_to_ask, post_for_choice
 from dsv32.train.corpus import CALCULATOR, GET_WEATHER, HELD_OUT_CITIES, examples, held_out_pair
 
 TASKS = ("arithmetic", "tools", "json")
-CATEGORIES = {"arithmetic": ("arithmetic",), "tools": ("tools",), "json": ("json", "json+grammar")}
 MAX_TOKENS = {"arithmetic": 256, "tools": 96, "json": 256, "json+grammar": 256}
 # Per category: (score key, label); the first is the category's accuracy.
 METRICS = {

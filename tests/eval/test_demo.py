@@ -117,8 +117,8 @@ def scripted_reply(cases: list[demo.Case]) -> Any:
     an extra argument, the wrong tool, no call, right; JSON without a grammar: not JSON, missing a key, then right;
     with the grammar always right."""
     by_question = {(case.category, case.request["messages"][-1]["content"]): (index, case)
-                   for category in demo.CATEGORIES.values()
-                   for index, case in enumerate(c for c in cases if c.category in category)}
+                   for category in demo.METRICS
+                   for index, case in enumerate(c for c in cases if c.category == category)}
 
     def reply(body: dict[str, Any]) -> dict[str, Any]:
         question = body["messages"][-1]["content"]
