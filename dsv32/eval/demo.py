@@ -203,6 +203,7 @@ class Record:
     body: dict[str, Any]
     message: dict[str, Any]
     finish_reason: str | None
+    prompt_tokens: int  # equal for a JSON case with and without the grammar on dsv32 (the same prompt)
     completion_tokens: int
     scores: dict[str, bool]
 
@@ -242,8 +243,8 @@ async def _ask(client: httpx.AsyncClient, url: str, case: Case, body: dict[str, 
     if not isinstance(message, dict):
         raise ValueError(f"{url} sent a choice without a message: {str(choice)[:300]}")
     usage = payload.get("usage") or {}
-    return Record(case, body, message, choice.get("finish_reason"), int(usage.get("completion_tokens") or 0),
-                  SCORERS[case.category](message, case.expected))
+    return Record(case, body, message, choice.get("finish_reason"), int(usage.get("prompt_tokens") or 0),
+                  int(usage.get("completion_tokens") or 0), SCORERS[case.category](message, case.expected))
 
 
 @dataclass
@@ -346,7 +347,8 @@ def _save(path: str, args: argparse.Namespace, root: str, tasks: tuple[str, ...]
         for category, accuracies in summary.items()}
     samples = [{"category": record.case.category, "request": record.body, "expected": record.case.expected,
                 "response": record.message, "finish_reason": record.finish_reason,
-                "completion_tokens": record.completion_tokens, "scores": record.scores} for record in run.records]
+                "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
+                "scores": record.scores} for record in run.records]
     config = {"base_url": root, "model": run.model, "tasks": list(tasks), "num_prompts": args.num_prompts,
               "seed": args.seed, "concurrency": args.concurrency, "max_tokens": MAX_TOKENS}
     with open(path, "w", encoding="utf-8") as f:

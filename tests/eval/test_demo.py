@@ -169,6 +169,7 @@ def test_end_to_end_against_fake_server(tmp_path: Path, capsys: pytest.CaptureFi
     assert len(saved["samples"]) == 20 == len(config.requests)
     first = saved["samples"][0]
     assert first["category"] == "arithmetic" and first["scores"] == {"correct": False}
+    assert (first["finish_reason"], first["prompt_tokens"], first["completion_tokens"]) == ("stop", 7, 4)
     assert first["response"]["reasoning_content"] == f"= {first['expected']['answer']}"
 
     bodies = {"json+grammar" if "response_format" in body else
