@@ -246,6 +246,7 @@ def bench_serve(port: int, checkpoint: Path, dataset: Path, num_prompts: int, co
 def measure_serving(checkpoint: Path, prompts: list[Prompt], args: argparse.Namespace) -> list[ServedRun]:
     dataset = args.work_dir / "heldout_sharegpt.json"
     num_prompts = write_sharegpt(prompts, dataset)
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
     ks = [0, *args.serve_ks]
     runs: list[ServedRun] = []
     for round_index in range(args.repeats):
@@ -262,6 +263,9 @@ def measure_serving(checkpoint: Path, prompts: list[Prompt], args: argparse.Name
                 for concurrency in args.concurrencies:
                     result = bench_serve(port, checkpoint, dataset, num_prompts, concurrency, args.max_tokens,
                                          args.work_dir / f"bench_k{k}_c{concurrency}_round{round_index + 1}.json")
+                    if not result["failed"] and result["total_input_tokens"] != prompt_tokens:
+                        raise BenchmarkError(f"the server counted {result['total_input_tokens']} prompt tokens, the "
+                                             f"chat prompts have {prompt_tokens}: it was not sent their tokens")
                     runs.append(ServedRun(k, concurrency, round_index, result["output_throughput"],
                                           result["median_tpot_ms"], result["completed"], result["failed"],
                                           result["total_output_tokens"], result.get("spec_decode_acceptance_length")))
