@@ -15,7 +15,8 @@
    ``--serve-ks``, each server in its own process, driven by ``dsv32 bench serve`` at each ``--concurrencies`` on the
    held-out chat prompts (a ShareGPT-format file of the rendered prompts, sent to ``/v1/completions`` with
    ``add_special_tokens: false``, so the server sees exactly the chat prompt's tokens; ``max_tokens`` =
-   ``--max-tokens``, greedy, EOS ends a reply). ``--repeats`` rounds, the servers' order rotating from round to
+   ``--max-tokens``, greedy, EOS ends a reply; before each run as many warm-up requests as its concurrency, which
+   ``bench serve`` sends at that concurrency). ``--repeats`` rounds, the servers' order rotating from round to
    round; the speed-up is output tok/s over the same round's no-speculation run at the same concurrency, reported as
    median (min-max) over the rounds. The machine's load is checked before and during each server's turn.
 3. DSA: on long held-out token sequences (whole conversations, prompt and replies, of at least ``--dsa-min-len``
@@ -29,8 +30,10 @@
    Computed with the trainer's network (``dsv32.train.network``, fp32), loaded from the checkpoint: plain PyTorch
    whose attention exposes its full score matrices and the indexer's scores (``MLA.attention_logits``), run with
    ``sparse`` off and on; its logits equal dsv32's and HF transformers' on exported checkpoints (within 1e-4, fp32,
-   sparse attention pruning: ``tests/train/test_export.py``). dsv32's engine never materialises a dense
-   probability matrix, so hooking it would need a second attention implementation anyway.
+   sparse attention pruning: ``tests/train/test_export.py``). dsv32's own kernels (``dsv32.kernels.reference``)
+   take the softmax inside each call over the paged cache and return only the attention's output; the trainer's
+   network computes a whole sequence's ``[L, L]`` matrices, which recall needs, and turns sparse attention on and
+   off with one flag.
 
 usage: demo_model.py --checkpoint DIR [--output FILE.md] [--parts mtp serve dsa] [--repeats 3] [--enforce-eager]
 """
@@ -237,6 +240,7 @@ def bench_serve(port: int, checkpoint: Path, dataset: Path, num_prompts: int, co
                "--model", MODEL_NAME, "--tokenizer", str(checkpoint), "--endpoint", "/v1/completions",
                "--dataset-name", "sharegpt", "--dataset-path", str(dataset), "--sharegpt-output-len", str(max_tokens),
                "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
+               "--num-warmups", str(concurrency),
                "--extra-body", json.dumps({"add_special_tokens": False}), "--disable-tqdm",
                "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name]
     run_step(command, result.with_suffix(".log"))
@@ -515,6 +519,10 @@ def acceptance_markdown(rows: list[Acceptance], ks: Sequence[int], prompts_per_t
                     "drafts whose first i tokens were all accepted."]
 
 
+def times(spread: Spread | None) -> str:
+    return f"{spread.median:.2f}x ({spread.low:.2f}-{spread.high:.2f})" if spread is not None else "n/a"
+
+
 def serving_markdown(runs: list[ServedRun], args: argparse.Namespace) -> list[str]:
     ratios = speedups(runs)
     lines = [f"### MTP speed-up served ({args.num_serve_prompts} held-out chat prompts, max_tokens {args.max_tokens}, "
@@ -526,7 +534,7 @@ def serving_markdown(runs: list[ServedRun], args: argparse.Namespace) -> list[st
             mine = [r for r in runs if r.k == k and r.concurrency == concurrency]
             if not mine:
                 continue
-            speedup = "1 (baseline)" if not k else show(Spread.of(ratios.get((k, concurrency), [])), 2) + "x"
+            speedup = "1 (baseline)" if not k else times(Spread.of(ratios.get((k, concurrency), [])))
             acceptance = Spread.of([r.acceptance_length for r in mine if r.acceptance_length])
             tokens = sorted({r.output_tokens for r in mine})
             lines.append(f"| {server_label(k)} | {concurrency} | {show(Spread.of([r.output_tps for r in mine]))} | "
@@ -541,7 +549,8 @@ def dsa_markdown(sets: list[DsaSet], config: ModelConfig) -> list[str]:
     layers = config.num_hidden_layers + config.num_nextn_predict_layers
     lines = [f"### DSA (index_topk {config.index_topk}; trainer's network, fp32)", ""]
     for dsa in sets:
-        lines += [f"**{dsa.name}**: {len(dsa.lengths)} sequences of {min(dsa.lengths)}-{max(dsa.lengths)} tokens.", "",
+        count = f"{len(dsa.lengths)} sequence" + ("s" if len(dsa.lengths) > 1 else "")
+        lines += [f"**{dsa.name}**: {count} of {min(dsa.lengths)}-{max(dsa.lengths)} tokens.", "",
                   "| layer | queries | indexer recall, dense run | p10 | best top-k (oracle) | last-k window | "
                   "indexer recall, sparse run |", "|---|---|---|---|---|---|---|"]
         for layer in range(layers):
