@@ -186,7 +186,7 @@ def test_dsa_report_on_an_exported_toy(bench, exported: tuple[TrainableDeepseekV
                        "--output", str(output)]) == 0
     report = output.read_text()
     assert "### DSA (index_topk 16; trainer's network, fp32)" in report
-    assert "| 2 (MTP) | " in report and "joined to 64 tokens**: 1 sequences of 64-64 tokens" in report
+    assert "| 2 (MTP) | " in report and "joined to 64 tokens**: 1 sequence of 64-64 tokens" in report
     assert "### MTP" not in report
 
 
