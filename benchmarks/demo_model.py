@@ -44,6 +44,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections import defaultdict
@@ -60,6 +61,7 @@ from benchmarks.serving import (  # noqa: E402  (the repository root, not benchm
     MODEL_NAME,
     BenchmarkError,
     RunningServer,
+    ServerSpec,
     Spread,
     checkout_description,
     dsv32_server,
@@ -234,20 +236,31 @@ def round_order(ks: Sequence[int], round_index: int) -> list[int]:
     return [*ks[shift:], *ks[:shift]]
 
 
-def bench_serve(port: int, checkpoint: Path, dataset: Path, num_prompts: int, concurrency: int, max_tokens: int,
-                result: Path) -> dict:
-    command = [sys.executable, "-m", "dsv32.cli", "bench", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--model", MODEL_NAME, "--tokenizer", str(checkpoint), "--endpoint", "/v1/completions",
-               "--dataset-name", "sharegpt", "--dataset-path", str(dataset), "--sharegpt-output-len", str(max_tokens),
-               "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
-               "--num-warmups", str(concurrency),
-               "--extra-body", json.dumps({"add_special_tokens": False}), "--disable-tqdm",
-               "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name]
-    run_step(command, result.with_suffix(".log"))
-    return json.loads(result.read_text())
+def bench_command(port: int, checkpoint: Path, dataset: Path, num_prompts: int, concurrency: int, max_tokens: int,
+                  result: Path) -> list[str]:
+    return [sys.executable, "-m", "dsv32.cli", "bench", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--model", MODEL_NAME, "--tokenizer", str(checkpoint), "--endpoint", "/v1/completions",
+            "--dataset-name", "sharegpt", "--dataset-path", str(dataset), "--sharegpt-output-len", str(max_tokens),
+            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--num-warmups", str(concurrency),
+            "--extra-body", json.dumps({"add_special_tokens": False}), "--disable-tqdm",
+            "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name]
+
+
+def server_spec(checkpoint: Path, port: int, k: int, args: argparse.Namespace) -> ServerSpec:
+    extra = ["--no-enable-prefix-caching", *(["--enforce-eager"] if args.enforce_eager else [])]
+    if k:
+        extra += ["--speculative-config", json.dumps({"method": "mtp", "num_speculative_tokens": k})]
+    return dsv32_server(checkpoint, port, extra, args.threads)
+
+
+def shown(command: list[str]) -> str:
+    """A command line as the report shows it (``python`` for this interpreter)."""
+    return shlex.join(["python" if part == sys.executable else part for part in command])
 
 
 def measure_serving(checkpoint: Path, prompts: list[Prompt], args: argparse.Namespace) -> list[ServedRun]:
+    """Every round, every server in turn (its own process), ``bench serve`` at every concurrency against it; the
+    commands of the first k > 0 server and its first client go to ``args.commands`` for the report."""
     dataset = args.work_dir / "heldout_sharegpt.json"
     num_prompts = write_sharegpt(prompts, dataset)
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
@@ -256,17 +269,20 @@ def measure_serving(checkpoint: Path, prompts: list[Prompt], args: argparse.Name
     for round_index in range(args.repeats):
         for k in round_order(ks, round_index):
             name = f"{server_label(k)}, round {round_index + 1}"
-            extra = ["--no-enable-prefix-caching", *(["--enforce-eager"] if args.enforce_eager else [])]
-            if k:
-                extra += ["--speculative-config", json.dumps({"method": "mtp", "num_speculative_tokens": k})]
             port = free_port()
-            spec = dsv32_server(checkpoint, port, extra, args.threads)
+            spec = server_spec(checkpoint, port, k, args)
             log = args.work_dir / f"serve_k{k}_round{round_index + 1}.log"
             print(f"serving: {name}", flush=True)
             with engine_turn(name, args.cores, args.busy), RunningServer(spec, port, log):
                 for concurrency in args.concurrencies:
-                    result = bench_serve(port, checkpoint, dataset, num_prompts, concurrency, args.max_tokens,
-                                         args.work_dir / f"bench_k{k}_c{concurrency}_round{round_index + 1}.json")
+                    result_path = args.work_dir / f"bench_k{k}_c{concurrency}_round{round_index + 1}.json"
+                    command = bench_command(port, checkpoint, dataset, num_prompts, concurrency, args.max_tokens,
+                                            result_path)
+                    if k == args.serve_ks[0]:
+                        args.commands.setdefault("server", shown(spec.command))
+                        args.commands.setdefault("client", shown(command))
+                    run_step(command, result_path.with_suffix(".log"))
+                    result = json.loads(result_path.read_text())
                     if not result["failed"] and result["total_input_tokens"] != prompt_tokens:
                         raise BenchmarkError(f"the server counted {result['total_input_tokens']} prompt tokens, the "
                                              f"chat prompts have {prompt_tokens}: it was not sent their tokens")
@@ -499,6 +515,10 @@ def measure_dsa(checkpoint: Path, tokenizer: Tokenizer, args: argparse.Namespace
 # ---- the report -------------------------------------------------------------------------------------------------
 
 
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("s" if count != 1 else "")
+
+
 def fmt(value: float, digits: int = 2) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
@@ -526,7 +546,7 @@ def times(spread: Spread | None) -> str:
 def serving_markdown(runs: list[ServedRun], args: argparse.Namespace) -> list[str]:
     ratios = speedups(runs)
     lines = [f"### MTP speed-up served ({args.num_serve_prompts} held-out chat prompts, max_tokens {args.max_tokens}, "
-             f"{args.repeats} rounds)", "",
+             f"{plural(args.repeats, 'round')}; servers' threads: {args.threads or 'every core'})", "",
              "| server | concurrency | output tok/s | speed-up vs no speculation | median TPOT ms | "
              "acceptance length (/metrics) | output tokens | failed |", "|---|---|---|---|---|---|---|---|"]
     for k in [0, *args.serve_ks]:
@@ -541,16 +561,20 @@ def serving_markdown(runs: list[ServedRun], args: argparse.Namespace) -> list[st
                          f"{speedup} | {show(Spread.of([r.median_tpot_ms for r in mine]))} | "
                          f"{show(acceptance, 2) if k else '-'} | {', '.join(map(str, tokens))} | "
                          f"{sum(r.failed for r in mine)} |")
+    k = args.serve_ks[0]
     return lines + ["", "Median (min-max) over the rounds; the speed-up pairs each run with the same round's "
-                    "no-speculation run at the same concurrency."]
+                    "no-speculation run at the same concurrency.", "",
+                    f"Server (MTP k={k}; the others differ in `num_speculative_tokens` or drop `--speculative-config`; "
+                    f"port and paths of the first run): `{args.commands['server']}`", "",
+                    f"Client (concurrency {args.concurrencies[0]}): `{args.commands['client']}`"]
 
 
 def dsa_markdown(sets: list[DsaSet], config: ModelConfig) -> list[str]:
     layers = config.num_hidden_layers + config.num_nextn_predict_layers
     lines = [f"### DSA (index_topk {config.index_topk}; trainer's network, fp32)", ""]
     for dsa in sets:
-        count = f"{len(dsa.lengths)} sequence" + ("s" if len(dsa.lengths) > 1 else "")
-        lines += [f"**{dsa.name}**: {count} of {min(dsa.lengths)}-{max(dsa.lengths)} tokens.", "",
+        sizes = f"{plural(len(dsa.lengths), 'sequence')} of {min(dsa.lengths)}-{max(dsa.lengths)} tokens"
+        lines += [f"**{dsa.name}**: {sizes}.", "",
                   "| layer | queries | indexer recall, dense run | p10 | best top-k (oracle) | last-k window | "
                   "indexer recall, sparse run |", "|---|---|---|---|---|---|---|"]
         for layer in range(layers):
@@ -572,7 +596,7 @@ def dsa_markdown(sets: list[DsaSet], config: ModelConfig) -> list[str]:
                     "layer attends densely; sparse run: each layer's input comes from sparse layers below (the "
                     "served model). Logits: sparse vs dense model at the pruned positions, over the distinct LM-head "
                     "rows (tokens with an embedding, plus the row shared by all others); next-token loss over the "
-                    "real vocabulary."]
+                    "real vocabulary. Joined conversations run past the lengths the model was trained on."]
 
 
 def render_report(args: argparse.Namespace, config: ModelConfig, acceptance: list[Acceptance] | None,
@@ -621,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else argv
     args.cores = len(os.sched_getaffinity(0))
     args.busy = []
+    args.commands = {}
     started = time.monotonic()
     try:
         args.work_dir.mkdir(parents=True, exist_ok=True)
