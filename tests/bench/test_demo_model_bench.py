@@ -5,6 +5,7 @@ trainer's network over a compact vocabulary, the logit comparison, and the DSA r
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -99,6 +100,18 @@ def test_speedups_pair_each_run_with_its_rounds_baseline(bench) -> None:
             run(0, 8, 0, 400.0), run(2, 8, 0, 200.0), run(2, 8, 1, 999.0)]  # round 1 at 8 has no baseline
     assert bench.speedups(runs) == {(1, 1): [1.5, 1.2], (2, 8): [0.5]}
     assert [bench.round_order([0, 1, 2], r) for r in range(4)] == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+
+
+def test_servers_differ_only_in_their_speculative_config(bench, tmp_path: Path) -> None:
+    args = argparse.Namespace(enforce_eager=False, threads=None)
+    plain, mtp = (bench.server_spec(tmp_path, 8000, k, args).command for k in (0, 2))
+    assert "--no-enable-prefix-caching" in plain and "--speculative-config" not in plain
+    assert mtp[:len(plain)] == plain
+    assert mtp[len(plain):] == ["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}']
+    client = bench.bench_command(8000, tmp_path, tmp_path / "data.json", 32, 8, 256, tmp_path / "result.json")
+    flags = dict(zip(client[5::2], client[6::2], strict=False))
+    assert flags["--extra-body"] == '{"add_special_tokens": false}' and flags["--endpoint"] == "/v1/completions"
+    assert flags["--max-concurrency"] == flags["--num-warmups"] == "8"
 
 
 # ---- DSA -----------------------------------------------------------------------------------------------------------
