@@ -50,12 +50,13 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tens
     """``reference.indexer_topk``'s contract, tile by tile: top-k context positions ``[B, n, min(topk, L)]`` (``-1``
     padded) of queries ``q`` [B, n, H, D] with head weights [B, n, H] over the keys at ``slot_table`` [B, L], query
     ``(b, i)`` seeing positions ``< kv_lens[b, i]``."""
-    if torch.compiler.is_compiling():
-        # A captured decode step (one query per sequence, ``L`` a dynamic dimension the tile loop cannot follow):
-        # its scores are [B, 1, L], the size of one tile's at B * H queries.
-        return reference.indexer_topk(q, weights, index_cache, layout, slot_table, kv_lens, topk)
     batch, length = slot_table.shape
     _, n, n_heads, dim = q.shape
+    if n == 1 or torch.compiler.is_compiling():
+        # A decode step (one query per sequence; captured or not: in a graph ``L`` is a dynamic dimension the tile
+        # loop cannot follow): its scores are [B, 1, L], one tile's worth at B * H queries, and the reference's
+        # single top-k over them costs less than a tile loop's merges.
+        return reference.indexer_topk(q, weights, index_cache, layout, slot_table, kv_lens, topk)
     k_out = min(topk, length)
     out = torch.full((batch, n, k_out), -1, dtype=torch.long, device=q.device)
     if k_out == 0 or n == 0:
