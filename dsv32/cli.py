@@ -429,6 +429,8 @@ _EXTERNAL_SUBCOMMANDS = (
      "Benchmark a running OpenAI-compatible server (vllm bench serve's metrics)."),
     ("eval", "gsm8k", "dsv32.eval.gsm8k", "add_eval_gsm8k_arguments", "run_eval_gsm8k",
      "GSM8K accuracy of a running server."),
+    ("eval", "demo", "dsv32.eval.demo", "add_eval_demo_arguments", "run_eval_demo",
+     "Held-out accuracy of the demo model's skills (arithmetic, tool calls, JSON) on a running server."),
 )
 # Top-level subcommands written in other modules: (name, module, add-arguments, run, help).
 _EXTERNAL_COMMANDS = (
@@ -461,7 +463,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                "  dsv32 serve /models/DeepSeek-V3.2 --max-model-len 32k\n"
                "  dsv32 chat --url http://127.0.0.1:8000\n"
                "  dsv32 run-batch -i requests.jsonl -o results.jsonl --model /models/DeepSeek-V3.2\n"
-               "  dsv32 bench serve --num-prompts 100\n  dsv32 eval gsm8k\n"
+               "  dsv32 bench serve --num-prompts 100\n  dsv32 eval gsm8k\n  dsv32 eval demo --num-prompts 50\n"
                "  dsv32 train-demo --minutes 90",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -123,10 +123,12 @@ def test_bad_speculative_flags_are_one_line_errors(argv, message, capsys: pytest
 
 def test_bench_and_eval_subcommands_are_wired_lazily() -> None:
     from dsv32.bench.serve import run_bench_serve
+    from dsv32.eval.demo import run_eval_demo
     from dsv32.eval.gsm8k import run_eval_gsm8k
 
     assert parse("bench", "serve").handler is run_bench_serve
     assert parse("eval", "gsm8k").handler is run_eval_gsm8k
+    assert parse("eval", "demo").handler is run_eval_demo
 
 
 def test_chat_subcommand_flags() -> None:
@@ -144,7 +146,8 @@ def test_run_batch_takes_the_engine_and_api_flags_with_the_demo_model_by_default
     assert server.served_model_names == ("ds",) and server.reasoning_parser == "none" and server.api_key is None
 
 
-@pytest.mark.parametrize("argv", [[], ["serve"], ["run-batch"], ["chat"], ["bench", "serve"], ["eval", "gsm8k"]])
+@pytest.mark.parametrize("argv", [[], ["serve"], ["run-batch"], ["chat"], ["bench", "serve"], ["eval", "gsm8k"],
+                                  ["eval", "demo"]])
 def test_help_is_available_for_every_subcommand(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main([*argv, "--help"])

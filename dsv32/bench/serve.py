@@ -351,6 +351,11 @@ def api_root(base_url: str) -> str:
     return root[: -len("/v1")] if root.endswith("/v1") else root
 
 
+def server_root(base_url: str | None, host: str, port: int) -> str:
+    """The server's root from `--base-url`, else from `--host` and `--port`."""
+    return api_root(base_url) if base_url else f"http://{host}:{port}"
+
+
 async def wait_for_server(client: httpx.AsyncClient, root: str, timeout_s: float) -> list[str]:
     """Poll `GET /v1/models` until the server answers; return the model ids it serves ([] if it has no such route)."""
     deadline = time.monotonic() + timeout_s
@@ -509,7 +514,7 @@ async def benchmark(args: argparse.Namespace) -> list[LevelRun]:
     levels = _sweep_levels(args.concurrency_sweep) if args.concurrency_sweep else [args.max_concurrency]
     if any(level is not None and level < 1 for level in levels):
         raise ValueError("concurrency levels must be at least 1")
-    root = api_root(args.base_url) if args.base_url else f"http://{args.host}:{args.port}"
+    root = server_root(args.base_url, args.host, args.port)
     limits = httpx.Limits(max_connections=max((lv or 0) for lv in levels) or None, max_keepalive_connections=None)
     timeout = httpx.Timeout(6 * 3600.0, connect=60.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from tqdm import tqdm
 
-from dsv32.bench.serve import api_root, wait_for_server
+from dsv32.bench.serve import api_root
+from dsv32.eval.client import gather_limited, model_to_ask, post_for_choice
 
 TASK_VERSION = 3
 FEWSHOT_SEED = 1234
@@ -37,7 +37,6 @@ REQUEST_SEED = 1234
 MAX_GEN_TOKS = 256
 STOP_SEQUENCES = ("Question:", "</s>", "<|im_end|>")
 INVALID = "[invalid]"
-MAX_RETRIES = 3
 STRICT_PATTERN = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE_PATTERN = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 # lm-eval's `regexes_to_ignore`, applied in this order to prediction and reference before comparing.
@@ -200,28 +199,15 @@ def _request_body(settings: EvalSettings, problem: Problem, shots: list[Problem]
 
 
 async def _generate(client: httpx.AsyncClient, settings: EvalSettings, body: dict[str, Any]) -> tuple[str, int]:
-    """The answer text and its completion token count; retried on transport errors and 5xx, like lm-eval."""
-    last_error = ""
-    for _ in range(MAX_RETRIES):
-        try:
-            response = await client.post(settings.url, json=body)
-        except httpx.TransportError as error:
-            last_error = f"{type(error).__name__}: {error}"
-            continue
-        if response.status_code >= 500:
-            last_error = f"HTTP {response.status_code}: {response.text[:300]}"
-            continue
-        if response.status_code != 200:
-            raise ValueError(f"{settings.url} answered HTTP {response.status_code}: {response.text[:300]}")
-        try:
-            payload = response.json()
-            choice = payload["choices"][0]
-            text = (choice["message"].get("content") if settings.chat else choice["text"]) or ""
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise ValueError(f"{settings.url} sent a response without choices[0]: {response.text[:300]}") from None
-        usage = payload.get("usage") or {}
-        return text, int(usage.get("completion_tokens") or 0)
-    raise ValueError(f"request to {settings.url} failed after {MAX_RETRIES} tries: {last_error}")
+    """The answer text and its completion token count."""
+    payload = await post_for_choice(client, settings.url, body)
+    choice = payload["choices"][0]
+    try:
+        text = (choice["message"].get("content") if settings.chat else choice["text"]) or ""
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(f"{settings.url} sent a choice without its text: {str(choice)[:300]}") from None
+    usage = payload.get("usage") or {}
+    return text, int(usage.get("completion_tokens") or 0)
 
 
 @dataclass
@@ -248,25 +234,18 @@ async def evaluate(
     shots = draw_fewshot(train, num_fewshot, len(problems))
     limits = httpx.Limits(max_connections=num_concurrent)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
-        served = await wait_for_server(client, root, timeout_s=30.0)
-        model = model or (served[0] if served else None)
-        if model is None:
-            raise ValueError("--model is required: the server lists no model at /v1/models")
+        model = await model_to_ask(client, root, model, timeout_s=30.0)
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         settings = EvalSettings(root + endpoint, model, chat, max_tokens)
-        semaphore = asyncio.Semaphore(num_concurrent)
-        progress = tqdm(total=len(problems), disable=not show_progress, file=sys.stderr, desc="gsm8k")
-
-        async def ask(problem: Problem, problem_shots: list[Problem]) -> tuple[str, int]:
-            async with semaphore:
-                answer = await _generate(client, settings, _request_body(settings, problem, problem_shots))
-            progress.update(1)
-            return answer
-
         start = time.perf_counter()
-        answers = await asyncio.gather(*(ask(p, s) for p, s in zip(problems, shots, strict=True)))
+        answers = await gather_limited(
+            list(zip(problems, shots, strict=True)),
+            lambda pair: _generate(client, settings, _request_body(settings, *pair)),
+            num_concurrent,
+            "gsm8k",
+            show_progress,
+        )
         duration = time.perf_counter() - start
-        progress.close()
     responses = [truncate_at_stop(text) for text, _ in answers]
     return EvalRun(score_responses(problems, responses), responses, duration, sum(n for _, n in answers))
 

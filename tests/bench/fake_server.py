@@ -1,7 +1,8 @@
 """A small OpenAI-compatible server for tests: streams SSE chunks on /v1/completions and /v1/chat/completions.
 
 It stands in for `dsv32 serve` (or vLLM) so the benchmark and the eval run end to end without a model: the answer
-is `answer(prompt)` split into word chunks, or `max_tokens` copies of " tok" for benchmark loads; every
+is `answer(prompt)` split into word chunks, or `max_tokens` copies of " tok" for benchmark loads; a non-streamed chat
+request may instead get the whole message `reply(body)` (content, reasoning_content, tool_calls) for the evals; every
 `fail_every`-th request fails, alternately with HTTP 500 and with an error event in the middle of the stream.
 `running_server(config)` serves it on 127.0.0.1 on a free port in a background thread and yields the base URL.
 """
@@ -32,6 +33,8 @@ class FakeServerConfig:
     """How the fake server answers; `requests` collects every request body it received, in arrival order."""
 
     answer: Callable[[str], str] | None = None
+    # The assistant message's fields (content, reasoning_content, tool_calls) for a non-streamed chat request body.
+    reply: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     usage: bool = True
     first_token_delay_s: float = 0.0
     token_delay_s: float = 0.0
@@ -86,6 +89,12 @@ def make_app(config: FakeServerConfig) -> FastAPI:
         failing = config.fail_every and number % config.fail_every == 0
         if failing and (number // config.fail_every) % 2 == 1:
             return JSONResponse({"error": {"message": "injected failure", "code": 500}}, status_code=500)
+        if chat and config.reply is not None and not body.get("stream"):
+            message = {"role": "assistant", **config.reply(body)}
+            completion_tokens = len(str(message.get("content") or "").split())
+            return {"object": "chat.completion", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": completion_tokens,
+                              "total_tokens": 7 + completion_tokens}}
         pieces = _pieces(config, body)
         usage = {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}
         if not body.get("stream"):
