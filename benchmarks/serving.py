@@ -1,6 +1,6 @@
 """What the side-by-side serving benchmarks share (``vs_vllm_cpu.py``, ``vs_llama_cpp.py``): starting a server in a
 process group of its own and stopping it, the machine-load check before each engine starts, and vLLM's own
-``vllm bench serve`` run against an OpenAI-compatible server.
+``vllm bench serve`` run against an OpenAI-compatible server; the median and spread of repeated samples.
 
 A module of helpers, not a script: the benchmark scripts import it (``from benchmarks.serving import ...``, with the
 repository root on ``sys.path``).
@@ -14,6 +14,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -255,6 +256,29 @@ def vllm_bench(python: Path, checkpoint: Path, port: int, concurrency: int, num_
         command += ["--seed", str(seed)]
     run_step(command, result.with_suffix(".log"))
     return json.loads(result.read_text())
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Repeated samples of one figure: median, min and max, and how many."""
+
+    median: float
+    low: float
+    high: float
+    count: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Spread | None:
+        if not samples:
+            return None
+        return cls(statistics.median(samples), min(samples), max(samples), len(samples))
+
+    def show(self, digits: int = 1) -> str:
+        return f"{self.median:.{digits}f} ({self.low:.{digits}f}-{self.high:.{digits}f})"
+
+
+def show(spread: Spread | None, digits: int = 1) -> str:
+    return spread.show(digits) if spread is not None else "n/a"
 
 
 def ratio(ours: float, theirs: float) -> str:

@@ -42,7 +42,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -64,6 +63,7 @@ from benchmarks.serving import (  # noqa: E402  (the repository root, not benchm
     BenchmarkError,
     RunningServer,
     ServerSpec,
+    Spread,
     checkout_description,
     clean_env,
     dsv32_server,
@@ -75,6 +75,7 @@ from benchmarks.serving import (  # noqa: E402  (the repository root, not benchm
     make_checkpoint,
     ratio,
     run_step,
+    show,
     vllm_bench,
 )
 
@@ -100,30 +101,7 @@ LLAMA_SOURCES = {"prefill@1": "llama-bench pp128", "prefill@8": "batched-bench S
                  "batched-prefill@1": "batched-bench S_PP, npl 1", "tg32": "llama-bench tg32 (empty context)"}
 
 
-# ---- medians and spreads ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Spread:
-    """Repeated samples of one figure: median, min and max, and how many."""
-
-    median: float
-    low: float
-    high: float
-    count: int
-
-    @classmethod
-    def of(cls, samples: Sequence[float]) -> Spread | None:
-        if not samples:
-            return None
-        return cls(statistics.median(samples), min(samples), max(samples), len(samples))
-
-    def show(self, digits: int = 1) -> str:
-        return f"{self.median:.{digits}f} ({self.low:.{digits}f}-{self.high:.{digits}f})"
-
-
-def show(spread: Spread | None, digits: int = 1) -> str:
-    return spread.show(digits) if spread is not None else "n/a"
+# ---- medians and spreads (Spread: benchmarks/serving.py) ------------------------------------------------------------
 
 
 def median_ratio(ours: Spread | None, theirs: Spread | None) -> str:

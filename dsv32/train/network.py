@@ -99,7 +99,9 @@ class MLA(nn.Module):
         self.o_proj = _linear(c.num_attention_heads * c.v_head_dim, c.hidden_size)
         self.indexer = Indexer(c)
 
-    def forward(self, x: torch.Tensor, rope: RopeTables, sparse: bool) -> AttentionOutput:
+    def attention_logits(self, x: torch.Tensor, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The main attention's scaled scores ``[B, H, L, L]`` (no mask applied), the indexer's scores ``[B, L, L]``
+        (``-inf`` above the diagonal) and the values ``[B, L, H, v_dim]``."""
         batch, length, _ = x.shape
         qr = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(batch, length, self.n_heads, self.nope + self.rope_dim)
@@ -111,7 +113,11 @@ class MLA(nn.Module):
         # The softmax scale is applied to the queries, not to the [B, H, L, L] scores (one pass fewer each way).
         scores = (torch.einsum("bthd,bshd->bhts", q_nope * self.scale, k_nope)
                   + torch.einsum("bthd,bsd->bhts", q_pe * self.scale, k_pe))
-        index_scores = self.indexer(x.detach(), qr.detach(), rope)
+        return scores, self.indexer(x.detach(), qr.detach(), rope), v
+
+    def forward(self, x: torch.Tensor, rope: RopeTables, sparse: bool) -> AttentionOutput:
+        scores, index_scores, v = self.attention_logits(x, rope)
+        length = x.shape[1]
         hidden_keys = _future(length, x.device)  # [L, L], or [B, L, L] once the indexer prunes
         if sparse and length > self.indexer.topk:
             chosen = index_scores.detach().topk(self.indexer.topk, dim=-1).indices
