@@ -354,13 +354,3 @@ def _save(path: str, args: argparse.Namespace, root: str, tasks: tuple[str, ...]
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"task": "demo", "config": config, "results": results, "samples": samples}, f, indent=1,
                   ensure_ascii=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsv32 eval demo", description=__doc__.split("\n")[0])
-    add_eval_demo_arguments(parser)
-    return run_eval_demo(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -189,7 +189,8 @@ def test_tasks_choose_the_categories(capsys: pytest.CaptureFixture[str]) -> None
     cases = demo.tools_cases(2, 0)
     config = FakeServerConfig(reply=lambda body: {"content": "", "tool_calls": [_call("get_weather", "{}")]})
     with running_server(config) as url:
-        code = demo.main(["--port", url.rsplit(":", 1)[1], "--tasks", "tools", "--num-prompts", "2", "--disable-tqdm"])
+        code = cli_main(["eval", "demo", "--port", url.rsplit(":", 1)[1], "--tasks", "tools", "--num-prompts", "2",
+                         "--disable-tqdm"])
     out = capsys.readouterr().out
     assert code == 0 and "|tools       |tool + arguments|   2|  0.0000|" in out and "arithmetic" not in out
     assert [body["messages"] for body in config.requests] == [case.request["messages"] for case in cases]
@@ -210,6 +211,7 @@ def test_bad_flags_are_one_line_errors_with_status_2(flags: list[str], message: 
 
 
 def test_unreachable_server_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
-    code = demo.main(["--base-url", "http://127.0.0.1:9", "--ready-check-timeout-sec", "0", "--disable-tqdm"])
+    code = cli_main(["eval", "demo", "--base-url", "http://127.0.0.1:9", "--ready-check-timeout-sec", "0",
+                     "--disable-tqdm"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("error: cannot reach http://127.0.0.1:9") and "\n" not in err
