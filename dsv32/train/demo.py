@@ -310,9 +310,9 @@ def add_train_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus-size", type=int, default=40_000, help="Conversations generated (default 40000).")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"Comma-separated corpus tasks (default all: {','.join(TASKS)}).")
-    parser.add_argument("--batch-tokens", type=int, default=8192,
-                        help="Padded tokens per batch (default 8192).")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Peak learning rate (default 3e-3).")
+    parser.add_argument("--batch-tokens", type=int, default=2048,
+                        help="Padded tokens per batch (default 2048).")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate (default 1e-3).")
     parser.add_argument("--dense-share", type=float, default=0.4,
                         help="Share of the budget trained with dense attention before the sparse stage (default 0.4).")
     parser.add_argument("--bias-update-rate", type=float, default=1e-3,
