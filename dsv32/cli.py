@@ -67,8 +67,9 @@ def _int_with_suffix(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer (optionally with k/K/m/M), got {text!r}") from None
 
 
-_MODEL_HELP = ("Hugging Face checkpoint folder of a DeepSeek-V3.2 (or V3/V3.1/R1) model, or 'tiny' (default): a "
-               "built-in toy model of the same architecture with random weights.")
+_MODEL_HELP = ("Hugging Face checkpoint folder of a DeepSeek-V3.2 (or V3/V3.1/R1) model; 'demo' (default): the "
+               "packaged small V3.2 trained by `dsv32 train-demo` (arithmetic with thinking, tool calls, JSON); "
+               "'tiny': a built-in toy model of the same architecture with random weights (tests, benchmarks).")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -458,7 +459,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsv32",
         description="DeepSeek-V3.2 inference engine with an OpenAI-compatible server.",
-        epilog="Examples:\n  dsv32 serve                      # built-in tiny model, random weights, 127.0.0.1:8000\n"
+        epilog="Examples:\n  dsv32 serve                      # the packaged demo model on 127.0.0.1:8000\n"
                "  dsv32 serve /models/DeepSeek-V3.2 --max-model-len 32k\n"
                "  dsv32 chat --url http://127.0.0.1:8000\n"
                "  dsv32 run-batch -i requests.jsonl -o results.jsonl --model /models/DeepSeek-V3.2\n"

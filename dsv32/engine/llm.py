@@ -11,6 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from dsv32.assets import DEMO_PRESET
 from dsv32.config import EngineConfig, ModelConfig
 from dsv32.encoding import prepare_chat_request
 from dsv32.engine.core import EngineCore
@@ -27,12 +28,13 @@ Messages = Sequence[Mapping[str, Any]]
 class LLM:
     """Load a model once, then run batches of prompts through continuous batching.
 
-    ``model`` is ``"tiny"`` (the built-in preset with dummy weights) or an HF checkpoint folder; any other keyword
+    ``model`` is ``"demo"`` (the packaged trained demo model), ``"tiny"`` (a built-in preset with random weights) or
+    an HF checkpoint folder; any other keyword
     is an ``EngineConfig`` field (``max_num_seqs``, ``kv_cache_dtype``, ``enable_prefix_caching`` ...).
     ``model_config`` replaces the config read from ``model`` (e.g. the tiny preset with other dimensions).
     """
 
-    def __init__(self, model: str = "tiny", *, tokenizer: str | None = None, dtype: str = "auto",
+    def __init__(self, model: str = DEMO_PRESET, *, tokenizer: str | None = None, dtype: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, model_config: ModelConfig | None = None,
                  **engine_kwargs: Any) -> None:
         known = {f.name for f in fields(EngineConfig)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dsv32.assets import DEMO_PRESET
+
 # vLLM's parser names first; SGLang's spellings map onto them.
 REASONING_PARSERS = {"deepseek_v3": "deepseek_v3", "deepseek-v3": "deepseek_v3", "deepseek_r1": "deepseek_v3",
                      "deepseek-r1": "deepseek_v3", "none": "none"}
@@ -34,8 +36,8 @@ class RequestLimits:
 class ServerConfig:
     """What the OpenAI-compatible layer needs to know beyond the engine."""
 
-    served_model_names: tuple[str, ...] = ("tiny",)
-    model_path: str = "tiny"
+    served_model_names: tuple[str, ...] = (DEMO_PRESET,)
+    model_path: str = DEMO_PRESET
     host: str = "127.0.0.1"
     port: int = 8000
     # On SIGTERM, seconds in-flight requests get to finish before they are aborted.

@@ -20,6 +20,7 @@ import pytest
 
 from tests.server.conftest import (
     BASE_ARGS,
+    TEST_MODEL,
     ServerProcess,
     free_port,
     server_factory,  # noqa: F401 - the fixture
@@ -57,7 +58,7 @@ def spawn_headless(log_dir: Path, *args: str, flag: bool = True) -> tuple[subpro
     """A worker-only node (``flag=False``: without ``--headless``, which a node rank above 0 implies)."""
     log_path = log_dir / f"headless-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "dsv32.cli", "serve", *BASE_ARGS,
+        process = subprocess.Popen([sys.executable, "-m", "dsv32.cli", "serve", TEST_MODEL, *BASE_ARGS,
                                     *(["--headless"] if flag else []), *args],
                                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return process, log_path
@@ -230,7 +231,7 @@ def test_torchrun_launch(tmp_path: Path, tp1_tokens) -> None:
     with log_path.open("wb") as log:
         launcher = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(master),
-             "-m", "dsv32.cli", "serve", "--port", str(port), *BASE_ARGS, "-tp", "2"],
+             "-m", "dsv32.cli", "serve", TEST_MODEL, "--port", str(port), *BASE_ARGS, "-tp", "2"],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = ServerProcess(launcher, f"http://127.0.0.1:{port}", log_path)
     try:

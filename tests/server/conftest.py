@@ -22,6 +22,9 @@ API_KEY = "test-key"
 STARTUP_TIMEOUT_S = 180.0
 # Small enough to keep CPU steps fast, large enough for the chat template's system prompt with tools.
 BASE_ARGS = ("--max-model-len", "1024", "--max-num-batched-tokens", "512", "--dtype", "float32")
+# The model test servers run unless a test names one first: the random-weights preset (the default, the trained
+# demo model, answers in ways tests should not depend on).
+TEST_MODEL = "tiny"
 
 
 def free_port() -> int:
@@ -98,14 +101,16 @@ def wait_until_gone(pid: int, timeout_s: float) -> bool:
 
 
 def spawn_server(log_dir: Path, *extra_args: str) -> ServerProcess:
-    """Start `dsv32 serve` on a free port without waiting for it."""
+    """Start `dsv32 serve` on a free port without waiting for it (on ``TEST_MODEL`` unless ``extra_args`` begin with
+    a model)."""
     port = free_port()
+    model = () if extra_args and not extra_args[0].startswith("-") else (TEST_MODEL,)
     log_path = log_dir / f"server-{port}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("DSV32_API_KEY", None)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dsv32.cli", "serve", "--port", str(port), *BASE_ARGS, *extra_args],
+            [sys.executable, "-m", "dsv32.cli", "serve", *model, "--port", str(port), *BASE_ARGS, *extra_args],
             stdout=log, stderr=subprocess.STDOUT, env=env)
     return ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
 

@@ -37,7 +37,7 @@ def router_binary() -> str:
 
 @pytest.fixture(scope="module")
 def replicas(server_factory: Callable[..., ServerProcess]) -> dict[str, ServerProcess]:
-    return {name: server_factory("--served-model-name", name, "tiny") for name in ("fast", "deep")}
+    return {name: server_factory("tiny", "--served-model-name", name) for name in ("fast", "deep")}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_requests_are_spread_and_a_killed_replica_is_routed_around(
         replicas: dict[str, ServerProcess], start_router: Callable[..., str],
         server_factory: Callable[..., ServerProcess]) -> None:
     # A third replica, of the same name as another, to kill without losing the others for the next test.
-    doomed = server_factory("--served-model-name", "doomed", "tiny")
+    doomed = server_factory("tiny", "--served-model-name", "doomed")
     router = start_router("--policy", "round_robin", "--worker-urls", replicas["fast"].base_url, doomed.base_url,
                           "--health-check-interval-secs", "1", "--health-failure-threshold", "1")
     assert [card["id"] for card in httpx.get(f"{router}/v1/models", timeout=10).json()["data"]] in (

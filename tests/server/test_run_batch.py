@@ -102,7 +102,7 @@ def test_resume_skips_what_is_done_and_reruns_what_failed(tmp_path: Path) -> Non
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dsv32.cli", "run-batch", *args, "--max-model-len", "1024",
+    return subprocess.run([sys.executable, "-m", "dsv32.cli", "run-batch", "--model", "tiny", *args, "--max-model-len", "1024",
                            "--dtype", "float32"], capture_output=True, text=True, timeout=300)
 
 

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from dsv32.assets import checkpoint_path
 from dsv32.config import TINY_PRESET, EngineConfig, ModelConfig
 from dsv32.distributed.parallel import SINGLE_PROCESS, ParallelContext
 from dsv32.kernels import select_backend
@@ -22,9 +23,9 @@ def load_engine_model(engine_config: EngineConfig, model_config: ModelConfig, de
     """The model (``parallel``: this rank's shard of it) as ``engine_config`` asks: the checkpoint in its load
     format, dtype and seed (the tiny preset: dummy weights), with the MTP layer when speculation drafts with it, on
     the configured kernel backend."""
-    is_preset = engine_config.model == TINY_PRESET
-    model = load_model(model_config, None if is_preset else engine_config.model,
-                       "dummy" if is_preset else engine_config.load_format, engine_config.dtype, device,
+    random_weights = engine_config.model == TINY_PRESET
+    model = load_model(model_config, None if random_weights else checkpoint_path(engine_config.model),
+                       "dummy" if random_weights else engine_config.load_format, engine_config.dtype, device,
                        seed=engine_config.seed, with_mtp=engine_config.num_speculative_tokens > 0,
                        progress=parallel.rank == 0, parallel=parallel, quantization=engine_config.quantization)
     if parallel.rank == 0:
