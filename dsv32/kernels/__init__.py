@@ -11,6 +11,12 @@ in ``dsv32.kernels.reference``, whose functions *are* the torch backend):
 * ``rms_norm``: fused residual add + RMSNorm;
 * ``fp8_linear``: ``x @ W^T`` for an e4m3 weight with block multipliers (Triton: block-scaled FP8 GEMM).
 
+INT8 / INT4 weights are packed once at load in the layout of the kernels that will multiply them
+(``dsv32.kernels.quant``), so their ops follow the weight, not the backend of the call: ``int_weight_layout`` picks
+the layout from the device (the one place that choice is made) and ``int_ops(layout)`` gives its ``int_linear`` /
+``fused_moe_int`` / ``fused_moe_int_fixed_shape`` (CPU: PyTorch's packed kernels; ``triton``: the W8A16 / W4A16
+GEMM and grouped MoE).
+
 A choice is ``auto`` (Triton on CUDA when ``triton`` imports, torch otherwise), ``torch``, or ``triton`` (an error
 if it cannot run: no ``triton``, or a CPU device without ``TRITON_INTERPRET=1``). The engine chooses per model
 (``EngineConfig.kernel_backend``) and runs the model's calls ``using_backend`` it, which holds for the calling thread
@@ -34,6 +40,7 @@ import torch
 
 from dsv32.kernels import reference
 from dsv32.kernels.cache_format import CacheLayout
+from dsv32.kernels.quant import CPU_LAYOUT, TRITON_LAYOUT, PackedIntWeight
 
 if TYPE_CHECKING:
     from dsv32.kernels.attention import MLAWeights
@@ -74,13 +81,30 @@ class KernelBackend(Protocol):
 KERNEL_OPS = ("indexer_topk", "mla_decode", "mla_prefill", "fused_moe", "rms_norm", "fp8_linear")
 
 
-class ModuleBackend:
-    """A ``KernelBackend`` made of one module's functions, each named as its op (``reference`` for torch,
-    ``triton_ops`` for Triton)."""
+class IntKernels(Protocol):
+    """The ops of integer weights in one layout (``dsv32.kernels.reference`` documents the contracts)."""
 
-    def __init__(self, name: str, module: ModuleType) -> None:
+    name: str
+
+    def int_linear(self, x: torch.Tensor, weight: PackedIntWeight) -> torch.Tensor: ...
+
+    def fused_moe_int(self, x: torch.Tensor, w13: PackedIntWeight, w2: PackedIntWeight, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def fused_moe_int_fixed_shape(self, x: torch.Tensor, w13: PackedIntWeight, w2: PackedIntWeight,
+                                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+INT_OPS = ("int_linear", "fused_moe_int", "fused_moe_int_fixed_shape")
+
+
+class ModuleBackend:
+    """A ``KernelBackend`` (or, with ``ops = INT_OPS``, ``IntKernels``) made of one module's functions, each named as
+    its op (``reference`` for torch, ``triton_ops`` for Triton)."""
+
+    def __init__(self, name: str, module: ModuleType, ops: tuple[str, ...] = KERNEL_OPS) -> None:
         self.name = name
-        for op in KERNEL_OPS:
+        for op in ops:
             setattr(self, op, getattr(module, op))
 
 
@@ -154,3 +178,35 @@ def get_backend(device: torch.device | str) -> KernelBackend:
         return _TRACED[torch.device(device).type]
     active = _ACTIVE.get()
     return active if active is not None else _backend_for(torch.device(device).type)
+
+
+def int_weight_layout(device: torch.device | str) -> str | None:
+    """The layout INT8 / INT4 weights on ``device`` are packed in (``dsv32.kernels.quant``), hence the kernels that
+    multiply them: ``triton`` on CUDA, and on CPU when the backend in effect there is Triton (the interpreter, for
+    tests); ``cpu`` (PyTorch's packed kernels) on CPU otherwise; None where no integer kernel runs (CUDA without
+    ``triton``, other devices)."""
+    device_type = torch.device(device).type
+    if device_type == "cpu":
+        return TRITON_LAYOUT if get_backend(device_type).name == "triton" else CPU_LAYOUT
+    return TRITON_LAYOUT if device_type == "cuda" and triton_runs_on(device_type) else None
+
+
+def require_int_layout(device: torch.device | str) -> str:
+    """``int_weight_layout(device)``; RuntimeError where no integer kernel runs."""
+    layout = int_weight_layout(device)
+    if layout is None:
+        raise RuntimeError(f"INT8 / INT4 weights cannot run on {torch.device(device).type}: their kernels need CPU, or "
+                           "CUDA with the triton package")
+    return layout
+
+
+@functools.cache
+def int_ops(layout: str) -> IntKernels:
+    """The kernels of integer weights packed in ``layout`` (the Triton ones import ``triton``)."""
+    if layout == CPU_LAYOUT:
+        return ModuleBackend(CPU_LAYOUT, reference, INT_OPS)
+    if layout == TRITON_LAYOUT:
+        from dsv32.kernels import triton_ops
+
+        return ModuleBackend(TRITON_LAYOUT, triton_ops, INT_OPS)
+    raise ValueError(f"integer weight layout {layout!r}: expected {CPU_LAYOUT} or {TRITON_LAYOUT}")

@@ -1,7 +1,11 @@
 """Weight-only integer formats (INT8 per output channel, INT4 group-wise): quantise, dequantise, pack, multiply.
 
 A quantised ``[N, K]`` weight is first held in its plain form, ``IntWeight`` (what checkpoints store and what the
-plain-PyTorch references read), then packed once at load for the device's kernels (``PackedIntWeight``):
+plain-PyTorch references read), then packed once at load for the device's kernels (``PackedIntWeight``) in one of
+two layouts (``dsv32.kernels.int_weight_layout`` picks it from the device; ``dsv32.kernels.int_ops`` the kernels
+that read it): ``cpu``, for PyTorch's CPU weight-only kernels, described below, or ``triton``, for the Triton
+W8A16 / W4A16 GEMMs of ``dsv32.kernels.triton_int_linear`` / ``triton_moe`` (INT8: ``q`` and fp32 ``scale``; INT4:
+the codes two a byte along K, ``pack_int4_rows``, with fp32 ``scale`` and ``zero`` ``[N, K / group]``).
 
 * INT8: ``W[n, k] = q[n, k] * scale[n]`` with ``q`` int8 in ``[-127, 127]``. Packed: ``q`` itself and ``scale`` in
   the compute dtype, multiplied by ``aten._weight_int8pack_mm`` (CPU: the int8 weight is widened in registers, the
@@ -13,7 +17,8 @@ plain-PyTorch references read), then packed once at load for the device's kernel
   two values a byte) with ``[K / group, N, 2]`` (scale, offset) pairs in the compute dtype, where tinygemm computes
   ``(q - 8) * scale + offset``, so ``offset = (8 - zero) * scale``; multiplied by ``aten._weight_int4pack_mm_for_cpu``.
   GPTQ's act-order (``g_idx``: column ``k`` belongs to group ``g_idx[k]``) is served by sorting the columns by
-  group once at load and gathering the activations' columns in the same order at each call (as vLLM does).
+  group once at load and gathering the activations' columns in the same order at each call (as vLLM does), in
+  both layouts.
 
 Neither kernel forms the weight in the compute dtype outside registers: the per-step cost is the packed bytes.
 """
@@ -30,6 +35,10 @@ INT8_MAX = 127
 INT4_MAX = 15
 _INT4PACK_N_MULTIPLE = 16  # tinygemm's CPU layout packs 16 output rows together
 _INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes tinygemm's CPU kernel takes
+_TRITON_GROUP_MULTIPLE = 16  # a Triton W4A16 K step (a divisor of the group) must be a whole tl.dot tile
+CPU_LAYOUT = "cpu"
+TRITON_LAYOUT = "triton"
+LAYOUTS = (CPU_LAYOUT, TRITON_LAYOUT)
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,14 @@ class IntWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
+
+    def to(self, device: torch.device) -> IntWeight:
+        """The same codes on ``device``."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.to(device) if t is not None else None
+
+        return replace(self, q=self.q.to(device), scale=self.scale.to(device), zero=move(self.zero),
+                       g_idx=move(self.g_idx))
 
     def groups(self) -> torch.Tensor:
         """The group of every input column ``[K]``."""
@@ -126,9 +143,11 @@ def reference_linear(x: torch.Tensor, weight: IntWeight) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PackedIntWeight:
-    """An ``IntWeight`` in the CPU kernels' layout (or a stack of ``E`` of them, one per expert, along a leading
-    dimension): ``data`` int8 ``[.., N, K]`` or tinygemm uint8 ``[.., N, K / 2]``, ``scales`` ``[.., N]`` or
-    ``[.., K / group, N, 2]`` in the compute dtype, ``perm`` the act-order column order (``None``: as stored)."""
+    """An ``IntWeight`` in the layout of one device's kernels (or a stack of ``E`` of them, one per expert, along a
+    leading dimension), ``perm`` the act-order column order (``None``: as stored). ``cpu``: ``data`` int8
+    ``[.., N, K]`` or tinygemm uint8 ``[.., N, K / 2]``, ``scales`` ``[.., N]`` or ``[.., K / group, N, 2]`` in the
+    compute dtype. ``triton``: ``data`` int8 ``[.., N, K]`` or ``pack_int4_rows`` uint8 ``[.., N, K / 2]``,
+    ``scales`` fp32 ``[.., N]`` or ``[.., N, K / group]``, ``zeros`` (INT4 with zero points) like the scales."""
 
     bits: int
     data: torch.Tensor
@@ -138,45 +157,79 @@ class PackedIntWeight:
     group_size: int = 0
     perm: torch.Tensor | None = None
     act_quant: bool = False
+    layout: str = CPU_LAYOUT
+    zeros: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        extra = self.perm.numel() * self.perm.element_size() if self.perm is not None else 0
-        return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size() + extra
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scales, self.perm, self.zeros)
+                   if t is not None)
 
     def expert(self, index: int) -> PackedIntWeight:
         """Expert ``index`` of a stack (contiguous views: nothing is copied)."""
         perm = self.perm[index] if self.perm is not None else None
-        return replace(self, data=self.data[index], scales=self.scales[index], perm=perm)
+        zeros = self.zeros[index] if self.zeros is not None else None
+        return replace(self, data=self.data[index], scales=self.scales[index], perm=perm, zeros=zeros)
 
 
-def packable(shape: tuple[int, int], bits: int, group_size: int = INT4_GROUP_SIZE) -> bool:
-    """Whether the CPU kernels take an ``[N, K]`` weight of ``bits``: INT8 any; INT4 needs a group of 32, 64, 128 or
-    256 dividing ``K`` and ``N`` a multiple of 16 (tinygemm's row tile)."""
+def packable(shape: tuple[int, int], bits: int, group_size: int = INT4_GROUP_SIZE, layout: str = CPU_LAYOUT) -> bool:
+    """Whether ``layout``'s kernels take an ``[N, K]`` weight of ``bits``: INT8 any; INT4 needs a group dividing
+    ``K``, on CPU one of 32, 64, 128 or 256 and ``N`` a multiple of 16 (tinygemm's row tile), for Triton a multiple
+    of 16 (a whole ``tl.dot`` step)."""
     rows, cols = shape
-    return bits == 8 or (group_size in _INT4PACK_GROUP_SIZES and cols % group_size == 0
-                         and rows % _INT4PACK_N_MULTIPLE == 0)
+    if bits == 8:
+        return True
+    if group_size <= 0 or cols % group_size:
+        return False
+    if layout == TRITON_LAYOUT:
+        return group_size % _TRITON_GROUP_MULTIPLE == 0
+    return group_size in _INT4PACK_GROUP_SIZES and rows % _INT4PACK_N_MULTIPLE == 0
 
 
-def pack(weight: IntWeight, dtype: torch.dtype) -> PackedIntWeight:
-    """Pack ``weight`` once for ``int_linear`` with activations in ``dtype``."""
+def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """INT4 codes ``[N, K]`` (0..15) two a byte along K: uint8 ``[N, K / 2]``, even ``k`` in the low nibble."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def _group_sorted_codes(weight: IntWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(codes with the columns sorted by group, that column order)`` for an act-order INT4 weight; the codes as
+    stored and ``None`` when its groups are already consecutive columns."""
+    if weight.g_idx is None:
+        return weight.q, None
+    cols = weight.shape[1]
+    groups = weight.groups()
+    in_order = torch.arange(cols, device=groups.device) // weight.group_size
+    if torch.equal(groups, in_order):
+        return weight.q, None
+    perm = torch.argsort(groups, stable=True)
+    if not torch.equal(groups[perm], in_order):
+        raise ValueError(f"g_idx does not assign exactly {weight.group_size} columns to each group")
+    return weight.q[:, perm], perm
+
+
+def pack(weight: IntWeight, dtype: torch.dtype, layout: str = CPU_LAYOUT) -> PackedIntWeight:
+    """Pack ``weight`` once for ``layout``'s kernels with activations in ``dtype``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"integer weight layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     rows, cols = weight.shape
+    if not packable(weight.shape, weight.bits, weight.group_size, layout):
+        need = (f"a group in {_INT4PACK_GROUP_SIZES}, K % group == 0 and N % {_INT4PACK_N_MULTIPLE} == 0"
+                if layout == CPU_LAYOUT else
+                f"a group that is a multiple of {_TRITON_GROUP_MULTIPLE} and K % group == 0")
+        raise ValueError(f"a {rows}x{cols} INT4 weight with groups of {weight.group_size} does not fit the {layout} "
+                         f"INT4 kernel (it needs {need})")
     if weight.bits == 8:
-        return PackedIntWeight(8, weight.q.contiguous(), weight.scale.to(dtype).contiguous(), rows, cols,
-                               act_quant=weight.act_quant)
-    if not packable(weight.shape, 4, weight.group_size):
-        raise ValueError(f"a {rows}x{cols} INT4 weight with groups of {weight.group_size} does not fit the CPU INT4 "
-                         f"kernel (it needs a group in {_INT4PACK_GROUP_SIZES}, K % group == 0 and "
-                         f"N % {_INT4PACK_N_MULTIPLE} == 0)")
-    q, scale, zero, perm = weight.q, weight.scale.float(), weight.zero, None
-    if weight.g_idx is not None:
-        groups = weight.groups()
-        if not torch.equal(groups, torch.arange(cols, device=groups.device) // weight.group_size):
-            perm = torch.argsort(groups, stable=True)
-            if not torch.equal(groups[perm], torch.arange(cols, device=groups.device) // weight.group_size):
-                raise ValueError(f"g_idx does not assign exactly {weight.group_size} columns to each group")
-            q = q[:, perm]
-    zero = zero.float() if zero is not None else torch.full_like(scale, INT4_SYMMETRIC_ZERO)
+        scale_dtype = torch.float32 if layout == TRITON_LAYOUT else dtype
+        return PackedIntWeight(8, weight.q.contiguous(), weight.scale.to(scale_dtype).contiguous(), rows, cols,
+                               act_quant=weight.act_quant, layout=layout)
+    q, perm = _group_sorted_codes(weight)
+    scale = weight.scale.float()
+    if layout == TRITON_LAYOUT:
+        zeros = weight.zero.float().contiguous() if weight.zero is not None else None
+        return PackedIntWeight(4, pack_int4_rows(q), scale.contiguous(), rows, cols, weight.group_size, perm,
+                               layout=layout, zeros=zeros)
+    zero = weight.zero.float() if weight.zero is not None else torch.full_like(scale, INT4_SYMMETRIC_ZERO)
     offset = (INT4_SYMMETRIC_ZERO - zero) * scale
     data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
     scales = torch.stack((scale.t(), offset.t()), dim=-1).to(dtype).contiguous()
@@ -186,13 +239,16 @@ def pack(weight: IntWeight, dtype: torch.dtype) -> PackedIntWeight:
 def stack_packed(experts: list[PackedIntWeight]) -> PackedIntWeight:
     """One ``PackedIntWeight`` over ``E`` experts of the same format (stacked along a new leading dimension)."""
     first = experts[0]
-    perm = torch.stack([e.perm for e in experts]) if first.perm is not None else None
-    return replace(first, data=torch.stack([e.data for e in experts]), scales=torch.stack([e.scales for e in experts]),
-                   perm=perm)
+
+    def stacked(name: str) -> torch.Tensor | None:
+        return torch.stack([getattr(e, name) for e in experts]) if getattr(first, name) is not None else None
+
+    return replace(first, data=stacked("data"), scales=stacked("scales"), perm=stacked("perm"), zeros=stacked("zeros"))
 
 
 def int_linear(x: torch.Tensor, weight: PackedIntWeight) -> torch.Tensor:
-    """``x @ W^T`` ``[..., N]`` in ``x``'s dtype for a packed INT8 / INT4 weight (CPU packed kernels)."""
+    """``x @ W^T`` ``[..., N]`` in ``x``'s dtype for a packed INT8 / INT4 weight in the ``cpu`` layout (CPU packed
+    kernels)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.in_features)
     if weight.perm is not None:

@@ -3,13 +3,15 @@
 * W8A16: ``W[n, k] = q[n, k] * scale[n]``, ``q`` int8 ``[N, K]``: the int8 tile is widened in registers, multiplied
   in the dot type, and the per-row scale applied once to the fp32 accumulator.
 * W4A16: ``W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]``, ``g = k // group``, with the codes two a byte in the
-  plain GPU layout ``pack_int4_rows`` makes (byte ``k // 2`` of row ``n``: code ``k`` in the low nibble for even
-  ``k``); each ``BLOCK_K`` step (a divisor of the group) lies in one group, so it dequantises its tile with one scale
-  and zero per output row.
+  plain GPU layout ``dsv32.kernels.quant.pack_int4_rows`` makes (byte ``k // 2`` of row ``n``: code ``k`` in the
+  low nibble for even ``k``); each ``BLOCK_K`` step (a divisor of the group) lies in one group, so it dequantises
+  its tile with one scale and zero per output row.
 
-Activations stay in the compute dtype; the weight never exists in it outside registers. Same contract as
-``dsv32.kernels.quant.reference_linear`` (tested under ``TRITON_INTERPRET=1`` in ``tests/kernels``). Not wired into
-the model yet (its INT layers run on CPU).
+Activations stay in the compute dtype; the weight never exists in it outside registers. Act order (GPTQ ``g_idx``)
+gathers the activations' columns in the packed order first; W8A8 (``act_quant``) rounds each activation row to int8
+(its values exact in the compute dtype), runs the same GEMM into fp32 and applies the row scales after, which is the
+integer product (the int8 tensor-core dot itself is not used). Weights come packed in the ``triton`` layout of
+``dsv32.kernels.quant.pack``; same contract as ``dsv32.kernels.quant.reference_linear``.
 """
 
 from __future__ import annotations
@@ -20,14 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv32.kernels.quant import INT4_SYMMETRIC_ZERO, IntWeight
+from dsv32.kernels.quant import TRITON_LAYOUT, PackedIntWeight, quantize_activations_int8
 from dsv32.kernels.triton_common import check_device, dot_precision, dot_type
-
-
-def pack_int4_rows(weight: IntWeight) -> torch.Tensor:
-    """INT4 codes ``[N, K]`` (0..15) two a byte along K: uint8 ``[N, K / 2]``, even ``k`` in the low nibble."""
-    q = weight.q.to(torch.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
 @triton.jit
@@ -66,35 +62,37 @@ def _int_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, m_rows, n_out, k_in,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def int_linear(x: torch.Tensor, weight: IntWeight, packed_int4: torch.Tensor | None = None, block_m: int = 32,
-               block_n: int = 64, block_k: int = 64) -> torch.Tensor:
-    """``x @ W^T`` ``[..., N]`` in ``x``'s dtype for a weight-only ``weight`` (8-bit, or 4-bit with
-    ``packed_int4 = pack_int4_rows(weight)``; act order and W8A8 activations are not supported here)."""
-    if weight.g_idx is not None or weight.act_quant:
-        raise ValueError("the Triton INT kernels take weight-only codes in column order (no g_idx, no act_quant)")
-    n_out, k_in = weight.shape
-    check_device(x, weight.scale)
+def int_linear(x: torch.Tensor, weight: PackedIntWeight, block_m: int = 32, block_n: int = 64,
+               block_k: int = 64) -> torch.Tensor:
+    """``x @ W^T`` ``[..., N]`` in ``x``'s dtype for ``weight`` packed in the ``triton`` layout."""
+    if weight.layout != TRITON_LAYOUT:
+        raise ValueError(f"the Triton INT GEMM takes weights packed in the {TRITON_LAYOUT!r} layout, not "
+                         f"{weight.layout!r}")
+    n_out, k_in = weight.out_features, weight.in_features
+    check_device(x, weight.data)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k_in).contiguous()
-    scale = weight.scale.float().reshape(n_out, -1).contiguous()
-    if weight.bits == 8:
-        w, zero, group = weight.q.contiguous(), scale, k_in
-    else:
-        if packed_int4 is None:
-            raise ValueError("4-bit weights need packed_int4 = pack_int4_rows(weight)")
-        w, group = packed_int4, weight.group_size
-        zero = (weight.zero.float().contiguous() if weight.zero is not None
-                else torch.full_like(scale, INT4_SYMMETRIC_ZERO))
+    x2 = x.reshape(-1, k_in)
+    if weight.perm is not None:
+        x2 = x2[:, weight.perm]
+    row_scale = None
+    if weight.act_quant:
+        codes, row_scale = quantize_activations_int8(x2)
+        x2 = codes.to(x.dtype)
+    x2 = x2.contiguous()
+    scale = weight.scales.reshape(n_out, -1)
+    zero, group, has_zero = scale, k_in, False
+    if weight.bits == 4:
+        group = weight.group_size
+        has_zero = weight.zeros is not None
+        zero = weight.zeros if has_zero else scale
         block_k = math.gcd(block_k, group)
-        if block_k < 16:
-            raise ValueError(f"INT4 group {group} must be a multiple of 16 for the Triton W4A16 GEMM")
-    out = torch.empty(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
-    if x2.shape[0] == 0:
-        return out.view(*lead, n_out)
-    grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(n_out, block_n))
-    _int_linear_kernel[grid](x2, w, scale, zero, out, x2.shape[0], n_out, k_in, x2.stride(0), w.stride(0),
-                             scale.stride(0), out.stride(0), GROUP=group, BITS=weight.bits,
-                             HAS_ZERO=weight.bits == 4 and weight.zero is not None, BLOCK_M=block_m,
-                             BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot_type(x.dtype),
-                             PRECISION=dot_precision(x.dtype))
+    out = torch.empty(x2.shape[0], n_out, dtype=torch.float32 if weight.act_quant else x.dtype, device=x.device)
+    if x2.shape[0]:
+        grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(n_out, block_n))
+        _int_linear_kernel[grid](x2, weight.data, scale, zero, out, x2.shape[0], n_out, k_in, x2.stride(0),
+                                 weight.data.stride(0), scale.stride(0), out.stride(0), GROUP=group, BITS=weight.bits,
+                                 HAS_ZERO=has_zero, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                 DOT=dot_type(x.dtype), PRECISION=dot_precision(x.dtype))
+    if row_scale is not None:
+        out = (out * row_scale).to(x.dtype)
     return out.view(*lead, n_out)

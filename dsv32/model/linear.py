@@ -9,8 +9,9 @@ fp32 multiplier per block, ``W[n, k] = W_fp8[n, k] * weight_scale_inv[n // b_n, 
 checkpoint's ``weight_block_size``, 128x128 for DeepSeek; partial edge blocks allowed).
 
 Or, quantised to INT8 / INT4 (``quantize``: online at load, or a quantised checkpoint's codes), the weight lives only
-as a ``PackedIntWeight`` (``dsv32.kernels.quant``) that the CPU's packed integer kernels multiply; ``weight`` is then
-an empty placeholder.
+as a ``PackedIntWeight`` (``dsv32.kernels.quant``) in its device's layout (``dsv32.kernels.int_weight_layout``: the
+CPU's packed integer kernels, or the Triton W8A16 / W4A16 GEMM on CUDA), multiplied by that layout's kernel;
+``weight`` is then an empty placeholder.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 from torch import nn
 
 from dsv32.distributed.parallel import Shard
-from dsv32.kernels import get_backend
+from dsv32.kernels import get_backend, int_ops, require_int_layout
 from dsv32.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8
-from dsv32.kernels.quant import IntWeight, PackedIntWeight, int_linear, pack
+from dsv32.kernels.quant import IntWeight, PackedIntWeight, pack
 from dsv32.kernels.reference import matmul_wt, packed_linear, prepack_weight
 
 
@@ -51,12 +52,13 @@ class Linear(nn.Module):
         self.int_weight: PackedIntWeight | None = None  # see quantize
 
     def quantize(self, weight: IntWeight) -> None:
-        """Hold the weight as ``weight`` (INT8 / INT4 codes of this ``[out, in]`` matrix), packed for the integer
-        kernels; the compute-dtype weight is released."""
+        """Hold the weight as ``weight`` (INT8 / INT4 codes of this ``[out, in]`` matrix), moved to this layer's device
+        and packed for its integer kernels; the compute-dtype weight is released."""
         if weight.shape != (self.out_features, self.in_features):
             raise ValueError(f"quantised weight has shape {weight.shape}, expected "
                              f"{(self.out_features, self.in_features)}")
-        self.int_weight = pack(weight, self.dtype)
+        device = self.weight.device
+        self.int_weight = pack(weight.to(device), self.dtype, require_int_layout(device))
         self.weight = nn.Parameter(torch.empty(0, dtype=self.dtype, device=self.weight.device), requires_grad=False)
         self.weight_scale_inv = None
         self.packed_weight = None
@@ -87,7 +89,7 @@ class Linear(nn.Module):
                 rows = torch.zeros(min(1024, self.in_features - start), self.in_features, dtype=self.dtype,
                                    device=self.weight.device)
                 rows.diagonal(start).fill_(1)
-                parts.append(int_linear(rows, self.int_weight))
+                parts.append(int_ops(self.int_weight.layout).int_linear(rows, self.int_weight))
             return torch.cat(parts).t().contiguous()
         if self.weight_scale_inv is None:
             return self.weight
@@ -97,7 +99,7 @@ class Linear(nn.Module):
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
         if self.int_weight is not None:
-            return int_linear(x, self.int_weight)
+            return int_ops(self.int_weight.layout).int_linear(x, self.int_weight)
         if self.weight_scale_inv is not None:
             return get_backend(x.device).fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
         # oneDNN's packed weight is opaque to torch.compile; a compiled graph packs its (frozen) weights itself.

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from dsv32.config import ConfigError, ModelConfig, online_quantization
 from dsv32.distributed.parallel import SINGLE_PROCESS, ParallelContext, validate_layout
+from dsv32.kernels import int_weight_layout
 from dsv32.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8
 from dsv32.kernels.quant import IntWeight, concat_rows, dequantize, packable
 from dsv32.model.checkpoint_quant import CheckpointFormatError, is_companion, read_int_weight, weight_name
@@ -101,9 +102,9 @@ def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
     if stored in INT_CHECKPOINT_METHODS and parallel.world_size > 1:
         raise ConfigError(f"a {stored} checkpoint with {parallel.world_size} ranks: integer checkpoints load in one "
                           "process only (tensor/expert parallel slicing of their codes is not supported)")
-    if online is not None and device.type != "cpu":
-        raise ConfigError(f"--quantization {online}: the packed INT8 / INT4 kernels run on CPU only (device "
-                          f"{device.type})")
+    if online is not None and int_weight_layout(device) is None:
+        raise ConfigError(f"--quantization {online}: the INT8 / INT4 kernels run on CPU, or on CUDA with the triton "
+                          f"package (device {device.type})")
     if keep_fp8 is None:
         keep_fp8 = device.type == "cuda"
     torch_dtype = compute_dtype(resolve_dtype(dtype, config), device)
@@ -324,11 +325,11 @@ def _read_codes(method: str, config: ModelConfig, name: str, tensor_slice: Any,
 
 def _hold_codes(model: DeepseekForCausalLM, target: _Target, codes: IntWeight,
                 staged: dict[str, list[tuple[_Target, IntWeight]]]) -> bool:
-    """Give ``target`` the codes themselves, for the packed integer kernels (an expert's are staged until its layer
-    is read); False where they cannot be held and are to be dequantised at load instead: off CPU, a shape the
-    kernels do not take, or ``kv_b_proj`` (MLA absorbs it in the compute dtype)."""
-    device = target.param.device
-    if device.type != "cpu":
+    """Give ``target`` the codes themselves, for its device's integer kernels (an expert's are staged until its layer
+    is read); False where they cannot be held and are to be dequantised at load instead: a device without integer
+    kernels, a shape the kernels do not take, or ``kv_b_proj`` (MLA absorbs it in the compute dtype)."""
+    layout = int_weight_layout(target.param.device)
+    if layout is None:
         return False
     if target.expert is not None:
         staged.setdefault(target.name.rpartition(".")[0], []).append((target, codes))
@@ -336,7 +337,7 @@ def _hold_codes(model: DeepseekForCausalLM, target: _Target, codes: IntWeight,
     owner_name, _, leaf = target.name.rpartition(".")
     owner = model.get_submodule(owner_name)
     if (not isinstance(owner, Linear) or leaf != "weight" or owner_name.endswith("kv_b_proj")
-            or not packable(codes.shape, codes.bits, codes.group_size)):
+            or not packable(codes.shape, codes.bits, codes.group_size, layout)):
         return False
     owner.quantize(codes)
     return True
@@ -355,7 +356,8 @@ def _pack_staged_experts(model: DeepseekForCausalLM, staged: dict[str, list[tupl
             down = [parts[(e, "down_proj")] for e in range(count)]
         except (KeyError, ValueError):
             gate_up = down = []
-        if gate_up and all(packable(w.shape, w.bits, w.group_size) for w in (*gate_up, *down)):
+        layout = int_weight_layout(experts.gate_up_proj.device)
+        if gate_up and all(packable(w.shape, w.bits, w.group_size, layout) for w in (*gate_up, *down)):
             experts.quantize(gate_up, down)
             continue
         with torch.no_grad():

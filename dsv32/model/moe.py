@@ -28,10 +28,10 @@ from torch import nn
 
 from dsv32.config import ModelConfig
 from dsv32.distributed.parallel import SINGLE_PROCESS, ExpertRange, ParallelContext, Shard
-from dsv32.kernels import get_backend
+from dsv32.kernels import get_backend, int_ops, require_int_layout
 from dsv32.kernels.fp8 import FP8_DTYPE
 from dsv32.kernels.quant import IntWeight, PackedIntWeight, pack, stack_packed
-from dsv32.kernels.reference import fused_moe_fixed_shape, fused_moe_int, fused_moe_int_fixed_shape
+from dsv32.kernels.reference import fused_moe_fixed_shape
 from dsv32.model.linear import Linear
 
 
@@ -123,16 +123,17 @@ class Experts(nn.Module):
 
     def quantize(self, gate_up: list[IntWeight], down: list[IntWeight]) -> None:
         """Hold every expert as INT8 / INT4 codes: ``gate_up[e]`` of ``[2I, H]`` (gate rows then up rows),
-        ``down[e]`` of ``[H, I]``, one per expert of this rank; packed and stacked, the compute-dtype stacks
-        released."""
+        ``down[e]`` of ``[H, I]``, one per expert of this rank; moved to this module's device, packed in its layout
+        (``dsv32.kernels.int_weight_layout``) and stacked, the compute-dtype stacks released."""
         for name, weights in (("gate_up_proj", gate_up), ("down_proj", down)):
             param = getattr(self, name)
             expected = tuple(param.shape[1:])
             if len(weights) != param.shape[0] or any(w.shape != expected for w in weights):
                 raise ValueError(f"quantised {name}: expected {param.shape[0]} experts of {expected}")
-        dtype = self.dtype
-        self.gate_up_int = stack_packed([pack(w, dtype) for w in gate_up])
-        self.down_int = stack_packed([pack(w, dtype) for w in down])
+        dtype, device = self.dtype, self.gate_up_proj.device
+        layout = require_int_layout(device)
+        self.gate_up_int = stack_packed([pack(w.to(device), dtype, layout) for w in gate_up])
+        self.down_int = stack_packed([pack(w.to(device), dtype, layout) for w in down])
         for name in ("gate_up_proj", "down_proj"):
             setattr(self, name, nn.Parameter(torch.empty(0, dtype=dtype, device=getattr(self, name).device),
                                              requires_grad=False))
@@ -174,13 +175,14 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Routed-expert output ``[T, hidden]`` fp32 (this rank's experts' share): grouped GEMMs over the tokens each
         expert got (``dsv32.kernels``: fused Triton kernels on CUDA, a per-expert loop in torch elsewhere; INT8 / INT4
-        experts: the packed integer kernels per expert)."""
+        experts: their layout's kernels, the grouped Triton INT MoE or the CPU packed kernels per expert)."""
         if x.shape[0] == 0:
             return x.new_zeros(x.shape, dtype=torch.float32)
         if torch.compiler.is_compiling():  # a captured decode graph: shapes must not depend on the routing
             local_ids = ids - self.experts.first
             if self.gate_up_int is not None:
-                return fused_moe_int_fixed_shape(x, self.gate_up_int, self.down_int, weights, local_ids)
+                return int_ops(self.gate_up_int.layout).fused_moe_int_fixed_shape(x, self.gate_up_int, self.down_int,
+                                                                                  weights, local_ids)
             return fused_moe_fixed_shape(x, self.gate_up_proj, self.down_proj, weights, local_ids,
                                          self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
         if not self.is_expert_slice:
@@ -197,7 +199,8 @@ class Experts(nn.Module):
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """Rows ``x`` through this rank's experts ``local_ids`` [T, k] (all valid), weighted and summed: fp32."""
         if self.gate_up_int is not None:
-            return fused_moe_int(x, self.gate_up_int, self.down_int, weights, local_ids)
+            return int_ops(self.gate_up_int.layout).fused_moe_int(x, self.gate_up_int, self.down_int, weights,
+                                                                  local_ids)
         return get_backend(x.device).fused_moe(x, self.gate_up_proj, self.down_proj, weights, local_ids,
                                                self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
 

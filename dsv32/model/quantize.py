@@ -5,8 +5,9 @@ Covered (quantised), as in the public quantised DeepSeek checkpoints: the attent
 experts' ``gate_proj`` / ``up_proj`` / ``down_proj``; every routed expert. Left in the compute dtype: embeddings, the
 LM head, the router gate, norms, the indexer's ``weights_proj`` (fp32), the MTP ``eh_proj``, and ``kv_b_proj``
 (MLA absorbs it into the query and output at load, in the compute dtype, so its codes would save nothing). INT4
-also leaves a matrix whose input size is not a multiple of the group (128) or whose output size is not one of 16
-(the CPU kernel's tiles); none in the real model.
+also leaves a matrix whose input size is not a multiple of the group (128), and on CPU one whose output size is not
+one of 16 (the CPU kernel's tiles); none in the real model. The codes are packed in the layout of the device's
+integer kernels (``dsv32.kernels.int_weight_layout``: CPU packed kernels, or Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dsv32.kernels import require_int_layout
 from dsv32.kernels.quant import INT4_GROUP_SIZE, IntWeight, packable, quantize_int4, quantize_int8
 from dsv32.kernels.reference import dequantize_experts
 from dsv32.model.linear import Linear
@@ -47,19 +49,20 @@ def is_quantized_linear(name: str, module: nn.Module) -> bool:
 def quantize_model(model: nn.Module, method: str) -> None:
     """Quantise every covered projection and expert of a loaded ``model`` in place (see the module docstring)."""
     bits, quantize = quantizer(method)
+    layout = require_int_layout(next(model.parameters()).device)
     done = skipped = 0
     with torch.no_grad():
         for name, module in model.named_modules():
             if is_quantized_linear(name, module) and module.int_weight is None:
                 shape = (module.out_features, module.in_features)
-                if not packable(shape, bits):
+                if not packable(shape, bits, layout=layout):
                     skipped += 1
                     continue
                 module.quantize(quantize(module.dequantized_weight()))
                 done += 1
             elif isinstance(module, Experts) and module.gate_up_int is None:
                 stacks = [_expert_weights(module, stack) for stack in ("gate_up_proj", "down_proj")]
-                if not all(packable(tuple(w.shape), bits) for w in (stacks[0][0], stacks[1][0])):
+                if not all(packable(tuple(w.shape), bits, layout=layout) for w in (stacks[0][0], stacks[1][0])):
                     skipped += 1
                     continue
                 module.quantize(*([quantize(w) for w in stack] for stack in stacks))

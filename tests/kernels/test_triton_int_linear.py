@@ -1,23 +1,46 @@
 """Triton W8A16 / W4A16 GEMMs against the plain dequantise-then-matmul reference (``quant.reference_linear``):
-per-channel INT8, INT4 symmetric and with zero points, partial tiles and leading batch dims."""
+per-channel INT8 (and W8A8 activations), INT4 symmetric, with zero points and with act order, partial tiles and
+leading batch dims, on weights packed in the ``triton`` layout."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dsv32.kernels.quant import quantize_int4, quantize_int8, reference_linear
+from dsv32.kernels.quant import (
+    TRITON_LAYOUT,
+    IntWeight,
+    pack,
+    pack_int4_rows,
+    quantize_int4,
+    quantize_int8,
+    reference_linear,
+)
 
 from .conftest import needs_triton
 
 
 def test_int4_row_packing_keeps_every_code() -> None:
-    from dsv32.kernels.triton_int_linear import pack_int4_rows
-
     codes = quantize_int4(torch.randn(16, 256), 128)
-    packed = pack_int4_rows(codes)
+    packed = pack_int4_rows(codes.q)
     assert packed.shape == (16, 128) and packed.dtype == torch.uint8
     assert torch.equal(packed & 15, codes.q[:, 0::2]) and torch.equal(packed >> 4, codes.q[:, 1::2])
+
+
+def act_order(weight: IntWeight, seed: int = 3) -> IntWeight:
+    """``weight``'s codes, scales and zeros as stored, its groups' columns scattered over K (GPTQ's ``g_idx``)."""
+    cols = weight.shape[1]
+    g_idx = torch.randperm(cols, generator=torch.Generator().manual_seed(seed)) // weight.group_size
+    return IntWeight(4, weight.q, weight.scale, weight.zero, weight.group_size, g_idx.int())
+
+
+INT_FORMATS = {
+    "int8": quantize_int8,
+    "w8a8": lambda w: quantize_int8(w, act_quant=True),
+    "int4": lambda w: quantize_int4(w, 128),
+    "int4_zero": lambda w: quantize_int4(w, 128, symmetric=False),
+    "int4_act_order": lambda w: act_order(quantize_int4(w, 64, symmetric=False)),
+}
 
 
 @needs_triton
@@ -25,24 +48,44 @@ def test_int4_row_packing_keeps_every_code() -> None:
 @pytest.mark.parametrize(("fmt", "lead", "n_out", "k_in"), [
     ("int8", (3,), 200, 192),          # partial n and k tiles
     ("int8", (2, 5), 64, 256),
+    ("w8a8", (4,), 72, 128),
     ("int4", (33,), 96, 256),          # several m tiles, two groups
     ("int4_zero", (1,), 80, 384),      # zero points, partial n tile
+    ("int4_act_order", (5,), 40, 192),
 ])
 def test_int_linear_matches_reference(fmt: str, lead: tuple[int, ...], n_out: int, k_in: int, dtype: torch.dtype,
                                       device: torch.device) -> None:
-    from dsv32.kernels.triton_int_linear import int_linear, pack_int4_rows
+    from dsv32.kernels.triton_int_linear import int_linear
 
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(n_out, k_in, generator=gen) * torch.rand(n_out, 1, generator=gen) * 4
-    weight = {"int8": lambda: quantize_int8(w), "int4": lambda: quantize_int4(w, 128),
-              "int4_zero": lambda: quantize_int4(w, 128, symmetric=False)}[fmt]()
+    weight = INT_FORMATS[fmt](w)
     x = torch.randn(*lead, k_in, generator=gen).to(dtype)
     want = reference_linear(x, weight)
-    on_device = type(weight)(**{**weight.__dict__, "q": weight.q.to(device), "scale": weight.scale.to(device),
-                                "zero": weight.zero.to(device) if weight.zero is not None else None})
-    packed = pack_int4_rows(on_device) if weight.bits == 4 else None
-    got = int_linear(x.to(device), on_device, packed).cpu()
+    packed = pack(weight.to(device), dtype, TRITON_LAYOUT)
+    assert packed.layout == TRITON_LAYOUT and (packed.perm is not None) == (fmt == "int4_act_order")
+    got = int_linear(x.to(device), packed).cpu()
     assert got.shape == (*lead, n_out) and got.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
     assert not torch.allclose(got.float(), x.float() @ w.t(), atol=1e-6)  # the codes, not the original weight
+
+
+@needs_triton
+def test_triton_gemm_refuses_a_cpu_packed_weight() -> None:
+    from dsv32.kernels.triton_int_linear import int_linear
+
+    with pytest.raises(ValueError, match="'triton' layout"):
+        int_linear(torch.randn(2, 128), pack(quantize_int8(torch.randn(16, 128)), torch.float32))
+
+
+def test_triton_layout_takes_groups_of_sixteen_and_any_row_count() -> None:
+    weight = quantize_int4(torch.randn(24, 96), 32)  # N not a multiple of 16: too narrow for the CPU tiles
+    with pytest.raises(ValueError, match="N % 16"):
+        pack(weight, torch.float32)
+    packed = pack(weight, torch.float32, TRITON_LAYOUT)
+    assert packed.data.shape == (24, 48) and packed.scales.shape == (24, 3) and packed.zeros is None
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack(quantize_int4(torch.randn(16, 96), 24), torch.float32, TRITON_LAYOUT)
+    with pytest.raises(ValueError, match="expected one of cpu, triton"):
+        pack(weight, torch.float32, "cuda")
