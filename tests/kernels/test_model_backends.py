@@ -146,3 +146,39 @@ def test_the_engine_model_runs_on_its_own_backend_and_leaves_the_process_default
     assert "rms_norm" in calls and "mla_prefill" in calls
     assert kernels.get_backend("cpu") is kernels.TORCH_BACKEND  # outside the model's calls: the process default
     assert kernels.BACKEND_ENV not in os.environ
+
+
+@needs_triton
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_tiny_model_with_online_int_weights_on_the_triton_kernels(method: str, device: torch.device,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--quantization int8|int4`` loaded where the Triton kernels run (the Triton backend in effect at load):
+    every covered projection and the experts in the ``triton`` layout, and the logits those kernels give equal the
+    CPU packed kernels' for the same codes (the other ops on the torch backend in both, so only the integer
+    kernels differ)."""
+    from dsv32.kernels.quant import CPU_LAYOUT, TRITON_LAYOUT
+
+    config = dataclasses.replace(tiny_config(), num_hidden_layers=2)
+
+    def load(backend: kernels.KernelBackend, on: torch.device) -> torch.nn.Module:
+        monkeypatch.setattr(kernels, "_backend_for", lambda device_type: backend)
+        model = load_model(config, None, load_format="dummy", dtype="float32", device=on, progress=False,
+                           quantization=method)
+        model.kernel_backend = kernels.TORCH_BACKEND
+        return model
+
+    packed_cpu, packed_triton = load(kernels.TORCH_BACKEND, torch.device("cpu")), load(kernels.triton_backend(), device)
+    layouts = {m.int_weight.layout for m in packed_triton.modules()
+               if isinstance(m, Linear) and m.int_weight is not None}
+    assert layouts == {TRITON_LAYOUT} and packed_triton.model.layers[1].mlp.experts.gate_up_int.layout == TRITON_LAYOUT
+    assert packed_cpu.model.layers[1].mlp.experts.gate_up_int.layout == CPU_LAYOUT
+    ids = torch.randint(0, 1000, (9,), generator=torch.Generator().manual_seed(4))
+
+    def logits(model: torch.nn.Module, on: torch.device) -> torch.Tensor:
+        batch = multi_sequence_batch([(ids, 0, [0])], 16)
+        batch = dataclasses.replace(batch, input_ids=batch.input_ids.to(on), positions=batch.positions.to(on),
+                                    block_tables=batch.block_tables.to(on), slot_mapping=batch.slot_mapping.to(on))
+        return model.compute_logits(model(batch, model.allocate_kv_cache(2, 16, "auto"))).cpu()
+
+    want, got = logits(packed_cpu, torch.device("cpu")), logits(packed_triton, device)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()

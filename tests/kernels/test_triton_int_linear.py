@@ -89,3 +89,59 @@ def test_triton_layout_takes_groups_of_sixteen_and_any_row_count() -> None:
         pack(quantize_int4(torch.randn(16, 96), 24), torch.float32, TRITON_LAYOUT)
     with pytest.raises(ValueError, match="expected one of cpu, triton"):
         pack(weight, torch.float32, "cuda")
+
+
+def test_layout_follows_the_device_and_its_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsv32 import kernels
+
+    monkeypatch.setattr(kernels, "_backend_for", lambda device_type: kernels.TORCH_BACKEND)
+    assert kernels.int_weight_layout("cpu") == "cpu"
+    assert kernels.int_weight_layout("meta") is None
+    with pytest.raises(RuntimeError, match="cannot run on meta"):
+        kernels.require_int_layout("meta")
+    monkeypatch.setattr(kernels, "triton_runs_on", lambda device_type: False)
+    assert kernels.int_weight_layout("cuda") is None  # CUDA without triton: no integer kernel
+
+
+@needs_triton
+def test_layout_is_triton_on_cuda_and_under_the_triton_backend() -> None:
+    from dsv32 import kernels
+
+    assert kernels.int_weight_layout("cuda") == TRITON_LAYOUT
+    with kernels.using_backend(kernels.triton_backend()):
+        assert kernels.int_weight_layout("cpu") == TRITON_LAYOUT
+    assert kernels.int_ops(TRITON_LAYOUT).name == TRITON_LAYOUT
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["int8", "w8a8", "int4_zero", "int4_act_order"])
+def test_model_linear_runs_the_triton_gemm_on_triton_packed_codes(fmt: str, device: torch.device) -> None:
+    """``Linear.quantize`` where the Triton kernels run packs in their layout; ``forward`` and
+    ``dequantized_weight`` then go through the Triton GEMM, whatever backend the call itself is under."""
+    from dsv32 import kernels
+    from dsv32.kernels import triton_int_linear
+    from dsv32.kernels.quant import dequantize
+    from dsv32.model.linear import Linear
+
+    gen = torch.Generator().manual_seed(5)
+    weight = INT_FORMATS[fmt](torch.randn(48, 256, generator=gen))
+    linear = Linear(256, 48, torch.float32).to(device)
+    with kernels.using_backend(kernels.triton_backend()):
+        linear.quantize(weight)
+    assert linear.int_weight.layout == TRITON_LAYOUT and linear.int_weight.data.device.type == device.type
+    calls = []
+    gemm = triton_int_linear.int_linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return gemm(*args, **kwargs)
+
+    x = torch.randn(3, 256, generator=gen)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels.int_ops(TRITON_LAYOUT), "int_linear", counting)
+        got = linear(x.to(device)).cpu()
+        if not weight.act_quant:  # W8A8 rounds the identity's rows too: its product is not W
+            torch.testing.assert_close(linear.dequantized_weight().cpu(), dequantize(weight), atol=1e-5, rtol=1e-5)
+    assert calls
+    want = reference_linear(x, weight)
+    torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
