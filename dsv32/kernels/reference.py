@@ -256,8 +256,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
 def fused_moe_int(x: torch.Tensor, w13: PackedIntWeight, w2: PackedIntWeight, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:
-    """``fused_moe`` for experts held as INT8 / INT4 stacks (``dsv32.kernels.quant``): the same grouping, one packed
-    integer GEMM pair per expert that got tokens."""
+    """``fused_moe`` for experts held as INT8 / INT4 stacks in the ``cpu`` layout (``dsv32.kernels.quant``): the same
+    grouping, one packed integer GEMM pair per expert that got tokens."""
     num_experts = w13.data.shape[0]
 
     def run(xs: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Backend selection, and the whole (tiny) model through the Triton backend against the torch backend."""
+"""Backend selection, and the whole (tiny) model through the Triton backend against the torch backend; with INT8 /
+INT4 weights (online, or a W4A16 checkpoint's codes), through the Triton integer kernels against the CPU ones."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import dsv32.kernels as kernels
 from dsv32.config import tiny_config
 from dsv32.kernels.fp8 import quantize_block_fp8
+from dsv32.model.batch import ForwardBatch
 from dsv32.model.linear import Linear
 from dsv32.model.loader import load_model
 from dsv32.model.moe import Experts
@@ -86,6 +88,12 @@ def _keep_weights_in_fp8(model: torch.nn.Module) -> None:
     model.prepare_weights()
 
 
+def _on(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
+    """``batch`` with its tensors on ``device``."""
+    return dataclasses.replace(batch, input_ids=batch.input_ids.to(device), positions=batch.positions.to(device),
+                               block_tables=batch.block_tables.to(device), slot_mapping=batch.slot_mapping.to(device))
+
+
 @needs_triton
 @pytest.mark.parametrize(("fmt", "fp8_weights"), [("auto", False), ("fp8", False), ("auto", True)])
 def test_tiny_model_same_outputs_on_both_backends(fmt: str, fp8_weights: bool, device: torch.device,
@@ -107,12 +115,7 @@ def test_tiny_model_same_outputs_on_both_backends(fmt: str, fp8_weights: bool, d
         cache = model.allocate_kv_cache(4, 16, fmt)
         outs = []
         for step in steps:
-            batch = multi_sequence_batch(step, 16)
-            batch = dataclasses.replace(batch, input_ids=batch.input_ids.to(device),
-                                        positions=batch.positions.to(device),
-                                        block_tables=batch.block_tables.to(device),
-                                        slot_mapping=batch.slot_mapping.to(device))
-            outs.append(model(batch, cache).cpu())
+            outs.append(model(_on(multi_sequence_batch(step, 16), device), cache).cpu())
         return outs
 
     expected = run(kernels.TORCH_BACKEND)
@@ -175,10 +178,37 @@ def test_tiny_model_with_online_int_weights_on_the_triton_kernels(method: str, d
     ids = torch.randint(0, 1000, (9,), generator=torch.Generator().manual_seed(4))
 
     def logits(model: torch.nn.Module, on: torch.device) -> torch.Tensor:
-        batch = multi_sequence_batch([(ids, 0, [0])], 16)
-        batch = dataclasses.replace(batch, input_ids=batch.input_ids.to(on), positions=batch.positions.to(on),
-                                    block_tables=batch.block_tables.to(on), slot_mapping=batch.slot_mapping.to(on))
+        batch = _on(multi_sequence_batch([(ids, 0, [0])], 16), on)
         return model.compute_logits(model(batch, model.allocate_kv_cache(2, 16, "auto"))).cpu()
 
     want, got = logits(packed_cpu, torch.device("cpu")), logits(packed_triton, device)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@needs_triton
+def test_int4_checkpoint_codes_are_held_for_the_triton_kernels(device: torch.device, tmp_path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``compressed-tensors`` W4A16 checkpoint (zero points) loaded where the Triton kernels run keeps its codes,
+    in the ``triton`` layout (not dequantised at load), and gives the logits of the same codes on the CPU kernels."""
+    from dsv32.config import ModelConfig
+    from dsv32.kernels.quant import TRITON_LAYOUT
+    from tests.model.conftest import make_hf_checkpoint, single_sequence_batch
+    from tests.model.test_quant_checkpoints import write_w4a16_checkpoint
+
+    path, _ = write_w4a16_checkpoint(make_hf_checkpoint(str(tmp_path / "v32"), "v32"), str(tmp_path), False)
+    config = ModelConfig.from_pretrained(path)
+    ids = torch.randint(0, 1000, (7,), generator=torch.Generator().manual_seed(6))
+
+    def logits(backend: kernels.KernelBackend, on: torch.device) -> tuple[torch.Tensor, torch.nn.Module]:
+        monkeypatch.setattr(kernels, "_backend_for", lambda device_type: backend)
+        model = load_model(config, path, dtype="float32", device=on, progress=False)
+        model.kernel_backend = kernels.TORCH_BACKEND  # only the integer kernels differ
+        batch = _on(single_sequence_batch(ids, 0, [0], 16), on)
+        return model.compute_logits(model(batch, model.allocate_kv_cache(2, 16, "auto"))).cpu(), model
+
+    want, _ = logits(kernels.TORCH_BACKEND, torch.device("cpu"))
+    got, model = logits(kernels.triton_backend(), device)
+    layer = model.model.layers[1]
+    assert layer.self_attn.o_proj.int_weight.layout == TRITON_LAYOUT and layer.self_attn.o_proj.weight.numel() == 0
+    assert layer.mlp.experts.gate_up_int.layout == TRITON_LAYOUT and layer.mlp.experts.gate_up_int.zeros is not None
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
