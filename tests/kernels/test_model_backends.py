@@ -50,20 +50,27 @@ def test_without_triton_auto_falls_back_and_forcing_fails() -> None:
         kernels.select_backend("cuda", "triton")
 
 
-def test_backends_expose_the_same_ops() -> None:
-    ops = [name for name in vars(kernels.KernelBackend) if not name.startswith("_")]
-    assert ops == list(kernels.KERNEL_OPS)
+INTERFACES = [(kernels.KernelBackend, kernels.KERNEL_OPS, lambda: kernels.TORCH_BACKEND, kernels.triton_backend),
+              (kernels.IntKernels, kernels.INT_OPS, lambda: kernels.int_ops("cpu"), lambda: kernels.int_ops("triton"))]
+
+
+@pytest.mark.parametrize(("interface", "names", "torch_ops", "triton_ops"), INTERFACES)
+def test_backends_expose_the_same_ops(interface: type, names: tuple[str, ...], torch_ops, triton_ops) -> None:
+    ops = [name for name in vars(interface) if not name.startswith("_")]
+    assert ops == list(names)
     for op in ops:  # the torch backend's ops take the interface's parameters (the Protocol's lead with self)
-        expected = list(inspect.signature(getattr(kernels.KernelBackend, op)).parameters)[1:]
-        assert list(inspect.signature(getattr(kernels.TORCH_BACKEND, op)).parameters) == expected
+        expected = list(inspect.signature(getattr(interface, op)).parameters)[1:]
+        assert list(inspect.signature(getattr(torch_ops(), op)).parameters) == expected
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
-def test_triton_ops_take_the_interface_parameters_first() -> None:
+@pytest.mark.parametrize(("interface", "names", "torch_ops", "triton_ops"), INTERFACES)
+def test_triton_ops_take_the_interface_parameters_first(interface: type, names: tuple[str, ...], torch_ops,
+                                                        triton_ops) -> None:
     """Each Triton op takes the interface's parameters, then only tuning knobs with defaults (tile sizes)."""
-    backend = kernels.triton_backend()
-    for op in kernels.KERNEL_OPS:
-        expected = list(inspect.signature(getattr(kernels.KernelBackend, op)).parameters)[1:]
+    backend = triton_ops()
+    for op in names:
+        expected = list(inspect.signature(getattr(interface, op)).parameters)[1:]
         params = list(inspect.signature(getattr(backend, op)).parameters.values())
         assert [p.name for p in params[:len(expected)]] == expected, op
         assert all(p.default is not inspect.Parameter.empty for p in params[len(expected):]), op
