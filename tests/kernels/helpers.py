@@ -1,10 +1,13 @@
-"""Shared builders for the kernel tests: paged caches filled at scattered slots, in either storage format."""
+"""Shared builders for the kernel tests: paged caches filled at scattered slots, in either storage format; integer
+weights in each quantised format."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dsv32.kernels.cache_format import CacheLayout
+from dsv32.kernels.quant import IntWeight, quantize_int4, quantize_int8, reference_linear
 from dsv32.model.cache import KVCache
 
 
@@ -29,3 +32,32 @@ def fill_cache(cache: KVCache, slots: torch.Tensor, gen: torch.Generator) -> Non
     cache.write_latent(0, slots, c, k_pe)
     if lay.index_head_dim:
         cache.write_index_k(0, slots, torch.randn(n, lay.index_head_dim, generator=gen).to(lay.dtype))
+
+
+def act_order(weight: IntWeight, seed: int = 3) -> IntWeight:
+    """``weight``'s codes, scales and zeros as stored, its groups' columns scattered over K (GPTQ's ``g_idx``)."""
+    g_idx = torch.randperm(weight.shape[1], generator=torch.Generator().manual_seed(seed)) // weight.group_size
+    return IntWeight(4, weight.q, weight.scale, weight.zero, weight.group_size, g_idx.int())
+
+
+# Each quantised format, as a function of the [N, K] weight (K a multiple of 128).
+INT_FORMATS = {
+    "int8": quantize_int8,
+    "w8a8": lambda w: quantize_int8(w, act_quant=True),
+    "int4": lambda w: quantize_int4(w, 128),
+    "int4_zero": lambda w: quantize_int4(w, 128, symmetric=False),
+    "int4_act_order": lambda w: act_order(quantize_int4(w, 64, symmetric=False)),
+}
+
+
+def int_moe_reference(x: torch.Tensor, w13: list[IntWeight], w2: list[IntWeight], weights: torch.Tensor,
+                      ids: torch.Tensor) -> torch.Tensor:
+    """Token by token, slot by slot: each routed expert's two dequantise-then-matmul products (``reference_linear``,
+    activations rounded per token for W8A8), weighted and summed in fp32. Ids outside the experts add nothing."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(ids[t].tolist()):
+            if 0 <= e < len(w13):
+                gate, up = reference_linear(x[t:t + 1], w13[e]).chunk(2, dim=-1)
+                out[t] += weights[t, j] * reference_linear(F.silu(gate) * up, w2[e])[0].float()
+    return out

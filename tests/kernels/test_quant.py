@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dsv32.kernels import reference
 from dsv32.kernels.quant import (
@@ -20,6 +19,8 @@ from dsv32.kernels.quant import (
     stack_packed,
 )
 
+from .helpers import act_order, int_moe_reference
+
 
 def _weight(rows: int, cols: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
@@ -30,11 +31,8 @@ def _weight(rows: int, cols: int, seed: int) -> torch.Tensor:
 def _formats(rows: int, cols: int) -> dict[str, IntWeight]:
     w = _weight(rows, cols, 0)
     int4_zero = quantize_int4(w, 64, symmetric=False)
-    # act-order: columns of each group scattered over K (GPTQ's g_idx), codes/scales/zeros as stored
-    g_idx = torch.randperm(cols, generator=torch.Generator().manual_seed(3)) // 64
-    act_order = IntWeight(4, int4_zero.q, int4_zero.scale, int4_zero.zero, 64, g_idx.int())
     return {"int8": quantize_int8(w), "w8a8": quantize_int8(w, act_quant=True),
-            "int4_sym": quantize_int4(w, 128), "int4_zero": int4_zero, "int4_act_order": act_order}
+            "int4_sym": quantize_int4(w, 128), "int4_zero": int4_zero, "int4_act_order": act_order(int4_zero)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -74,19 +72,6 @@ def test_unpackable_int4_shape_is_refused() -> None:
         pack(quantize_int4(torch.randn(24, 128), 128), torch.float32)
 
 
-def _moe_reference(x: torch.Tensor, w13: list[IntWeight], w2: list[IntWeight], weights: torch.Tensor,
-                   ids: torch.Tensor) -> torch.Tensor:
-    """Token by token, slot by slot: each routed expert's two dequantise-then-matmul products (``reference_linear``,
-    activations rounded per token for W8A8), weighted and summed in fp32. Ids outside the experts add nothing."""
-    out = torch.zeros(x.shape, dtype=torch.float32)
-    for t in range(x.shape[0]):
-        for j, e in enumerate(ids[t].tolist()):
-            if 0 <= e < len(w13):
-                gate, up = reference_linear(x[t:t + 1], w13[e]).chunk(2, dim=-1)
-                out[t] += weights[t, j] * reference_linear(F.silu(gate) * up, w2[e])[0].float()
-    return out
-
-
 @pytest.mark.parametrize("fmt", ["int8", "w8a8", "int4"])
 @pytest.mark.parametrize("num_tokens", [1, 3, 12])
 def test_int_moe_matches_per_pair_reference(fmt: str, num_tokens: int) -> None:
@@ -100,7 +85,7 @@ def test_int_moe_matches_per_pair_reference(fmt: str, num_tokens: int) -> None:
     weights = torch.rand(num_tokens, top_k, generator=gen)
     packed13 = stack_packed([pack(w, torch.float32) for w in w13])
     packed2 = stack_packed([pack(w, torch.float32) for w in w2])
-    want = _moe_reference(x, w13, w2, weights, ids)
+    want = int_moe_reference(x, w13, w2, weights, ids)
     torch.testing.assert_close(reference.fused_moe_int(x, packed13, packed2, weights, ids), want, atol=1e-4, rtol=1e-4)
     fixed = reference.fused_moe_int_fixed_shape(x, packed13, packed2, weights, ids)
     torch.testing.assert_close(fixed, want, atol=1e-4, rtol=1e-4)
@@ -108,4 +93,4 @@ def test_int_moe_matches_per_pair_reference(fmt: str, num_tokens: int) -> None:
     other_rank = ids.clone()
     other_rank[:, 1] = num_experts + 1
     torch.testing.assert_close(reference.fused_moe_int_fixed_shape(x, packed13, packed2, weights, other_rank),
-                               _moe_reference(x, w13, w2, weights, other_rank), atol=1e-4, rtol=1e-4)
+                               int_moe_reference(x, w13, w2, weights, other_rank), atol=1e-4, rtol=1e-4)

@@ -7,17 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv32.kernels.quant import (
-    TRITON_LAYOUT,
-    IntWeight,
-    pack,
-    pack_int4_rows,
-    quantize_int4,
-    quantize_int8,
-    reference_linear,
-)
+from dsv32.kernels.quant import TRITON_LAYOUT, pack, pack_int4_rows, quantize_int4, quantize_int8, reference_linear
 
 from .conftest import needs_triton
+from .helpers import INT_FORMATS
 
 
 def test_int4_row_packing_keeps_every_code() -> None:
@@ -25,22 +18,6 @@ def test_int4_row_packing_keeps_every_code() -> None:
     packed = pack_int4_rows(codes.q)
     assert packed.shape == (16, 128) and packed.dtype == torch.uint8
     assert torch.equal(packed & 15, codes.q[:, 0::2]) and torch.equal(packed >> 4, codes.q[:, 1::2])
-
-
-def act_order(weight: IntWeight, seed: int = 3) -> IntWeight:
-    """``weight``'s codes, scales and zeros as stored, its groups' columns scattered over K (GPTQ's ``g_idx``)."""
-    cols = weight.shape[1]
-    g_idx = torch.randperm(cols, generator=torch.Generator().manual_seed(seed)) // weight.group_size
-    return IntWeight(4, weight.q, weight.scale, weight.zero, weight.group_size, g_idx.int())
-
-
-INT_FORMATS = {
-    "int8": quantize_int8,
-    "w8a8": lambda w: quantize_int8(w, act_quant=True),
-    "int4": lambda w: quantize_int4(w, 128),
-    "int4_zero": lambda w: quantize_int4(w, 128, symmetric=False),
-    "int4_act_order": lambda w: act_order(quantize_int4(w, 64, symmetric=False)),
-}
 
 
 @needs_triton
