@@ -176,7 +176,7 @@ def _launch(a: torch.Tensor, w: _ExpertStack, out: torch.Tensor, sorted_pairs: t
         codes, row_scale = quantize_activations_int8(a)  # int8 values are exact in the compute dtype
         a, a_scale = codes.to(a.dtype), row_scale.reshape(-1)
     scaled = w.scale is not None
-    if scaled:
+    if scaled and w.scale_cols < w.in_features:  # a K step must not straddle two multipliers
         block_k = math.gcd(block_k, w.scale_cols)
         if block_k < MIN_BLOCK_K:
             raise ValueError(f"the weights' multipliers change every {w.scale_cols} columns: the K step must be a "

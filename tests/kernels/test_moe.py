@@ -178,13 +178,25 @@ def test_fused_moe_int_matches_per_pair_reference(fmt: str, num_tokens: int, til
                                                   device: torch.device) -> None:
     """The grouped INT MoE on ``triton``-packed experts against each pair's dequantise-then-matmul; ids outside
     ``[0, E)`` (another rank's experts) add nothing."""
+    _check_fused_moe_int(fmt, num_tokens, 128, 128, tiles, dtype, device)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["int8", "w8a8"])
+def test_fused_moe_int8_takes_sizes_off_the_tiles(fmt: str, device: torch.device) -> None:
+    """INT8 experts have no group: hidden and intermediate sizes need not be multiples of any tile."""
+    _check_fused_moe_int(fmt, 4, 200, 72, {}, torch.float32, device)
+
+
+def _check_fused_moe_int(fmt: str, num_tokens: int, hidden: int, inter: int, tiles: dict, dtype: torch.dtype,
+                         device: torch.device) -> None:
     from dsv32.kernels import triton_moe
     from dsv32.kernels.quant import TRITON_LAYOUT, pack, stack_packed
 
     from .helpers import INT_FORMATS, int_moe_reference
 
     gen = torch.Generator().manual_seed(num_tokens)
-    num_experts, hidden, inter, top_k = 5, 128, 128, 2
+    num_experts, top_k = 5, 2
     quantize = INT_FORMATS[fmt]
     w13 = [quantize(torch.randn(2 * inter, hidden, generator=gen) * 0.1) for _ in range(num_experts)]
     w2 = [quantize(torch.randn(hidden, inter, generator=gen) * 0.1) for _ in range(num_experts)]
