@@ -98,6 +98,25 @@ def concat_rows(first: IntWeight, second: IntWeight) -> IntWeight:
     return replace(first, q=torch.cat((first.q, second.q)), scale=torch.cat((first.scale, second.scale)), zero=zero)
 
 
+def narrow_int_weight(weight: IntWeight, dim: int, start: int, count: int) -> IntWeight:
+    """Rows (``dim`` 0) or input columns (``dim`` 1) ``start .. start + count - 1`` of ``weight``: a tensor/expert
+    parallel rank's part of a checkpoint's codes. Rows take their scales (and zero points) along; columns keep INT8's
+    per-row scales, and INT4 groups cut whole keep theirs, while a cut through a group (or an act-order weight)
+    keeps the full scale table with each column's group in ``g_idx``, so every code keeps its own scale."""
+    if dim == 0:
+        zero = weight.zero[start:start + count] if weight.zero is not None else None
+        return replace(weight, q=weight.q[start:start + count], scale=weight.scale[start:start + count], zero=zero)
+    q = weight.q[:, start:start + count]
+    if weight.bits == 8:
+        return replace(weight, q=q)
+    size = weight.group_size
+    if weight.g_idx is None and start % size == 0 and count % size == 0:
+        groups = slice(start // size, (start + count) // size)
+        zero = weight.zero[:, groups] if weight.zero is not None else None
+        return replace(weight, q=q, scale=weight.scale[:, groups], zero=zero)
+    return replace(weight, q=q, g_idx=weight.groups()[start:start + count])
+
+
 def dequantize(weight: IntWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The reference: ``W`` [N, K] in ``dtype``, formed elementwise from the plain form."""
     if weight.bits == 8:
@@ -156,6 +175,17 @@ def packable(shape: tuple[int, int], bits: int, group_size: int = INT4_GROUP_SIZ
     rows, cols = shape
     return bits == 8 or (group_size in _INT4PACK_GROUP_SIZES and cols % group_size == 0
                          and rows % _INT4PACK_N_MULTIPLE == 0)
+
+
+def packable_codes(weight: IntWeight) -> bool:
+    """``packable`` for these codes, and for INT4 with ``g_idx`` whether its groups are ``0 .. K / group - 1`` with
+    exactly ``group_size`` columns each (act order: any column order; a rank's cut through groups is not)."""
+    if not packable(weight.shape, weight.bits, weight.group_size):
+        return False
+    if weight.bits == 8 or weight.g_idx is None:
+        return True
+    cols = weight.shape[1]
+    return torch.equal(weight.groups().sort().values, torch.arange(cols, device=weight.q.device) // weight.group_size)
 
 
 def pack(weight: IntWeight, dtype: torch.dtype) -> PackedIntWeight:

@@ -13,7 +13,9 @@ from dsv32.kernels.quant import (
     IntWeight,
     dequantize,
     int_linear,
+    narrow_int_weight,
     pack,
+    packable_codes,
     quantize_int4,
     quantize_int8,
     reference_linear,
@@ -67,6 +69,22 @@ def test_act_order_is_the_same_weight_as_stored() -> None:
     k = 7
     expected = (weight.q[:, k].float() - weight.zero[:, groups[k]]) * weight.scale[:, groups[k]]
     torch.testing.assert_close(dense[:, k], expected)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "w8a8", "int4_sym", "int4_zero", "int4_act_order"])
+@pytest.mark.parametrize(("dim", "start", "count"), [(0, 32, 32), (1, 128, 128), (1, 64, 64), (1, 32, 160)])
+def test_a_ranks_part_of_the_codes_is_that_part_of_the_weight(fmt: str, dim: int, start: int, count: int) -> None:
+    weight = _formats(96, 256)[fmt]
+    part = narrow_int_weight(weight, dim, start, count)
+    want = dequantize(weight).narrow(dim, start, count)
+    torch.testing.assert_close(dequantize(part), want, atol=0, rtol=0)
+    # whole groups (or any rows) stay packable; a cut through INT4 groups is not
+    cut_groups = fmt.startswith("int4") and dim == 1 and (start % weight.group_size or count % weight.group_size)
+    assert packable_codes(part) == (not cut_groups and (fmt != "int4_act_order" or dim == 0))
+    if packable_codes(part):
+        x = torch.randn(3, part.shape[1])
+        torch.testing.assert_close(int_linear(x, pack(part, torch.float32)), reference_linear(x, part),
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_unpackable_int4_shape_is_refused() -> None:
