@@ -15,7 +15,11 @@ plain-PyTorch references read), then packed once at load for the device's kernel
   GPTQ's act-order (``g_idx``: column ``k`` belongs to group ``g_idx[k]``) is served by sorting the columns by
   group once at load and gathering the activations' columns in the same order at each call (as vLLM does).
 
-Neither kernel forms the weight in the compute dtype outside registers: the per-step cost is the packed bytes.
+Neither kernel forms the weight in the compute dtype outside registers: the per-step cost is the packed bytes. They
+are matrix-vector kernels, though, slower than the compute dtype's GEMM (AMX / AVX512-BF16 tiles) once there are
+many rows: a call with at least ``MANY_ROWS`` rows (a prefill) widens the packed weight to the compute dtype
+(``widen``, one matrix at a time, freed after the call) and runs the GEMM, as vLLM's AWQ path does above 256 tokens.
+Widening costs ``N * K`` element operations against the GEMM's ``M * N * K`` multiply-adds; decode never does it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ INT8_MAX = 127
 INT4_MAX = 15
 _INT4PACK_N_MULTIPLE = 16  # tinygemm's CPU layout packs 16 output rows together
 _INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes tinygemm's CPU kernel takes
+_INT4PACK_BLOCK_N = 64  # its layout: each 64 rows one block, byte [k, j] = row j (low nibble), row j + 32 (high)
+# From this many rows on, widening the weight and the compute-dtype GEMM beat the packed kernels (measured on 2
+# AVX512/AMX cores: at 64 rows the packed kernels are as fast, at 256 the GEMM path is ~1.5-2x faster).
+MANY_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -221,13 +229,35 @@ def stack_packed(experts: list[PackedIntWeight]) -> PackedIntWeight:
                    perm=perm)
 
 
+def widenable(weight: PackedIntWeight) -> bool:
+    """Whether ``widen`` reads this layout: INT8, or INT4 whose rows fill whole tinygemm blocks; not W8A8 (its
+    activations are rounded, the integer product is exact already)."""
+    return not weight.act_quant and (weight.bits == 8 or weight.out_features % _INT4PACK_BLOCK_N == 0)
+
+
+def widen(weight: PackedIntWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The packed weight ``W`` ``[N, K]`` in ``dtype`` (columns in the packed order, ``perm`` applied), straight from
+    the packed codes and scales."""
+    rows, cols = weight.out_features, weight.in_features
+    if weight.bits == 8:
+        return weight.data.to(dtype) * weight.scales.to(dtype)[:, None]
+    blocks = weight.data.view(rows // _INT4PACK_BLOCK_N, cols, _INT4PACK_BLOCK_N // 2)
+    codes = torch.cat((blocks & 15, blocks >> 4), dim=2).transpose(1, 2).reshape(rows, cols // weight.group_size,
+                                                                                weight.group_size)
+    scale, offset = weight.scales.to(dtype).permute(2, 1, 0)[..., None]  # each [N, K / group, 1]
+    return ((codes.to(dtype) - INT4_SYMMETRIC_ZERO) * scale + offset).view(rows, cols)
+
+
 def int_linear(x: torch.Tensor, weight: PackedIntWeight) -> torch.Tensor:
-    """``x @ W^T`` ``[..., N]`` in ``x``'s dtype for a packed INT8 / INT4 weight (CPU packed kernels)."""
+    """``x @ W^T`` ``[..., N]`` in ``x``'s dtype for a packed INT8 / INT4 weight (CPU packed kernels; from
+    ``MANY_ROWS`` rows on, the compute dtype's GEMM on the widened weight)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.in_features)
     if weight.perm is not None:
         x2 = x2[:, weight.perm]
-    if weight.bits == 8:
+    if x2.shape[0] >= MANY_ROWS and widenable(weight):
+        y = x2 @ widen(weight, x.dtype).t()
+    elif weight.bits == 8:
         if weight.act_quant:
             xq, xs = quantize_activations_int8(x2)
             # int8 codes are exact in fp32 and the kernel accumulates in fp32: the integer product, then both scales

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dsv32.kernels import reference
 from dsv32.kernels.quant import (
+    MANY_ROWS,
     IntWeight,
     dequantize,
     int_linear,
@@ -20,6 +21,8 @@ from dsv32.kernels.quant import (
     quantize_int8,
     reference_linear,
     stack_packed,
+    widen,
+    widenable,
 )
 
 
@@ -45,6 +48,28 @@ def _formats(rows: int, cols: int) -> dict[str, IntWeight]:
 def test_int_linear_matches_dequantized_reference(fmt: str, dtype: torch.dtype, rows: int) -> None:
     weight = _formats(96, 256)[fmt]
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    got = int_linear(x, pack(weight, dtype))
+    want = reference_linear(x, weight)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4_sym", "int4_zero", "int4_act_order"])
+def test_widened_packed_weight_is_the_dequantized_weight(fmt: str) -> None:
+    weight = _formats(128, 256)[fmt]
+    packed = pack(weight, torch.float32)
+    assert widenable(packed)
+    want = dequantize(weight)
+    if packed.perm is not None:  # the packed columns are in act order
+        want = want[:, packed.perm]
+    torch.testing.assert_close(widen(packed, torch.float32), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["int8", "w8a8", "int4_sym", "int4_zero", "int4_act_order"])
+def test_many_rows_take_the_widened_gemm_and_match_the_reference(fmt: str, dtype: torch.dtype) -> None:
+    weight = _formats(128, 256)[fmt]
+    x = torch.randn(MANY_ROWS + 5, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
     got = int_linear(x, pack(weight, dtype))
     want = reference_linear(x, weight)
     tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
