@@ -226,7 +226,7 @@ def _parse_quant(q: dict[str, Any] | None) -> QuantConfig | None:
         return _parse_compressed_tensors(q)
     if method == "w8a8_int8":
         return QuantConfig(quant_method=method, fmt="int8", activation_scheme="dynamic", scale_fmt=None)
-    if method not in ("fp8", "blockwise_int8"):
+    if method not in BLOCK_SCALED_QUANTIZATION:
         raise ConfigError(f"config.json key 'quantization_config.quant_method' = {method!r}: expected one of "
                           f"{', '.join(CHECKPOINT_QUANTIZATION)}")
     fmt = q.get("fmt", "e4m3") if method == "fp8" else "int8"
@@ -430,6 +430,7 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # insist on it (a checkpoint in another format is then an error).
 ONLINE_QUANTIZATION = ("int8", "int4")
 CHECKPOINT_QUANTIZATION = ("fp8", "blockwise_int8", "w8a8_int8", "compressed-tensors")
+BLOCK_SCALED_QUANTIZATION = ("fp8", "blockwise_int8")  # one scale per weight_block_size block of the weight
 QUANTIZATION_METHODS = ONLINE_QUANTIZATION + CHECKPOINT_QUANTIZATION
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dsv32.config import ConfigError, ModelConfig
+from dsv32.config import BLOCK_SCALED_QUANTIZATION, ConfigError, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -185,8 +185,8 @@ DP_FLAG = "--data-parallel-size"
 def validate_layout(config: ModelConfig, world_size: int, expert_parallel: bool, fp8_weights: bool,
                     data_parallel: bool = False) -> None:
     """Refuse a layout that does not split the model evenly, naming the flag: heads and intermediate sizes must
-    divide by the tensor-parallel size, experts by the EP size, and with FP8 weights (a checkpoint with a
-    ``quantization_config``) every shard must hold whole 128x128 blocks (its block scales then split with it)."""
+    divide by the tensor-parallel size, experts by the EP size, and with block-scaled weights (a checkpoint in FP8 or
+    ``blockwise_int8``) every shard must hold whole 128x128 blocks (its block scales then split with it)."""
     if world_size < 1:
         raise ConfigError(f"{TP_FLAG} must be >= 1, got {world_size}")
     if world_size == 1:
@@ -213,7 +213,7 @@ def validate_layout(config: ModelConfig, world_size: int, expert_parallel: bool,
         else:
             need(c.moe_intermediate_size % world_size == 0,
                  f"moe_intermediate_size = {c.moe_intermediate_size} is not divisible by {world_size}")
-    if c.quantization is None or not fp8_weights:
+    if c.quantization is None or c.quantization.quant_method not in BLOCK_SCALED_QUANTIZATION or not fp8_weights:
         return
     block_rows, block_cols = c.quantization.weight_block_size
     heads = c.num_attention_heads // tp_size

@@ -20,7 +20,11 @@ the codes two a byte along K, ``pack_int4_rows``, with fp32 ``scale`` and ``zero
   group once at load and gathering the activations' columns in the same order at each call (as vLLM does), in
   both layouts.
 
-Neither kernel forms the weight in the compute dtype outside registers: the per-step cost is the packed bytes.
+Neither kernel forms the weight in the compute dtype outside registers: the per-step cost is the packed bytes. They
+are matrix-vector kernels, though, slower than the compute dtype's GEMM (AMX / AVX512-BF16 tiles) once there are
+many rows: a call with at least ``MANY_ROWS`` rows (a prefill) widens the packed weight to the compute dtype
+(``widen``, one matrix at a time, freed after the call) and runs the GEMM, as vLLM's AWQ path does above 256 tokens.
+Widening costs ``N * K`` element operations against the GEMM's ``M * N * K`` multiply-adds; decode never does it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ _TRITON_GROUP_MULTIPLE = 16  # a Triton W4A16 K step (a divisor of the group) mu
 CPU_LAYOUT = "cpu"
 TRITON_LAYOUT = "triton"
 LAYOUTS = (CPU_LAYOUT, TRITON_LAYOUT)
+_INT4PACK_BLOCK_N = 64  # its layout: each 64 rows one block, byte [k, j] = row j (low nibble), row j + 32 (high)
+# From this many rows on, widening the weight and the compute-dtype GEMM beat the packed kernels (measured on 2
+# AVX512/AMX cores: at 64 rows the packed kernels are as fast, at 256 the GEMM path is ~1.5-2x faster).
+MANY_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,25 @@ def concat_rows(first: IntWeight, second: IntWeight) -> IntWeight:
         raise ValueError("the two weights are quantised differently")
     zero = torch.cat((first.zero, second.zero)) if first.zero is not None else None
     return replace(first, q=torch.cat((first.q, second.q)), scale=torch.cat((first.scale, second.scale)), zero=zero)
+
+
+def narrow_int_weight(weight: IntWeight, dim: int, start: int, count: int) -> IntWeight:
+    """Rows (``dim`` 0) or input columns (``dim`` 1) ``start .. start + count - 1`` of ``weight``: a tensor/expert
+    parallel rank's part of a checkpoint's codes. Rows take their scales (and zero points) along; columns keep INT8's
+    per-row scales, and INT4 groups cut whole keep theirs, while a cut through a group (or an act-order weight)
+    keeps the full scale table with each column's group in ``g_idx``, so every code keeps its own scale."""
+    if dim == 0:
+        zero = weight.zero[start:start + count] if weight.zero is not None else None
+        return replace(weight, q=weight.q[start:start + count], scale=weight.scale[start:start + count], zero=zero)
+    q = weight.q[:, start:start + count]
+    if weight.bits == 8:
+        return replace(weight, q=q)
+    size = weight.group_size
+    if weight.g_idx is None and start % size == 0 and count % size == 0:
+        groups = slice(start // size, (start + count) // size)
+        zero = weight.zero[:, groups] if weight.zero is not None else None
+        return replace(weight, q=q, scale=weight.scale[:, groups], zero=zero)
+    return replace(weight, q=q, g_idx=weight.groups()[start:start + count])
 
 
 def dequantize(weight: IntWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -208,6 +235,17 @@ def _group_sorted_codes(weight: IntWeight) -> tuple[torch.Tensor, torch.Tensor |
     return weight.q[:, perm], perm
 
 
+def packable_codes(weight: IntWeight, layout: str = CPU_LAYOUT) -> bool:
+    """``packable`` for these codes, and for INT4 with ``g_idx`` whether its groups are ``0 .. K / group - 1`` with
+    exactly ``group_size`` columns each (act order: any column order; a rank's cut through groups is not)."""
+    if not packable(weight.shape, weight.bits, weight.group_size, layout):
+        return False
+    if weight.bits == 8 or weight.g_idx is None:
+        return True
+    cols = weight.shape[1]
+    return torch.equal(weight.groups().sort().values, torch.arange(cols, device=weight.q.device) // weight.group_size)
+
+
 def pack(weight: IntWeight, dtype: torch.dtype, layout: str = CPU_LAYOUT) -> PackedIntWeight:
     """Pack ``weight`` once for ``layout``'s kernels with activations in ``dtype``."""
     if layout not in LAYOUTS:
@@ -246,14 +284,35 @@ def stack_packed(experts: list[PackedIntWeight]) -> PackedIntWeight:
     return replace(first, data=stacked("data"), scales=stacked("scales"), perm=stacked("perm"), zeros=stacked("zeros"))
 
 
+def widenable(weight: PackedIntWeight) -> bool:
+    """Whether ``widen`` reads this layout: INT8, or INT4 whose rows fill whole tinygemm blocks; not W8A8 (its
+    activations are rounded, the integer product is exact already)."""
+    return not weight.act_quant and (weight.bits == 8 or weight.out_features % _INT4PACK_BLOCK_N == 0)
+
+
+def widen(weight: PackedIntWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The packed weight ``W`` ``[N, K]`` in ``dtype`` (columns in the packed order, ``perm`` applied), straight from
+    the packed codes and scales."""
+    rows, cols = weight.out_features, weight.in_features
+    if weight.bits == 8:
+        return weight.data.to(dtype) * weight.scales.to(dtype)[:, None]
+    blocks = weight.data.view(rows // _INT4PACK_BLOCK_N, cols, _INT4PACK_BLOCK_N // 2)
+    codes = torch.cat((blocks & 15, blocks >> 4), dim=2).transpose(1, 2).reshape(rows, cols // weight.group_size,
+                                                                                weight.group_size)
+    scale, offset = weight.scales.to(dtype).permute(2, 1, 0)[..., None]  # each [N, K / group, 1]
+    return ((codes.to(dtype) - INT4_SYMMETRIC_ZERO) * scale + offset).view(rows, cols)
+
+
 def int_linear(x: torch.Tensor, weight: PackedIntWeight) -> torch.Tensor:
     """``x @ W^T`` ``[..., N]`` in ``x``'s dtype for a packed INT8 / INT4 weight in the ``cpu`` layout (CPU packed
-    kernels)."""
+    kernels; from ``MANY_ROWS`` rows on, the compute dtype's GEMM on the widened weight)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.in_features)
     if weight.perm is not None:
         x2 = x2[:, weight.perm]
-    if weight.bits == 8:
+    if x2.shape[0] >= MANY_ROWS and widenable(weight):
+        y = x2 @ widen(weight, x.dtype).t()
+    elif weight.bits == 8:
         if weight.act_quant:
             xq, xs = quantize_activations_int8(x2)
             # int8 codes are exact in fp32 and the kernel accumulates in fp32: the integer product, then both scales

@@ -32,7 +32,7 @@ from dsv32.config import ConfigError, ModelConfig, online_quantization
 from dsv32.distributed.parallel import SINGLE_PROCESS, ParallelContext, validate_layout
 from dsv32.kernels import int_weight_layout
 from dsv32.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8
-from dsv32.kernels.quant import IntWeight, concat_rows, dequantize, packable
+from dsv32.kernels.quant import IntWeight, concat_rows, dequantize, narrow_int_weight, packable_codes
 from dsv32.model.checkpoint_quant import CheckpointFormatError, is_companion, read_int_weight, weight_name
 from dsv32.model.deepseek import DeepseekForCausalLM, Embedding
 from dsv32.model.linear import Linear, narrow_padded
@@ -98,10 +98,6 @@ def load_model(config: ModelConfig, path: str | None, load_format: str = "auto",
     the covered weights at load (``dsv32.model.quantize``), after they are loaded (and dequantised from FP8)."""
     device = torch.device(device)
     online = online_quantization(quantization, config)
-    stored = config.quantization.quant_method if config.quantization is not None else None
-    if stored in INT_CHECKPOINT_METHODS and parallel.world_size > 1:
-        raise ConfigError(f"a {stored} checkpoint with {parallel.world_size} ranks: integer checkpoints load in one "
-                          "process only (tensor/expert parallel slicing of their codes is not supported)")
     if online is not None and int_weight_layout(device) is None:
         raise ConfigError(f"--quantization {online}: the INT8 / INT4 kernels run on CPU, or on CUDA with the triton "
                           f"package (device {device.type})")
@@ -204,10 +200,15 @@ class _Target:
         lo, hi = self.start // size, -(-(self.start + self.count) // size)
         return tensor_slice[lo:hi] if self.dim == 0 else tensor_slice[:, lo:hi]
 
+    @property
+    def padded(self) -> bool:
+        """Whether this rank's part is padded beyond the rows it reads (the last part of an uneven cut)."""
+        return self.dim is not None and self.view().shape[self.dim] != self.count
+
     def destination(self) -> torch.Tensor:
         """Where the read slice goes (padding rows beyond it are zeroed)."""
         dest = self.view()
-        if self.dim is None or dest.shape[self.dim] == self.count:
+        if not self.padded:
             return dest
         with torch.no_grad():
             dest.zero_()
@@ -269,7 +270,9 @@ def load_safetensors(model: DeepseekForCausalLM, path: str, progress: bool = Tru
                     if codes.shape != tuple(target.full_shape):
                         raise CheckpointError(f"quantised tensor {name!r} holds a {codes.shape} weight, expected "
                                               f"{tuple(target.full_shape)} from config.json")
-                    if not _hold_codes(model, target, codes, staged):
+                    if target.dim is not None:  # this rank's part of the codes
+                        codes = narrow_int_weight(codes, target.dim, target.start, target.count)
+                    if target.padded or not _hold_codes(model, target, codes, staged):
                         with torch.no_grad():
                             target.destination().copy_(dequantize(codes, target.param.dtype))
                     filled.add((target.name, target.expert, target.part))
@@ -337,7 +340,7 @@ def _hold_codes(model: DeepseekForCausalLM, target: _Target, codes: IntWeight,
     owner_name, _, leaf = target.name.rpartition(".")
     owner = model.get_submodule(owner_name)
     if (not isinstance(owner, Linear) or leaf != "weight" or owner_name.endswith("kv_b_proj")
-            or not packable(codes.shape, codes.bits, codes.group_size, layout)):
+            or not packable_codes(codes, layout)):
         return False
     owner.quantize(codes)
     return True
@@ -357,7 +360,7 @@ def _pack_staged_experts(model: DeepseekForCausalLM, staged: dict[str, list[tupl
         except (KeyError, ValueError):
             gate_up = down = []
         layout = int_weight_layout(experts.gate_up_proj.device)
-        if gate_up and all(packable(w.shape, w.bits, w.group_size, layout) for w in (*gate_up, *down)):
+        if gate_up and all(packable_codes(w, layout) for w in (*gate_up, *down)):
             experts.quantize(gate_up, down)
             continue
         with torch.no_grad():

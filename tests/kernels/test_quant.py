@@ -9,14 +9,19 @@ import torch
 
 from dsv32.kernels import reference
 from dsv32.kernels.quant import (
+    MANY_ROWS,
     IntWeight,
     dequantize,
     int_linear,
+    narrow_int_weight,
     pack,
+    packable_codes,
     quantize_int4,
     quantize_int8,
     reference_linear,
     stack_packed,
+    widen,
+    widenable,
 )
 
 from .helpers import act_order, int_moe_reference
@@ -47,6 +52,28 @@ def test_int_linear_matches_dequantized_reference(fmt: str, dtype: torch.dtype, 
     torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4_sym", "int4_zero", "int4_act_order"])
+def test_widened_packed_weight_is_the_dequantized_weight(fmt: str) -> None:
+    weight = _formats(128, 256)[fmt]
+    packed = pack(weight, torch.float32)
+    assert widenable(packed)
+    want = dequantize(weight)
+    if packed.perm is not None:  # the packed columns are in act order
+        want = want[:, packed.perm]
+    torch.testing.assert_close(widen(packed, torch.float32), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["int8", "w8a8", "int4_sym", "int4_zero", "int4_act_order"])
+def test_many_rows_take_the_widened_gemm_and_match_the_reference(fmt: str, dtype: torch.dtype) -> None:
+    weight = _formats(128, 256)[fmt]
+    x = torch.randn(MANY_ROWS + 5, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = int_linear(x, pack(weight, dtype))
+    want = reference_linear(x, weight)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
+
+
 def test_quantize_round_trips_within_half_a_step() -> None:
     w = _weight(64, 256, 1)
     int8 = quantize_int8(w)
@@ -65,6 +92,22 @@ def test_act_order_is_the_same_weight_as_stored() -> None:
     k = 7
     expected = (weight.q[:, k].float() - weight.zero[:, groups[k]]) * weight.scale[:, groups[k]]
     torch.testing.assert_close(dense[:, k], expected)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "w8a8", "int4_sym", "int4_zero", "int4_act_order"])
+@pytest.mark.parametrize(("dim", "start", "count"), [(0, 32, 32), (1, 128, 128), (1, 64, 64), (1, 32, 160)])
+def test_a_ranks_part_of_the_codes_is_that_part_of_the_weight(fmt: str, dim: int, start: int, count: int) -> None:
+    weight = _formats(96, 256)[fmt]
+    part = narrow_int_weight(weight, dim, start, count)
+    want = dequantize(weight).narrow(dim, start, count)
+    torch.testing.assert_close(dequantize(part), want, atol=0, rtol=0)
+    # whole groups (or any rows) stay packable; a cut through INT4 groups is not
+    cut_groups = fmt.startswith("int4") and dim == 1 and (start % weight.group_size or count % weight.group_size)
+    assert packable_codes(part) == (not cut_groups and (fmt != "int4_act_order" or dim == 0))
+    if packable_codes(part):
+        x = torch.randn(3, part.shape[1])
+        torch.testing.assert_close(int_linear(x, pack(part, torch.float32)), reference_linear(x, part),
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_unpackable_int4_shape_is_refused() -> None:

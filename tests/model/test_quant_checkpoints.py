@@ -95,14 +95,13 @@ def test_blockwise_int8_matches_dequantized_reference(hf_checkpoints: dict[str, 
 # ---- w8a8_int8 --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["v3", "v32"])
-def test_w8a8_int8_matches_reference_with_token_activation_rounding(hf_checkpoints: dict[str, str], tmp_path,
-                                                                     arch: str) -> None:
-    src = hf_checkpoints[arch]
+def write_w8a8(src: str, dst: str) -> tuple[str, dict[str, torch.Tensor], set[str]]:
+    """A ``w8a8_int8`` copy of checkpoint ``src`` at ``dst`` (the linear projections; the routed experts stay plain,
+    their W8A8 path is tested in tests/kernels): its path, the dequantised reference tensors and the projections
+    whose inputs the reference rounds to int8 per token."""
     tensors = load_file(os.path.join(src, "model.safetensors"))
     quantized, reference, rounded_inputs = {}, {}, set()
     for name, t in tensors.items():
-        # the linear projections (the routed experts stay plain here: their W8A8 path is tested in tests/kernels)
         if _is_projection(name) and ".experts." not in name:
             scale = t.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
             q = torch.round(t.float() / scale).clamp(-127, 127).to(torch.int8)
@@ -112,7 +111,14 @@ def test_w8a8_int8_matches_reference_with_token_activation_rounding(hf_checkpoin
                 rounded_inputs.add(name)
         else:
             quantized[name] = reference[name] = t
-    path = _write(src, str(tmp_path / "w8a8"), quantized, {"quant_method": "w8a8_int8"})
+    return _write(src, dst, quantized, {"quant_method": "w8a8_int8"}), reference, rounded_inputs
+
+
+@pytest.mark.parametrize("arch", ["v3", "v32"])
+def test_w8a8_int8_matches_reference_with_token_activation_rounding(hf_checkpoints: dict[str, str], tmp_path,
+                                                                     arch: str) -> None:
+    src = hf_checkpoints[arch]
+    path, reference, rounded_inputs = write_w8a8(src, str(tmp_path / "w8a8"))
     model = load_model(ModelConfig.from_pretrained(path), path, dtype="float32", progress=False)
     assert model.model.layers[0].self_attn.o_proj.int_weight.act_quant
     want = _logits(_write(src, str(tmp_path / "ref"), reference, None), _ids(), rounded_inputs)
