@@ -14,8 +14,6 @@ from dsv32 import LLM, SamplingParams
 from dsv32.engine.executor.multiproc import MultiprocExecutor
 from tests.distributed.conftest import CHUNKED_BUDGET, prompt_logits
 from tests.distributed.test_equivalence import LAYOUTS, LONG_PROMPT
-from tests.model.conftest import make_hf_checkpoint
-from tests.model.test_quant_checkpoints import write_w4a16_checkpoint, write_w8a8
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("restore_threads")]
 
@@ -26,6 +24,11 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    # Imported here, not at collection: compressed_tensors imports triton, which must not load before
+    # tests/kernels/conftest.py switches it to its interpreter.
+    from tests.model.conftest import make_hf_checkpoint
+    from tests.model.test_quant_checkpoints import write_w4a16_checkpoint, write_w8a8
+
     root = tmp_path_factory.mktemp("quant_tp")
     src = make_hf_checkpoint(str(root / "plain"), "v32")
     return {"plain": src, "w8a8_int8": write_w8a8(src, str(root / "w8a8"))[0],
