@@ -4,7 +4,8 @@ bf16, and quality (teacher-forced KL, greedy agreement), written to ``benchmarks
 
 * Speed: a V3.2-architecture model bigger than the CPU's last-level cache (hidden 2048, 4 layers, 32 experts of
   1408, vocabulary 32768: ~1.1 GB of bf16 weights), random weights (``--load-format dummy``), run through the offline
-  ``LLM`` with ``--enforce-eager`` (compiling every mode's graphs would take minutes each on a shared CPU). Decode
+  ``LLM`` with ``--enforce-eager`` (compiling every mode's graphs takes minutes on a shared CPU; ``--compiled`` times
+  the compiled decode graphs instead, what ``dsv32 serve`` runs by default). Decode
   tokens/s at batch 1 and 8: the engine's steps after the one that prefills the 32-token prompts, timed alone.
   Prefill: one 512-token prompt (``max_tokens`` 1). Median of ``--repeats`` runs with the spread.
 * Quality: the tiny V3.2 preset (random weights, the real architecture), teacher-forced over a 1024-token sequence
@@ -81,7 +82,8 @@ def timed_generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float
 def measure_speed(args: argparse.Namespace) -> dict[str | None, dict[str, object]]:
     """Every mode's engine loaded side by side and timed in turns (bf16, int8, int4 within each repeat), so a burst
     of load from other jobs hits the modes of one repeat alike: the ratios are taken per repeat."""
-    llms = {mode: LLM("tiny", model_config=speed_config(), dtype="bfloat16", quantization=mode, enforce_eager=True,
+    llms = {mode: LLM("tiny", model_config=speed_config(), dtype="bfloat16", quantization=mode,
+                      enforce_eager=not args.compiled,
                       max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=1024, enable_prefix_caching=False)
             for mode in MODES}
     results: dict[str | None, dict[str, object]] = {
@@ -144,6 +146,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
+    parser.add_argument("--compiled", action="store_true",
+                        help="time the compiled decode graphs (default: eager, --enforce-eager)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "quantization.md"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -166,13 +170,14 @@ def main() -> int:
         for mode, (mean_kl, max_kl, agreement) in rows.items():
             quality_lines.append(f"| {model_name} | {mode} | {mean_kl:.2e} | {max_kl:.2e} | {agreement:.1%} |")
     cpu = torch.backends.cpu.get_cpu_capability()
+    flags = f"--repeats {args.repeats} --steps {args.steps}{' --compiled' if args.compiled else ''}"
     report = "\n".join([
-        "# Weight quantisation on CPU: bytes, speed, quality", "", f"`python benchmarks/quantization.py --repeats "
-        f"{args.repeats} --steps {args.steps}` on {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}. "
+        "# Weight quantisation on CPU: bytes, speed, quality", "", f"`python benchmarks/quantization.py {flags}` on "
+        f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}. "
         "The cores are shared with other jobs: timings are disturbed; each is the median of the runs with the "
         "(min-max) spread; the modes run in turns within each repeat and `x bf16` is the median of the per-repeat "
         "ratios.", "", *load_lines(busy),
-        "", "## Speed (speed model, eager)", "", *lines, "",
+        "", f"## Speed (speed model, {'compiled decode graphs' if args.compiled else 'eager'})", "", *lines, "",
         f"## Quality vs bf16 (teacher-forced, {QUALITY_TOKENS} tokens)", "", *quality_lines, ""])
     print(report)
     with open(args.out, "w") as fh:
