@@ -285,9 +285,10 @@ def stack_packed(experts: list[PackedIntWeight]) -> PackedIntWeight:
 
 
 def widenable(weight: PackedIntWeight) -> bool:
-    """Whether ``widen`` reads this layout: INT8, or INT4 whose rows fill whole tinygemm blocks; not W8A8 (its
-    activations are rounded, the integer product is exact already)."""
-    return not weight.act_quant and (weight.bits == 8 or weight.out_features % _INT4PACK_BLOCK_N == 0)
+    """Whether ``widen`` reads this weight: the ``cpu`` layout's INT8, or INT4 whose rows fill whole tinygemm blocks;
+    not W8A8 (its activations are rounded, the integer product is exact already)."""
+    return weight.layout == CPU_LAYOUT and not weight.act_quant and (
+        weight.bits == 8 or weight.out_features % _INT4PACK_BLOCK_N == 0)
 
 
 def widen(weight: PackedIntWeight, dtype: torch.dtype) -> torch.Tensor:
