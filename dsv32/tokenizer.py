@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 from pathlib import Path
 
 import tokenizers
@@ -25,6 +26,13 @@ DEFAULT_BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 DEFAULT_EOS_TOKEN = "<｜end▁of▁sentence｜>"
 THINK_START_TOKEN = "<think>"
 THINK_END_TOKEN = "</think>"
+
+# ``count_beyond`` reads a long text in pieces of about this many characters, a batch of them at a time (the batch is
+# encoded on all cores), and stops once the count passes its limit. A piece ends just before a whitespace character, so
+# almost no token straddles a cut; each cut is still allowed to have split this many tokens in two.
+COUNT_PIECE_CHARS = 1 << 16
+COUNT_BATCH_PIECES = 4
+TOKENS_SPLIT_PER_CUT = 8
 
 
 def packaged_tokenizer_path() -> Path:
@@ -130,6 +138,29 @@ class Tokenizer:
         ids = self._backend.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
+    def count_beyond(self, text: str, limit: int) -> int | None:
+        """A token count above ``limit`` that ``text`` certainly reaches, or None when it may have ``limit`` tokens or
+        fewer. Costs about ``limit`` tokens' worth of encoding however long ``text`` is: this is how a prompt of many
+        megabytes is refused without tokenizing all of it."""
+        if len(text) <= limit:  # encoding it whole costs no more than the limit allows
+            return None
+        counted = 0
+        cuts = 0
+        start = 0
+        while start < len(text):
+            pieces = []
+            while start < len(text) and len(pieces) < COUNT_BATCH_PIECES:
+                end = _piece_end(text, start)
+                pieces.append(text[start:end])
+                start = end
+            counted += sum(len(encoding.ids) for encoding in
+                           self._backend.encode_batch(pieces, add_special_tokens=False))
+            cuts += len(pieces) - (start >= len(text))
+            at_least = counted - cuts * TOKENS_SPLIT_PER_CUT
+            if at_least > limit:
+                return at_least
+        return None
+
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of ``token_ids``; bytes that do not form a complete UTF-8 character become U+FFFD."""
         return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -141,3 +172,16 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """The id of one vocabulary string, or None if it is not in the vocabulary."""
         return self._backend.token_to_id(token)
+
+
+def _piece_end(text: str, start: int) -> int:
+    """Where the piece of ``text`` that begins at ``start`` ends: just before the last whitespace character within
+    COUNT_PIECE_CHARS, which the byte-level BPE joins to the word after it (a hard cut when there is none)."""
+    end = start + COUNT_PIECE_CHARS
+    if end >= len(text):
+        return len(text)
+    match = _UP_TO_LAST_SPACE.match(text, start, end)
+    return match.end() if match else end
+
+
+_UP_TO_LAST_SPACE = re.compile(r".+(?=\s)", re.DOTALL)

@@ -118,3 +118,23 @@ def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
     with pytest.raises(RuntimeError, match="is not installed"):
         Tokenizer.from_pretrained("tiny")
+
+
+def test_count_beyond_is_a_lower_bound_that_stops_early(tok: Tokenizer) -> None:
+    """A text of many pieces (words, newlines, special-token strings, a long run without whitespace, multi-byte
+    characters): the count is refused only above the limit, never above the true count."""
+    words = [("abcdefghij\n " * 3)[i % 7:i % 7 + 1 + i % 11] for i in range(60_000)]
+    text = " ".join(words) + "<｜User｜>" * 5 + "x" * 200_000 + "日本語" * 30_000
+    total = len(tok.encode(text))
+    for limit in (1_000, total // 2, total - 200):
+        at_least = tok.count_beyond(text, limit)
+        assert at_least is not None and limit < at_least <= total
+    for limit in (total, total + 1_000):
+        assert tok.count_beyond(text, limit) is None
+    assert tok.count_beyond("hello " * 10, 60) is None  # shorter than the limit in characters
+
+
+def test_count_beyond_reads_about_the_limit_not_the_whole_text(tok: Tokenizer) -> None:
+    """Megabytes of prompt are refused after about ``limit`` tokens' worth: far under the text's own count."""
+    at_least = tok.count_beyond("ab " * 2_000_000, 100_000)
+    assert at_least is not None and 100_000 < at_least < 400_000

@@ -64,6 +64,13 @@ class RequestValidator:
         self.check_token_ids(params.logit_bias or {}, "logit_bias")
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")
 
+    def refuse_overlong_text(self, at_least: int) -> InvalidRequestError:
+        """The error for a prompt found to have more than ``at_least`` tokens before all of it was tokenized
+        (``Tokenizer.count_beyond``): too long whatever else the request asks."""
+        return InvalidRequestError(
+            f"This model's maximum context length is {self.max_model_len} tokens. However, your request has more "
+            f"than {at_least} input tokens. Please reduce the length of the input messages.", param="messages")
+
     def check_token_ids(self, token_ids: Iterable[int], field: str) -> None:
         """Every id in the vocabulary: also what the tokenizer needs before it decodes ids a client sent."""
         bad = sorted({token_id for token_id in token_ids if not 0 <= token_id < self.vocab_size})

@@ -106,7 +106,7 @@ def render_chat_prompt(request: ChatCompletionRequest) -> ChatEncoding:
 def render_and_tokenize(state: ServerState, request: ChatCompletionRequest) -> tuple[ChatEncoding, list[int]]:
     """The rendered conversation and its prompt's token ids: what a generation sends the engine."""
     rendered = render_chat_prompt(request)
-    return rendered, state.tokenizer.encode(rendered.prompt)
+    return rendered, state.encode_prompt(rendered.prompt)
 
 
 @dataclass

@@ -64,7 +64,7 @@ def _tokenize_prompts_now(state: ServerState, request: CompletionRequest) -> lis
     prompts: list[tuple[str, list[int]]] = []
     for prompt in request.prompts():
         if isinstance(prompt, str):
-            prompts.append((prompt, state.tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)))
+            prompts.append((prompt, state.encode_prompt(prompt, request.add_special_tokens)))
         else:
             state.validator.check_token_ids(prompt, "prompt")  # the tokenizer decodes only ids it has
             prompts.append((state.tokenizer.decode(prompt, skip_special_tokens=False), list(prompt)))

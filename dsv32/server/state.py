@@ -73,6 +73,14 @@ class ServerState:
     def validator(self) -> RequestValidator:
         return self.engine.validator
 
+    def encode_prompt(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """A prompt's token ids; a text that certainly does not fit the context is refused after tokenizing only
+        about ``max_model_len`` tokens of it, so megabytes of prompt cost a fraction of a second, not seconds."""
+        at_least = self.tokenizer.count_beyond(text, self.max_model_len)
+        if at_least is not None:
+            raise self.validator.refuse_overlong_text(at_least)
+        return self.tokenizer.encode(text, add_special_tokens)
+
     async def offload(self, size: int, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``work(*args, **kwargs)``, on a worker thread when the input it handles is large (``size`` >=
         OFFLOAD_MIN_SIZE)."""
