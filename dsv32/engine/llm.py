@@ -14,6 +14,7 @@ from tqdm import tqdm
 from dsv32.config import EngineConfig, ModelConfig
 from dsv32.encoding import prepare_chat_request
 from dsv32.engine.core import EngineCore
+from dsv32.engine.lifetime import cap_onednn_primitive_cache
 from dsv32.engine.outputs import RequestOutput, fill_decoded_tokens
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.validation import RequestValidator
@@ -41,6 +42,7 @@ class LLM:
             raise TypeError(f"LLM() got unknown engine arguments {unknown}; valid ones are {sorted(known)}")
         config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
                               **engine_kwargs)
+        cap_onednn_primitive_cache()  # the engine runs in this process
         self.engine = EngineCore(config, model_config)
         self.validator = RequestValidator.for_engine(config, self.engine.model_config, self.engine.max_model_len)
         self._request_counter = itertools.count()

@@ -12,14 +12,15 @@ Policy, per step:
    holds, until the token budget, ``max_num_seqs`` or the free blocks run out.
 
 Cost-aware chunking: a token's cost grows with the context it attends (the lightning indexer scores every query
-against the whole context; MHA-mode prefill attention reads all of it), so a fixed token budget lets one prefill chunk
-at long context stall every decode behind it for seconds. Besides the token budget, the prefill chunks of a step share
-a *cost* budget of ``max_num_batched_tokens`` token-equivalents, where a chunk of ``c`` tokens starting at context
-position ``p`` costs ``chunk_cost(c, p) = c * (1 + (p + c) / K)`` and ``K = context_cost_tokens`` is the context
-length at which a token's attention + indexer cost equals the rest of its forward pass (see
-``DEFAULT_CONTEXT_COST_TOKENS`` and ``estimate_context_cost_tokens``). Chunks therefore shrink roughly like ``K / p``
-at long context, so a step takes about as long as ``max_num_batched_tokens`` context-free tokens, plus one chunk floor
-(``MIN_PREFILL_CHUNK``) that keeps a long prompt progressing. Decodes are not charged: they run every step anyway.
+against the whole context; sparse prefill attention reads the rows its chunk selected, at long context most of it),
+so a fixed token budget lets one prefill chunk at long context stall every decode behind it for seconds. Besides the
+token budget, the prefill chunks of a step share a *cost* budget of ``max_num_batched_tokens`` token-equivalents,
+where a chunk of ``c`` tokens starting at context position ``p`` costs ``chunk_cost(c, p) = c * (1 + (p + c) / K)``
+and ``K = context_cost_tokens`` is the context length at which a token's attention + indexer cost equals the rest of
+its forward pass (see ``DEFAULT_CONTEXT_COST_TOKENS`` and ``estimate_context_cost_tokens``). Chunks therefore shrink
+roughly like ``K / p`` at long context, so a step takes about as long as ``max_num_batched_tokens`` context-free
+tokens, plus one chunk floor (``MIN_PREFILL_CHUNK``) that keeps a long prompt progressing. Decodes are not charged:
+they run every step anyway.
 
 Speculative decoding (``num_speculative_tokens`` k > 0): a decode also schedules the sequence's drafted tokens
 (as many as the budget and its ``max_tokens`` leave room for) and allocates their slots, plus the k - 1 slots past
@@ -81,8 +82,10 @@ def estimate_context_cost_tokens(config: ModelConfig) -> float:
     projections, indexer projections, the dense MLP or the active experts) over the multiply-adds it spends per context
     position (indexer: ``index_n_heads * index_head_dim``; MHA-mode prefill attention: every head's query.key and
     probability.value, plus the per-chunk up-projection of the context's latents, amortised here as one more
-    ``kv_b_proj`` row per position). A rough guide (it ignores memory traffic and the sparse attention's cap of
-    ``index_topk`` keys, which the CPU reference still scores densely); tiny preset ~380, DeepSeek-V3.2 ~15K."""
+    ``kv_b_proj`` row per position). A rough guide (it ignores memory traffic, and counts the attention as dense:
+    past ``index_topk`` a query attends only its selected keys, but the expanded form the CPU uses for a long chunk
+    scores every row some query of the chunk selected, at long context most of it); tiny preset ~380, DeepSeek-V3.2
+    ~15K."""
     c = config
     heads, qk = c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
     attn = (c.hidden_size * c.q_lora_rank + c.q_lora_rank * heads * qk

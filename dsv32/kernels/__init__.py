@@ -1,7 +1,8 @@
 """Kernel backend selection: one interface for the hot ops, Triton kernels on CUDA, plain PyTorch everywhere else.
 
 The model calls ``get_backend(tensor.device).<op>(...)``; both backends implement the same signatures (documented
-in ``dsv32.kernels.reference``, whose functions *are* the torch backend):
+in ``dsv32.kernels.reference``; the torch backend is its functions but for the long-context ops, tiled in
+``dsv32.kernels.tiled``):
 
 * ``indexer_topk``: lightning-indexer scores over the paged (auto / FP8) key cache + top-k positions;
 * ``mla_decode`` / ``mla_prefill``: (sparse) MLA over the paged latent cache, with the ``MLAWeights`` prepared at
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from dsv32.kernels import reference
+from dsv32.kernels import reference, torch_ops
 from dsv32.kernels.cache_format import CacheLayout
 from dsv32.kernels.quant import CPU_LAYOUT, TRITON_LAYOUT, PackedIntWeight
 
@@ -100,7 +101,7 @@ INT_OPS = ("int_linear", "fused_moe_int", "fused_moe_int_fixed_shape")
 
 class ModuleBackend:
     """A ``KernelBackend`` (or, with ``ops = INT_OPS``, ``IntKernels``) made of one module's functions, each named as
-    its op (``reference`` for torch, ``triton_ops`` for Triton)."""
+    its op (``torch_ops`` for torch, ``triton_ops`` for Triton)."""
 
     def __init__(self, name: str, module: ModuleType, ops: tuple[str, ...] = KERNEL_OPS) -> None:
         self.name = name
@@ -108,7 +109,7 @@ class ModuleBackend:
             setattr(self, op, getattr(module, op))
 
 
-TORCH_BACKEND: KernelBackend = ModuleBackend("torch", reference)
+TORCH_BACKEND: KernelBackend = ModuleBackend("torch", torch_ops)
 
 
 def triton_backend() -> KernelBackend:

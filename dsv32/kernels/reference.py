@@ -1,4 +1,5 @@
-"""Plain-PyTorch references of every hot op: the CPU backend, and the ground truth the Triton kernels are tested on.
+"""Plain-PyTorch references of every hot op: the CPU backend (but for the long-context ops ``indexer_topk`` and
+``mla_prefill``, which it runs tiled, ``dsv32.kernels.tiled``), and the ground truth every backend is tested on.
 
 Two levels live here:
 
@@ -151,7 +152,7 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, l
     kv[needed] = F.linear(latent_rows, weights.w_kvb)
     k_pe = k_pe_rows.new_zeros(length, k_pe_rows.shape[-1])
     k_pe[needed] = k_pe_rows
-    return _mha_attention(q_nope, q_pe, kv, k_pe, positions, topk_positions, softmax_scale)
+    return mha_attention(q_nope, q_pe, kv, k_pe, causal_mask(positions, length, topk_positions), softmax_scale)
 
 
 def mla_prefill_expand_all(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights,
@@ -160,26 +161,32 @@ def mla_prefill_expand_all(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: ML
                            softmax_scale: float) -> torch.Tensor:
     """``mla_prefill``'s plain form: up-projects every context latent, selected or not."""
     latent, k_pe = read_latent_rows(latent_cache[slots], layout)
-    return _mha_attention(q_nope, q_pe, F.linear(latent, weights.w_kvb), k_pe, positions, topk_positions,
-                          softmax_scale)
+    return mha_attention(q_nope, q_pe, F.linear(latent, weights.w_kvb), k_pe,
+                         causal_mask(positions, slots.shape[0], topk_positions), softmax_scale)
 
 
-def _mha_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
-                   positions: torch.Tensor, topk_positions: torch.Tensor | None,
-                   softmax_scale: float) -> torch.Tensor:
-    """Causal attention of ``mla_prefill``'s queries over expanded context rows ``kv`` [L, H * (d_n + d_v)] and rope
-    keys ``k_pe`` [L, d_r]."""
+def mha_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+                  allowed: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Non-absorbed attention of queries ``q_nope`` [n, H, d_n], ``q_pe`` [n, H, d_r] over expanded context rows
+    ``kv`` [L, H * (d_n + d_v)] and rope keys ``k_pe`` [L, d_r], query ``i`` attending the rows ``allowed[i]``
+    ([n, L] bool). Returns ``[n, H, d_v]``."""
     n_heads, nope_dim = q_nope.shape[1], q_nope.shape[2]
     length = kv.shape[0]
     kv = kv.view(length, n_heads, -1)
     k_nope, v = kv[..., :nope_dim], kv[..., nope_dim:]
     scores = (torch.einsum("nhd,lhd->hnl", q_nope, k_nope)
               + torch.einsum("nhr,lr->hnl", q_pe, k_pe)) * softmax_scale
+    probs = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+    return torch.einsum("hnl,lhv->nhv", probs, v)
+
+
+def causal_mask(positions: torch.Tensor, length: int, topk_positions: torch.Tensor | None) -> torch.Tensor:
+    """``[n, length]``: the context positions each query at ``positions`` [n] may attend, optionally restricted to
+    its ``topk_positions`` [n, k]."""
     allowed = torch.arange(length, device=positions.device)[None, :] <= positions[:, None]
     if topk_positions is not None:
         allowed = allowed & positions_to_mask(topk_positions, length)
-    probs = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
-    return torch.einsum("hnl,lhv->nhv", probs, v)
+    return allowed
 
 
 # ---- linear layers ----------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@
 quantised to e4m3 like the keys, and their positive per-(token, head) scales are folded into ``w'`` together with
 ``D^-0.5`` (ReLU commutes with a positive factor), so the dot runs on e4m3 tensor cores with fp32 accumulation.
 
-One program scores ``BLOCK_L`` keys for all heads of one query (``[H, D] x [D, BLOCK_L]``); the selection is
-``torch.topk`` over the scores row.
+One program scores ``BLOCK_L`` keys for all heads of one query (``[H, D] x [D, BLOCK_L]``); the selection is a
+``torch.topk`` per key tile, merged across tiles, so the scores held at once stay bounded at any context length.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import triton.language as tl
 
 from dsv32.kernels.cache_format import CacheLayout
 from dsv32.kernels.fp8 import act_quant, hadamard
+from dsv32.kernels.tiled import merge_topk
 from dsv32.kernels.triton_common import check_device, dot_precision, dot_type, next_power_of_2
 
 
@@ -82,10 +83,25 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Te
     return out.view(batch, n, length)
 
 
+# fp32 scores one tile of ``indexer_topk`` holds ([queries, key tile]): 128M, 512 MiB, whatever the context (a
+# [chunk, context] score matrix is what runs SGLang's indexer out of memory at long context: 8K x 128K is 4 GiB).
+LOGITS_ELEMENTS = 1 << 27
+
+
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, layout: CacheLayout,
-                 slot_table: torch.Tensor, kv_lens: torch.Tensor, topk: int) -> torch.Tensor:
+                 slot_table: torch.Tensor, kv_lens: torch.Tensor, topk: int, block_l: int = 64) -> torch.Tensor:
     """Same contract as ``dsv32.kernels.reference.indexer_topk``: top-k context positions ``[B, n, min(topk, L)]``,
-    ``-1`` where a query sees fewer keys."""
-    scores = indexer_scores(q, weights, index_cache, layout, slot_table, kv_lens)
-    chosen = scores.topk(min(topk, scores.shape[-1]), dim=-1).indices
-    return torch.where(chosen < kv_lens[..., None], chosen, -1)
+    ``-1`` where a query sees fewer keys. The context is scored in key tiles of at most ``LOGITS_ELEMENTS`` scores,
+    each merged into a running top-k (``dsv32.kernels.tiled.merge_topk``)."""
+    batch, n = q.shape[:2]
+    length = slot_table.shape[1]
+    k_out = min(topk, length)
+    key_tile = max(k_out, LOGITS_ELEMENTS // max(1, batch * n), block_l)
+    best_scores = torch.empty(batch, n, 0, dtype=torch.float32, device=q.device)
+    best_positions = torch.empty(batch, n, 0, dtype=torch.long, device=q.device)
+    for t0 in range(0, length, key_tile):
+        t1 = min(length, t0 + key_tile)
+        scores = indexer_scores(q, weights, index_cache, layout, slot_table[:, t0:t1], kv_lens - t0, block_l)
+        positions = torch.arange(t0, t1, device=q.device)
+        best_positions, best_scores = merge_topk(best_positions, best_scores, positions, scores, k_out)
+    return torch.where(torch.isneginf(best_scores), -1, best_positions)

@@ -43,7 +43,7 @@ def _to(device, *tensors):
     (64, 3, 1, 100, [100, 57, 20]),          # decode: 64 real heads, ragged contexts, one shorter than top-k
     (8, 1, 12, 90, list(range(79, 91))),     # prefill chunk: causal limits position + 1
 ])
-def test_scores_and_topk_match_reference(fmt, n_heads, batch, n, length, kv_lens, device):
+def test_scores_and_topk_match_reference(fmt, n_heads, batch, n, length, kv_lens, device, monkeypatch):
     from dsv32.kernels import triton_indexer
 
     topk = 32
@@ -57,16 +57,20 @@ def test_scores_and_topk_match_reference(fmt, n_heads, batch, n, length, kv_lens
     scale = expected[finite].abs().max()
     assert (got[finite] - expected[finite]).abs().max() <= 1e-4 * scale
 
-    chosen = triton_indexer.indexer_topk(q_d, w_d, index_cache, cache.layout, table_d, lens_d, topk).cpu()
     ref_chosen = reference.indexer_topk(q, weights, cache.index_k[0], cache.layout, slot_table, kv_lens, topk)
-    assert chosen.shape == ref_chosen.shape == (batch, n, topk)
-    # the same number of real picks per row, all visible, distinct, and as good as the reference's (robust to ties)
-    assert torch.equal((chosen >= 0).sum(-1), (ref_chosen >= 0).sum(-1))
-    assert torch.equal((ref_chosen >= 0).sum(-1), kv_lens.clamp(max=topk))
-    assert bool(((chosen < kv_lens[..., None]) | (chosen < 0)).all())
-    for row, ref_row, scores in zip(chosen.flatten(0, 1), ref_chosen.flatten(0, 1), expected.flatten(0, 1),
-                                    strict=True):
-        picked, ref_picked = row[row >= 0], ref_row[ref_row >= 0]
-        assert picked.unique().numel() == picked.numel()
-        assert torch.allclose(scores[picked].sort().values, scores[ref_picked].sort().values,
-                              atol=1e-4 * float(scale))
+    # One key tile, then tiles of 64 keys (two here) merged into a running top-k.
+    for logits_elements in (triton_indexer.LOGITS_ELEMENTS, 1):
+        monkeypatch.setattr(triton_indexer, "LOGITS_ELEMENTS", logits_elements)
+        chosen = triton_indexer.indexer_topk(q_d, w_d, index_cache, cache.layout, table_d, lens_d, topk).cpu()
+        assert chosen.shape == ref_chosen.shape == (batch, n, topk)
+        # the same number of real picks per row, all visible, distinct, and as good as the reference's (robust to
+        # ties)
+        assert torch.equal((chosen >= 0).sum(-1), (ref_chosen >= 0).sum(-1))
+        assert torch.equal((ref_chosen >= 0).sum(-1), kv_lens.clamp(max=topk))
+        assert bool(((chosen < kv_lens[..., None]) | (chosen < 0)).all())
+        for row, ref_row, scores in zip(chosen.flatten(0, 1), ref_chosen.flatten(0, 1), expected.flatten(0, 1),
+                                        strict=True):
+            picked, ref_picked = row[row >= 0], ref_row[ref_row >= 0]
+            assert picked.unique().numel() == picked.numel()
+            assert torch.allclose(scores[picked].sort().values, scores[ref_picked].sort().values,
+                                  atol=1e-4 * float(scale))

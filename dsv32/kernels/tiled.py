@@ -1,0 +1,183 @@
+"""The CPU backend's long-context ops: the lightning indexer and sparse prefill attention with memory bounded by a tile,
+whatever the context length.
+
+``dsv32.kernels.reference`` holds the plain forms of these ops (the test oracle): they score every query against the
+whole context at once (``[n, H, L]`` fp32 index scores, ``[H, n, L]`` attention scores), which at long context costs
+gigabytes per step. Here the same contracts are met tile by tile:
+
+* ``indexer_topk``: key tiles are read straight from the paged index cache; per tile the per-head dots are formed,
+  ReLU'd, weighted and summed over heads, leaving ``[queries, tile]`` scores that are merged into a running top-k
+  (``[queries, k]``). Transient memory is ``O(queries x (tile + k))``; keys past every query's causal horizon are
+  never read. The GEMMs run in fp32, as the reference's: this CPU's bf16 GEMMs (torch 2.13, oneDNN) round their
+  output to bf16, which moves scores near the top-k boundary and changes the selection.
+* ``mla_prefill``: with a top-k selection, each query attends only its selected rows, in whichever form costs less
+  for the chunk: the expanded (MHA) form over the rows some query of the chunk selected (read and up-projected once;
+  a key no query selected is never touched), or the absorbed (MQA) form over each query's own gathered latent rows
+  (no up-projection); both in query blocks whose transient tensors stay within a fixed budget. Without a selection
+  (context <= ``index_topk``: the paper's dense "masked MHA mode" for short prefill) it is the reference.
+
+Selections equal the reference's up to ties (the merge may keep a different one of equal scores); attention outputs
+agree to rounding (the softmax runs over the selected columns only, in another summation order).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from dsv32.kernels import reference
+from dsv32.kernels.cache_format import CacheLayout, prepare_index_q, read_index_rows, read_latent_rows
+
+if TYPE_CHECKING:
+    from dsv32.kernels.attention import MLAWeights
+
+# fp32 elements of one tile's transient products (indexer: per-head dots [B, queries, H, keys]; attention: scores
+# [H, queries, keys]): 8M = 32 MiB, whatever the context.
+TILE_ELEMENTS = 1 << 23
+# Keys per indexer tile, at least: no fewer than top-k keeps the merges (a top-k over k + tile candidates) cheap
+# against the scoring; the query block shrinks to keep the tile within TILE_ELEMENTS (a decode's one query per
+# sequence scores up to TILE_ELEMENTS / (B x H) keys, 512K for one sequence of 16 index heads, in one tile).
+MIN_KEY_TILE = 256
+# Cache-row elements the absorbed sparse prefill gathers at once ([queries, k, latent_width] in the storage dtype):
+# 32M, 64 MiB in bf16 (28 queries of the real top-2048 a block).
+GATHER_ELEMENTS = 1 << 25
+
+
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, layout: CacheLayout,
+                 slot_table: torch.Tensor, kv_lens: torch.Tensor, topk: int) -> torch.Tensor:
+    """``reference.indexer_topk``'s contract, tile by tile: top-k context positions ``[B, n, min(topk, L)]`` (``-1``
+    padded) of queries ``q`` [B, n, H, D] with head weights [B, n, H] over the keys at ``slot_table`` [B, L], query
+    ``(b, i)`` seeing positions ``< kv_lens[b, i]``."""
+    batch, length = slot_table.shape
+    _, n, n_heads, dim = q.shape
+    if n == 1 or torch.compiler.is_compiling():
+        # A decode step (one query per sequence; captured or not: in a graph ``L`` is a dynamic dimension the tile
+        # loop cannot follow): its scores are [B, 1, L], one tile's worth at B * H queries, and the reference's
+        # single top-k over them costs less than a tile loop's merges.
+        return reference.indexer_topk(q, weights, index_cache, layout, slot_table, kv_lens, topk)
+    k_out = min(topk, length)
+    out = torch.full((batch, n, k_out), -1, dtype=torch.long, device=q.device)
+    if k_out == 0 or n == 0:
+        return out
+    q = prepare_index_q(q, layout)  # fp32, in the keys' numeric domain
+    weights = weights.float()
+    key_tile = max(MIN_KEY_TILE, topk, TILE_ELEMENTS // (batch * n * n_heads))
+    query_block = max(1, TILE_ELEMENTS // (batch * n_heads * key_tile))
+    for q0 in range(0, n, query_block):
+        rows = slice(q0, min(n, q0 + query_block))
+        positions, scores = _block_topk(q[:, rows], weights[:, rows], index_cache, layout, slot_table,
+                                        kv_lens[:, rows], k_out, key_tile)
+        out[:, rows, :positions.shape[-1]] = torch.where(torch.isneginf(scores), -1, positions)
+    return out
+
+
+def _block_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, layout: CacheLayout,
+                slot_table: torch.Tensor, kv_lens: torch.Tensor, k_out: int,
+                key_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-``k_out`` (positions, scores) ``[B, b, <= k_out]`` of one block of queries (fp32 ``q`` [B, b, H,
+    D]) over key tiles of ``key_tile`` positions; invisible positions score ``-inf``."""
+    batch, n, n_heads, dim = q.shape
+    q_rows = q.reshape(batch, n * n_heads, dim)
+    head_weights = weights[:, :, None, :]  # [B, b, 1, H]
+    best_scores = q.new_empty(batch, n, 0)
+    best_positions = torch.empty(batch, n, 0, dtype=torch.long, device=q.device)
+    horizon = int(kv_lens.max())  # no query of the block sees a key past it
+    fully_visible = int(kv_lens.min())
+    for t0 in range(0, horizon, key_tile):
+        t1 = min(horizon, t0 + key_tile)
+        keys = read_index_rows(index_cache[slot_table[:, t0:t1].flatten()], layout).view(batch, t1 - t0, dim)
+        # The reference's arithmetic on this tile: fp32 dots, scaled, ReLU, then the head-weighted sum as one GEMM.
+        dots = torch.bmm(q_rows, keys.transpose(1, 2)).view(batch, n, n_heads, -1).mul_(dim ** -0.5).relu_()
+        scores = torch.matmul(head_weights, dots)[:, :, 0]  # [B, b, tile]
+        positions = torch.arange(t0, t1, device=q.device)
+        if t1 > fully_visible:
+            scores.masked_fill_(positions >= kv_lens[..., None], float("-inf"))
+        best_positions, best_scores = merge_topk(best_positions, best_scores, positions, scores, k_out)
+    return best_positions, best_scores
+
+
+def merge_topk(best_positions: torch.Tensor, best_scores: torch.Tensor, positions: torch.Tensor,
+               scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A running top-``k`` (positions, scores) ``[..., <= k]`` merged with one tile's scores ``[..., tile]`` at
+    context ``positions`` [tile]: the top-``k`` of both (unsorted)."""
+    best_scores = torch.cat((best_scores, scores), dim=-1)
+    best_positions = torch.cat((best_positions, positions.expand(scores.shape)), dim=-1)
+    if best_scores.shape[-1] > k:
+        best_scores, chosen = best_scores.topk(k, dim=-1, sorted=False)
+        best_positions = best_positions.gather(-1, chosen)
+    return best_positions, best_scores
+
+
+def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
+                layout: CacheLayout, slots: torch.Tensor, positions: torch.Tensor,
+                topk_positions: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
+    """``reference.mla_prefill``'s contract (``[n, H, d_v]``). With a top-k selection, each query attends its selected
+    rows only, in whichever form costs less for this chunk (``absorbed_is_cheaper``): the expanded (MHA) form over the
+    rows some query of the chunk selected, up-projected once, or the absorbed (MQA) form over each query's own
+    gathered latent rows (FlashMLA's sparse prefill; no up-projection at all). Either runs in query blocks whose
+    transient tensors stay within a fixed budget."""
+    if topk_positions is None:
+        return reference.mla_prefill(q_nope, q_pe, weights, latent_cache, layout, slots, positions, None,
+                                     softmax_scale)
+    n, n_heads, nope_dim = q_nope.shape
+    length = slots.shape[0]
+    chosen = topk_positions >= 0
+    is_selected = torch.zeros(length, dtype=torch.bool, device=slots.device)
+    is_selected[topk_positions[chosen]] = True
+    num_selected = int(is_selected.sum())
+    if absorbed_is_cheaper(n, topk_positions.shape[1], num_selected, n_heads, nope_dim, weights.w_uv.shape[2],
+                           layout):
+        return _absorbed_prefill(q_nope, q_pe, weights, latent_cache, layout, slots, topk_positions, softmax_scale)
+    selected = is_selected.nonzero()[:, 0]  # sorted context positions some query chose
+    latent_rows, k_pe = read_latent_rows(latent_cache[slots[selected]], layout)
+    kv = F.linear(latent_rows, weights.w_kvb)
+    # Each query's selection as columns of the selected rows (selections are causal: no further mask is needed).
+    column_of = torch.cumsum(is_selected, 0) - 1
+    columns = torch.where(chosen, column_of[topk_positions.clamp(min=0)], -1)
+    out = q_nope.new_empty(n, n_heads, weights.w_uv.shape[2])
+    query_block = max(1, TILE_ELEMENTS // (n_heads * max(1, num_selected)))
+    for q0 in range(0, n, query_block):
+        rows = slice(q0, min(n, q0 + query_block))
+        allowed = reference.positions_to_mask(columns[rows], num_selected)
+        out[rows] = reference.mha_attention(q_nope[rows], q_pe[rows], kv, k_pe, allowed, softmax_scale)
+    return out
+
+
+# What gathering one cached latent value for one query costs, in multiply-adds of a large GEMM: measured on 2 EPYC
+# cores (16K context, 4 heads: 128 queries over their own 2048 gathered rows 0.7 s, against 0.28 s for the expanded
+# form's 3.2G multiply-adds), ~48. Gathering, not arithmetic, dominates the absorbed form at few heads.
+GATHERED_ELEMENT_COST = 48
+
+
+def absorbed_is_cheaper(num_queries: int, topk: int, num_selected: int, n_heads: int, nope_dim: int, v_dim: int,
+                        layout: CacheLayout) -> bool:
+    """Whether ``num_queries`` queries attending ``topk`` rows each cost less in the absorbed form (per query: its
+    rows gathered, then ``H x (2 r + d_r)`` multiply-adds a row) than in the expanded form (``num_selected`` rows
+    up-projected to ``H x (d_n + d_v)``, then every query against all of them). Few heads and small chunks favour the
+    absorbed form at long context (the union of a chunk's selections is then most of the context); a real V3.2
+    (128 heads) always does."""
+    r, rope = layout.kv_lora_rank, layout.rope_dim
+    absorbed = num_queries * topk * ((r + rope) * GATHERED_ELEMENT_COST + n_heads * (2 * r + rope))
+    expanded = num_selected * r * n_heads * (nope_dim + v_dim) + num_queries * num_selected * n_heads * (
+        nope_dim + rope + v_dim)
+    return absorbed < expanded
+
+
+def _absorbed_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, latent_cache: torch.Tensor,
+                      layout: CacheLayout, slots: torch.Tensor, topk_positions: torch.Tensor,
+                      softmax_scale: float) -> torch.Tensor:
+    """Each query over its own selected latent rows, as the absorbed decode attends them, in query blocks whose
+    gathered rows ``[block, k, latent_width]`` stay within ``GATHER_ELEMENTS``."""
+    n, topk = topk_positions.shape
+    query_block = max(1, GATHER_ELEMENTS // (topk * layout.latent_width))
+    outs = []
+    for q0 in range(0, n, query_block):
+        rows = slice(q0, min(n, q0 + query_block))
+        block = topk_positions[rows]
+        # Every query of the block shares the chunk's context; mla_decode reads only its selected rows.
+        slot_table = slots[None].expand(block.shape[0], -1)
+        outs.append(reference.mla_decode(q_nope[rows], q_pe[rows], weights, latent_cache, layout, slot_table,
+                                         (block >= 0).sum(-1), block, softmax_scale))
+    return torch.cat(outs)
