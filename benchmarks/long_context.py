@@ -94,7 +94,7 @@ def summary(values: list[float]) -> str:
 
 
 def report(results: dict[tuple[str, int], list[dict[str, float]]], contexts: list[int],
-           args: argparse.Namespace, machine: str, commits: dict[str, str]) -> str:
+           args: argparse.Namespace, machine: str, commits: dict[str, str], load: list[str]) -> str:
     lines = [
         "# Long context: prefill and decode against the context length",
         "",
@@ -105,8 +105,8 @@ def report(results: dict[tuple[str, int], list[dict[str, float]]], contexts: lis
         "",
         f"- before: {commits['before']}; after: {commits['after']}.",
         "- median of the runs per cell, spread (min-max) in brackets; before and after interleaved, each run its "
-        "own process. **The machine is shared** (other work runs on the same cores): the timings are disturbed, the "
-        "spreads show by how much.",
+        "own process.",
+        *load,
         "",
         "| context | | runs | prefill tok/s | decode tok/s | peak RSS MB |",
         "|---|---|---|---|---|---|",
@@ -159,7 +159,7 @@ def main() -> None:
     if args.base is None or not (args.base / "dsv32").is_dir():
         raise SystemExit("--base must name a checkout of dsv32 (a directory holding dsv32/)")
     sys.path.insert(0, str(REPO))
-    from benchmarks.serving import checkout_description, machine_description, make_checkpoint
+    from benchmarks.serving import checkout_description, engine_turn, load_lines, machine_description, make_checkpoint
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = make_checkpoint(args.work_dir, CHECKPOINT_NAME, CHECKPOINT_FLAGS)
@@ -168,14 +168,16 @@ def main() -> None:
                                  text=True, check=False).stdout.strip() or str(args.base)
     commits = {"before": base_commit, "after": checkout_description()}
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    busy: list[str] = []
     for context in args.contexts:
         for repeat in range(args.repeats):
             for side, source in sources.items():
                 if side == "before" and context > args.max_base_context:
                     continue
-                results.setdefault((side, context), []).append(
-                    run_worker(source, checkpoint, context, seed=1000 * repeat + context, args=args))
-        text = report(results, args.contexts, args, machine_description(args.threads), commits)
+                with engine_turn(f"{side} at {context} tokens (repeat {repeat + 1})", args.threads, busy):
+                    result = run_worker(source, checkpoint, context, seed=1000 * repeat + context, args=args)
+                results.setdefault((side, context), []).append(result)
+        text = report(results, args.contexts, args, machine_description(args.threads), commits, load_lines(busy))
         args.output.write_text(text)  # after every context: a cut-off run still leaves its figures
     print(text)
 
