@@ -325,7 +325,7 @@ def fused_moe_fixed_shape(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
 def fused_moe_int_fixed_shape(x: torch.Tensor, w13: PackedIntWeight, w2: PackedIntWeight,
                               topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """``fused_moe_fixed_shape`` for INT8 / INT4 expert stacks: one token (the batch-1 graph), each of its ``k``
-    pairs picks its expert by a tensor index (its packed bytes only); more tokens, every expert runs every token,
+    pairs reads its expert's packed codes as views (``_expert_indices``); more tokens, every expert runs every token,
     combined densely (the integer kernels take one 2-D weight each, so the pairs of a batch whose size is symbolic
     in the graph cannot be looped over; ``T == 1`` is decided by the shape's range, adding no guard)."""
     num_tokens, top_k = topk_ids.shape
@@ -334,14 +334,25 @@ def fused_moe_int_fixed_shape(x: torch.Tensor, w13: PackedIntWeight, w2: PackedI
     ids = topk_ids.clamp(0, num_experts - 1)
     weights = topk_weights.float() * routed
     if num_tokens == 1 and top_k <= num_experts:
-        rows = x.repeat_interleave(top_k, dim=0)
-        ys = [int_linear(_swiglu(int_linear(rows[p:p + 1], w13.expert(e))), w2.expert(e))
-              for p, e in enumerate(ids.flatten().unbind(0))]
+        ys = [int_linear(_swiglu(int_linear(x, w13.expert(e))), w2.expert(e))
+              for e in _expert_indices(ids, num_experts)]
         y = torch.cat(ys).view(num_tokens, top_k, -1)
         return torch.bmm(weights[:, None, :], y.float())[:, 0]
     dense = weights.new_zeros(num_tokens, num_experts).scatter_add_(1, ids, weights)
     y = torch.stack([int_linear(_swiglu(int_linear(x, w13.expert(e))), w2.expert(e)) for e in range(num_experts)])
     return torch.einsum("te,eth->th", dense, y.float())
+
+
+def _expert_indices(ids: torch.Tensor, num_experts: int) -> list[int]:
+    """One token's expert ids ``[1, k]`` (within ``[0, E)``) as integers. In a captured graph they are data-dependent
+    symbols (Dynamo's ``capture_scalar_outputs``, which the decode graphs turn on), bounded here so that indexing an
+    expert stack by one selects a view of its weights; indexed by a tensor, Dynamo would read the value and break
+    the graph at every MoE layer."""
+    indices = ids.flatten().tolist()
+    for e in indices:
+        torch._check(e >= 0)
+        torch._check(e < num_experts)
+    return indices
 
 
 # Routed experts run as one padded batched GEMM pair when that wastes at most this factor of rows (dense routing:

@@ -160,7 +160,10 @@ class DecodeGraphs:
         if size > 1:
             for tensor in inputs:
                 torch._dynamo.mark_dynamic(tensor, 0)
-        return self._step(*inputs, kv_cache)
+        # Data-dependent integers (a batch of one's expert ids, ``.tolist()``) stay in the graph as symbols instead
+        # of breaking it; patched at every call, since a call may trace (a new context width's graph).
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return self._step(*inputs, kv_cache)
 
 
 def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:

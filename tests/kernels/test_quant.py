@@ -137,3 +137,23 @@ def test_int_moe_matches_per_pair_reference(fmt: str, num_tokens: int) -> None:
     other_rank[:, 1] = num_experts + 1
     torch.testing.assert_close(reference.fused_moe_int_fixed_shape(x, packed13, packed2, weights, other_rank),
                                int_moe_reference(x, w13, w2, weights, other_rank), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_int_moe_fixed_shape_traces_one_token_whole(fmt: str) -> None:
+    """A captured batch-1 decode graph picks its experts' codes by data-dependent index: traced as one graph (no
+    graph break at the expert choice, which used to split every MoE layer's step into eager pieces)."""
+    num_experts, hidden, inter, top_k = 6, 128, 128, 2
+    gen = torch.Generator().manual_seed(7)
+    quantize = {"int8": quantize_int8, "int4": quantize_int4}[fmt]
+    packed13 = stack_packed([pack(quantize(torch.randn(2 * inter, hidden, generator=gen) * 0.1), torch.float32)
+                             for _ in range(num_experts)])
+    packed2 = stack_packed([pack(quantize(torch.randn(hidden, inter, generator=gen) * 0.1), torch.float32)
+                            for _ in range(num_experts)])
+    x, weights = torch.randn(1, hidden, generator=gen), torch.rand(1, top_k, generator=gen)
+    step = torch.compile(reference.fused_moe_int_fixed_shape, backend="eager", fullgraph=True)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        for ids in ([[4, 1]], [[0, 5]], [[2, num_experts + 3]]):  # one graph serves every routing
+            ids = torch.tensor(ids)
+            torch.testing.assert_close(step(x, packed13, packed2, weights, ids),
+                                       reference.fused_moe_int_fixed_shape(x, packed13, packed2, weights, ids))
