@@ -40,7 +40,7 @@ from torch import nn
 from dsv32.config import ModelConfig
 from dsv32.distributed.parallel import SINGLE_PROCESS, ParallelContext
 from dsv32.kernels import KernelBackend, using_backend
-from dsv32.kernels.attention import AttentionMetadata
+from dsv32.kernels.attention import AttentionMetadata, absorbed_dtype
 from dsv32.kernels.cache_format import CacheLayout, normalize_kv_cache_dtype
 from dsv32.model.batch import ForwardBatch
 from dsv32.model.cache import KVCache
@@ -179,8 +179,14 @@ class DeepseekForCausalLM(nn.Module):
     def prepare_weights(self) -> None:
         """Derived weights made once after loading (the absorbed MLA weights, norm weights in the compute dtype,
         prepacked linear weights); ``load_model`` calls it."""
+        attention = [module for module in self.modules() if isinstance(module, MLA)]
+        # the absorbed weights of a layer hold as many elements as its kv_b_proj (H x (d_n + d_v) x r)
+        absorbed = absorbed_dtype(self.inv_freq.device, self.dtype,
+                                  sum(m.n_heads * (m.nope_dim + m.v_dim) * m.kv_lora_rank for m in attention))
+        for module in attention:
+            module.prepare_weights(absorbed)
         for module in self.modules():
-            if isinstance(module, MLA | Linear):
+            if isinstance(module, Linear):
                 module.prepare_weights()
             elif isinstance(module, RMSNorm):
                 module.prepare_weights(self.dtype)

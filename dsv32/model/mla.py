@@ -62,10 +62,12 @@ class MLA(nn.Module):
         self.indexer = Indexer(config, dtype) if config.has_indexer else None
         self.mla_weights: MLAWeights | None = None
 
-    def prepare_weights(self) -> None:
-        """``kv_b_proj`` in the compute dtype and its absorbed parts, made once after loading (``load_model`` calls
-        it; call it again after changing ``kv_b_proj``)."""
-        self.mla_weights = MLAWeights.from_kv_b(self.kv_b_proj.dequantized_weight(), self.n_heads, self.nope_dim)
+    def prepare_weights(self, absorbed: torch.dtype | None = None) -> None:
+        """``kv_b_proj`` in the compute dtype and its absorbed parts (in ``absorbed``, default the compute dtype),
+        made once after loading (the model's ``prepare_weights`` calls it; call it again after changing
+        ``kv_b_proj``)."""
+        self.mla_weights = MLAWeights.from_kv_b(self.kv_b_proj.dequantized_weight(), self.n_heads, self.nope_dim,
+                                                absorbed)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, meta: AttentionMetadata, cache: KVCache,
                 layer: int) -> torch.Tensor:

@@ -1,11 +1,13 @@
-"""``MLAWeights``: the absorbed parts of ``W_kvb`` (fp32 on a CPU) give the decode the products the compute dtype
-gives, and the absorbed decode agrees with the expanded (non-absorbed) attention."""
+"""``MLAWeights``: the absorbed parts of ``W_kvb`` (fp32 on a CPU while they fit its cache, else the compute dtype)
+give the decode the products the compute dtype gives, and the absorbed decode agrees with the expanded
+(non-absorbed) attention."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from dsv32.kernels import reference
+from dsv32.kernels import attention, reference
 from dsv32.kernels.attention import MLAWeights
 
 from .helpers import fill_cache, make_cache, scattered_slots
@@ -15,13 +17,32 @@ SCALE = 0.1352
 N_HEADS, NOPE = 4, 32
 
 
-def test_absorbed_parts_are_contiguous_fp32_copies_of_w_kvb_on_cpu() -> None:
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_absorbed_parts_are_contiguous_copies_of_w_kvb(dtype: torch.dtype | None) -> None:
     w_kvb = torch.randn(N_HEADS * (NOPE + 16), 64).to(torch.bfloat16)
-    weights = MLAWeights.from_kv_b(w_kvb, N_HEADS, NOPE)
-    w = w_kvb.float().view(N_HEADS, -1, 64)
-    assert weights.w_uk.dtype == weights.w_uv.dtype == torch.float32
+    weights = MLAWeights.from_kv_b(w_kvb, N_HEADS, NOPE, dtype)
+    w = w_kvb.to(dtype or torch.bfloat16).view(N_HEADS, -1, 64)
+    assert weights.w_uk.dtype == weights.w_uv.dtype == (dtype or torch.bfloat16)
     assert weights.w_uk.is_contiguous() and weights.w_uv.is_contiguous()
     assert torch.equal(weights.w_uk, w[:, :NOPE]) and torch.equal(weights.w_uv, w[:, NOPE:].transpose(1, 2))
+
+
+def test_absorbed_weights_are_fp32_only_while_they_fit_the_cpu_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "last_level_cache_bytes", lambda: 32 << 20)
+    cpu = torch.device("cpu")
+    assert attention.absorbed_dtype(cpu, torch.bfloat16, (8 << 20) // 4) == torch.float32  # 8 MiB in fp32: fits
+    assert attention.absorbed_dtype(cpu, torch.bfloat16, (32 << 20) // 4) == torch.bfloat16  # streamed: bf16
+    assert attention.absorbed_dtype(torch.device("cuda"), torch.bfloat16, 1) == torch.bfloat16
+
+
+@pytest.mark.parametrize(("text", "size"), [("32768K\n", 32 << 20), ("1M", 1 << 20), ("4194304", 4 << 20),
+                                            ("", attention.DEFAULT_LLC_BYTES), ("lots", attention.DEFAULT_LLC_BYTES),
+                                            (None, attention.DEFAULT_LLC_BYTES)])
+def test_last_level_cache_size_is_read_from_sysfs_or_defaulted(tmp_path, text: str | None, size: int) -> None:
+    path = tmp_path / "size"
+    if text is not None:
+        path.write_text(text)
+    assert attention.last_level_cache_bytes(str(path)) == size
 
 
 def test_bf16_decode_matches_compute_dtype_absorption_and_the_expanded_form() -> None:
