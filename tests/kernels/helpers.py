@@ -34,6 +34,15 @@ def fill_cache(cache: KVCache, slots: torch.Tensor, gen: torch.Generator) -> Non
         cache.write_index_k(0, slots, torch.randn(n, lay.index_head_dim, generator=gen).to(lay.dtype))
 
 
+def causal_topk(positions: torch.Tensor, topk: int, gen: torch.Generator) -> torch.Tensor:
+    """Random top-k selections of causal context positions per query, ``-1`` padded (as ``select_topk`` returns)."""
+    rows = []
+    for pos in positions.tolist():
+        chosen = torch.randperm(pos + 1, generator=gen)[:topk]
+        rows.append(torch.cat((chosen, torch.full((topk - chosen.numel(),), -1, dtype=torch.long))))
+    return torch.stack(rows)
+
+
 def act_order(weight: IntWeight, seed: int = 3) -> IntWeight:
     """``weight``'s codes, scales and zeros as stored, its groups' columns scattered over K (GPTQ's ``g_idx``)."""
     g_idx = torch.randperm(weight.shape[1], generator=torch.Generator().manual_seed(seed)) // weight.group_size

@@ -10,7 +10,7 @@ import torch
 from dsv32.kernels import attention, reference
 from dsv32.kernels.attention import MLAWeights
 
-from .helpers import fill_cache, make_cache, scattered_slots
+from .helpers import causal_topk, fill_cache, make_cache, scattered_slots
 
 NUM_SLOTS = 256
 SCALE = 0.1352
@@ -72,15 +72,6 @@ def test_bf16_decode_matches_compute_dtype_absorption_and_the_expanded_form() ->
         assert (got[b].float() - expanded[0].float()).abs().max() <= 3e-2 * expanded.float().abs().max()
 
 
-def _causal_topk(positions: torch.Tensor, topk: int, gen: torch.Generator) -> torch.Tensor:
-    """Random top-k selections of causal context positions per query, ``-1`` padded (as ``select_topk`` returns)."""
-    rows = []
-    for pos in positions.tolist():
-        chosen = torch.randperm(pos + 1, generator=gen)[:topk]
-        rows.append(torch.cat((chosen, torch.full((topk - chosen.numel(),), -1, dtype=torch.long))))
-    return torch.stack(rows)
-
-
 def test_sparse_prefill_expands_only_selected_rows_bit_identically() -> None:
     """``mla_prefill`` with a top-k restriction up-projects only the selected context rows: the same bits as its
     plain form, which expands every row of the context, in bf16 (the CPU compute dtype; oneDNN's product of a row does
@@ -98,7 +89,7 @@ def test_sparse_prefill_expands_only_selected_rows_bit_identically() -> None:
             positions = torch.arange(start, length)
             q_nope = torch.randn(n, N_HEADS, NOPE, generator=gen).to(dtype)
             q_pe = torch.randn(n, N_HEADS, 64, generator=gen).to(dtype)
-            topk_positions = _causal_topk(positions, topk, gen)
+            topk_positions = causal_topk(positions, topk, gen)
             args = (q_nope, q_pe, weights, cache.latent[0], cache.layout, context[:length], positions,
                     topk_positions, SCALE)
             got = reference.mla_prefill(*args)

@@ -16,7 +16,7 @@ from dsv32.kernels.attention import MLAWeights
 from dsv32.model.loader import load_model
 from tests.model.conftest import single_sequence_batch
 
-from .helpers import fill_cache, make_cache, scattered_slots
+from .helpers import causal_topk, fill_cache, make_cache, scattered_slots
 
 NUM_SLOTS = 1024
 SCALE = 0.1352
@@ -82,14 +82,6 @@ def test_indexer_reads_no_key_past_the_causal_horizon(monkeypatch: pytest.Monkey
     _assert_same_selection(got, expected, _oracle_scores(q, weights, cache, slot_table[:, :300], kv_lens))
 
 
-def _causal_topk(positions: torch.Tensor, topk: int, gen: torch.Generator) -> torch.Tensor:
-    rows = []
-    for pos in positions.tolist():
-        chosen = torch.randperm(pos + 1, generator=gen)[:topk]
-        rows.append(torch.cat((chosen, torch.full((topk - chosen.numel(),), -1, dtype=torch.long))))
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize(("fmt", "dtype", "tolerance"), [("auto", torch.float32, 1e-5), ("auto", torch.bfloat16, 2e-2),
                                                          ("fp8", torch.bfloat16, 2e-2)])
 def test_sparse_prefill_attends_the_selected_rows_as_the_reference(fmt, dtype, tolerance,
@@ -104,7 +96,7 @@ def test_sparse_prefill_attends_the_selected_rows_as_the_reference(fmt, dtype, t
     positions = torch.arange(500, 600)
     q_nope = torch.randn(100, n_heads, nope, generator=gen).to(dtype)
     q_pe = torch.randn(100, n_heads, 64, generator=gen).to(dtype)
-    for topk_positions in (_causal_topk(positions, 48, gen), None):
+    for topk_positions in (causal_topk(positions, 48, gen), None):
         args = (q_nope, q_pe, weights, cache.latent[0], cache.layout, context, positions, topk_positions, SCALE)
         expected = reference.mla_prefill(*args).float()
         # The expanded form, then the absorbed one (gathering priced at nothing); each in one query block, then in
