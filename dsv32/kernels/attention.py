@@ -80,8 +80,6 @@ class AttentionMetadata:
 
 # Last-level cache size assumed where the OS does not report one.
 DEFAULT_LLC_BYTES = 32 << 20
-
-
 LLC_SIZE_FILE = "/sys/devices/system/cpu/cpu0/cache/index3/size"
 
 
@@ -103,11 +101,11 @@ def last_level_cache_bytes(path: str = LLC_SIZE_FILE) -> int:
 def absorbed_dtype(device: torch.device, dtype: torch.dtype, absorbed_elements: int) -> torch.dtype:
     """The dtype of the absorbed MLA weights (``MLAWeights``) of a model whose layers hold ``absorbed_elements`` of
     them in all. On a CPU, fp32 while their fp32 copies fit in half the last-level cache (the other weights stream
-    through the rest every step): the per-head products are tiny
-    and MKL's sgemm runs them faster than oneDNN's bf16 path on cache-resident weights (the tiny model's compiled
-    batch-1 decode: 166 against 135-142 tok/s). Past the cache they stream from memory every step, where bf16 reads
-    half the bytes (16 heads, both products of a layer, cold: 324 against 518 us; 128 heads: 2.2 against 4.1 ms) and
-    holds half the memory. Elsewhere, the compute dtype."""
+    through the rest every step): the per-head products are tiny, and MKL's sgemm runs them faster than oneDNN's
+    bf16 path on cache-resident weights (the tiny model's compiled batch-1 decode: 166 against 135-142 tok/s).
+    Past the cache they stream from memory every step, where bf16 reads half the bytes (16 heads, both products of
+    a layer, cold: 324 against 518 us; 128 heads: 2.2 against 4.1 ms) and holds half the memory. Elsewhere, the
+    compute dtype."""
     if device.type == "cpu" and absorbed_elements * 4 <= last_level_cache_bytes() // 2:
         return torch.float32
     return dtype
