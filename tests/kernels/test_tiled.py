@@ -23,20 +23,29 @@ SCALE = 0.1352
 
 
 def _oracle_scores(q, weights, cache, slot_table, kv_lens):
-    """The reference's index scores, ``-inf`` where a query does not see the position."""
+    """The reference's index scores, ``-inf`` where a query does not see the position, and the bound by which the
+    backend's may differ: 0 where it scores in fp32 as the reference does; with a bf16 ``auto`` cache (each head's
+    dot rounded to bf16, relative error <= 2^-9) ``2^-9 sum_h |w_h| ReLU(q_h . k D^-0.5)``, its largest per query."""
     batch, length = slot_table.shape
     keys = reference.read_index_rows(cache.index_k[0][slot_table.flatten()], cache.layout).view(batch, length, -1)
-    scores = reference.indexer_scores(reference.prepare_index_q(q, cache.layout), weights, keys)
-    return scores.masked_fill(torch.arange(length) >= kv_lens[..., None], float("-inf"))
+    q = reference.prepare_index_q(q, cache.layout)
+    scores = reference.indexer_scores(q, weights, keys)
+    bound = torch.zeros(batch, q.shape[1], 1)
+    if cache.layout.fmt == "auto" and cache.index_k[0].dtype == torch.bfloat16:
+        bound = 2 ** -9 * reference.indexer_scores(q, weights.abs(), keys).amax(-1, keepdim=True)
+    return scores.masked_fill(torch.arange(length) >= kv_lens[..., None], float("-inf")), bound
 
 
-def _assert_same_selection(got, expected, scores):
-    """Equal up to ties: the same ``-1`` padding, and the chosen positions' scores are the same multiset."""
+def _assert_same_selection(got, expected, oracle):
+    """Equal up to ties and rounding: the same ``-1`` padding, and the chosen positions' reference scores, sorted,
+    agree within twice the rounding bound (a key swapped for another at the top-k boundary moves each sorted score by
+    at most the two keys' difference); exactly where the backend scores in fp32."""
+    scores, bound = oracle
     assert got.shape == expected.shape
     assert torch.equal((got < 0).sum(-1), (expected < 0).sum(-1))
     picked = [scores.gather(-1, chosen.clamp(min=0)).masked_fill(chosen < 0, 0).sort(-1).values
               for chosen in (got, expected)]
-    assert torch.equal(picked[0], picked[1])
+    assert ((picked[0] - picked[1]).abs() <= 2 * bound).all()
 
 
 @pytest.mark.parametrize(("fmt", "dtype"), [("auto", torch.bfloat16), ("auto", torch.float32),
