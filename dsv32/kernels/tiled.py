@@ -8,16 +8,19 @@ gigabytes per step. Here the same contracts are met tile by tile:
 * ``indexer_topk``: key tiles are read straight from the paged index cache; per tile the per-head dots are formed,
   ReLU'd, weighted and summed over heads, leaving ``[queries, tile]`` scores that are merged into a running top-k
   (``[queries, k]``). Transient memory is ``O(queries x (tile + k))``; keys past every query's causal horizon are
-  never read. The GEMMs run in fp32, as the reference's: this CPU's bf16 GEMMs (torch 2.13, oneDNN) round their
-  output to bf16, which moves scores near the top-k boundary and changes the selection.
+  never read. A decode (one query per sequence) scores all its keys in one pass instead. The GEMMs run in the
+  cache's dtype (``index_scores``): fp32 caches as the reference; a bf16 cache's keys are multiplied as stored,
+  with fp32 accumulation, at ~2.5x the speed of fp32 here, though this CPU's bf16 GEMMs (torch 2.13, oneDNN) round
+  each head's dot to bf16: the scores then move by up to ~2^-9 of their head sum.
 * ``mla_prefill``: with a top-k selection, each query attends only its selected rows, in whichever form costs less
   for the chunk: the expanded (MHA) form over the rows some query of the chunk selected (read and up-projected once;
   a key no query selected is never touched), or the absorbed (MQA) form over each query's own gathered latent rows
   (no up-projection); both in query blocks whose transient tensors stay within a fixed budget. Without a selection
   (context <= ``index_topk``: the paper's dense "masked MHA mode" for short prefill) it is the reference.
 
-Selections equal the reference's up to ties (the merge may keep a different one of equal scores); attention outputs
-agree to rounding (the softmax runs over the selected columns only, in another summation order).
+Selections equal the reference's up to ties (the merge may keep a different one of equal scores) and, with a bf16
+cache, up to keys whose scores lie within that rounding of the top-k boundary; attention outputs agree to rounding
+(the softmax runs over the selected columns only, in another summation order).
 """
 
 from __future__ import annotations
@@ -33,16 +36,16 @@ from dsv32.kernels.cache_format import CacheLayout, prepare_index_q, read_index_
 if TYPE_CHECKING:
     from dsv32.kernels.attention import MLAWeights
 
-# fp32 elements of one tile's transient products (indexer: per-head dots [B, queries, H, keys]; attention: scores
-# [H, queries, keys]): 8M = 32 MiB, whatever the context.
-TILE_ELEMENTS = 1 << 23
+# fp32 elements of one tile's transient products (indexer: per-head dots [B, keys, queries x H]; attention: scores
+# [H, queries, keys]): 2M = 8 MiB whatever the context (32 MiB tiles measured no faster here, and a tile's
+# transients are part of the step's peak memory).
+TILE_ELEMENTS = 1 << 21
 # Keys per indexer tile, at least: no fewer than top-k keeps the merges (a top-k over k + tile candidates) cheap
-# against the scoring; the query block shrinks to keep the tile within TILE_ELEMENTS (a decode's one query per
-# sequence scores up to TILE_ELEMENTS / (B x H) keys, 512K for one sequence of 16 index heads, in one tile).
+# against the scoring; the query block shrinks to keep the tile within TILE_ELEMENTS.
 MIN_KEY_TILE = 256
 # Cache-row elements the absorbed sparse prefill gathers at once ([queries, k, latent_width] in the storage dtype):
-# 32M, 64 MiB in bf16 (28 queries of the real top-2048 a block).
-GATHER_ELEMENTS = 1 << 25
+# 8M, 16 MiB in bf16 (7 queries of the real top-2048 a block).
+GATHER_ELEMENTS = 1 << 23
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, layout: CacheLayout,
