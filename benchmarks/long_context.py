@@ -16,8 +16,14 @@ and reports its peak RSS (``ru_maxrss``). The runs are interleaved (for each L, 
 other) so a load change of the machine hits both alike; the table shows each figure's median over --repeats and its
 spread (min-max). Contexts above --max-base-context run for this checkout only (the code before may take too long).
 
+With ``--llama-cpp DIR`` (llama.cpp built by ``../shared/peers/setup_llama_cpp.sh``; built there if missing), the
+same checkpoint converted to GGUF (bf16) is measured after dsv32, alone: ``llama-bench -p L -n 0`` (prefill) and
+``llama-bench -p 0 -n 32 -d L`` (decode at depth L), ``--llama-repeats`` repetitions each; the report adds its
+figures and the ratios, and ``--png`` plots tok/s against the context for both engines.
+
 usage: python benchmarks/long_context.py --base /path/to/other/checkout [--contexts 1024 4096 16384 65536]
            [--repeats 3] [--threads 2] [--enforce-eager] [--work-dir DIR] [--output FILE]
+           [--llama-cpp DIR [--llama-repeats 1] [--png FILE]]
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_MD = REPO / "benchmarks" / "long_context.md"
+OUTPUT_PNG = REPO / "benchmarks" / "long_context.png"
 CHECKPOINT_NAME = "tiny-v32-kv512-top2048-bf16"
 CHECKPOINT_FLAGS = ("--arch", "v32", "--dtype", "bfloat16", "--kv-lora-rank", "512", "--rope-dim", "64",
                     "--index-heads", "16", "--index-head-dim", "128", "--index-topk", "2048")
@@ -93,6 +100,75 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.{digits}f}{spread}"
 
 
+def llama_figures(llama_dir: Path, checkpoint: Path, contexts: list[int], args: argparse.Namespace,
+                  busy: list[str]) -> dict[int, dict[str, list[float]]]:
+    """llama.cpp's prefill and decode tok/s per context (every repetition's figure), on ``checkpoint`` in GGUF."""
+    from benchmarks.serving import engine_turn
+    from benchmarks.vs_llama_cpp import convert_to_gguf, ensure_llama, llama_bench
+
+    ensure_llama(llama_dir, args.work_dir)
+    gguf = convert_to_gguf(llama_dir, checkpoint, args.work_dir)
+    lengths = ",".join(map(str, contexts))
+    figures: dict[int, dict[str, list[float]]] = {context: {} for context in contexts}
+    tests = {"prefill_tps": ("-p", lengths, "-n", "0"),
+             "decode_tps": ("-p", "0", "-n", str(DECODE_STEPS), "-d", lengths)}
+    for key, flags in tests.items():
+        with engine_turn(f"llama.cpp {key.split('_')[0]}", args.threads, busy):
+            records = llama_bench(llama_dir, gguf, args.threads, args.llama_repeats, args.work_dir / f"llama-{key}.log",
+                                  *flags)
+        for record in records:
+            context = int(record["n_prompt"] if key == "prefill_tps" else record["n_depth"])
+            figures[context][key] = [float(x) for x in record["samples_ts"]]
+            print(f"  llama.cpp L={context}: {key} {statistics.median(figures[context][key]):.1f}", flush=True)
+    return figures
+
+
+def llama_lines(results: dict[tuple[str, int], list[dict[str, float]]], llama: dict[int, dict[str, list[float]]],
+                contexts: list[int], args: argparse.Namespace) -> list[str]:
+    """The report's section on llama.cpp: its figures beside this checkout's medians, and their ratios."""
+    lines = ["", f"## Against llama.cpp (same checkpoint in GGUF bf16, `llama-bench -r {args.llama_repeats}`)", "",
+             "| context | llama.cpp prefill tok/s | after | ratio | llama.cpp decode tok/s | after | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for context in contexts:
+        runs = results.get(("after", context), [])
+        cells = []
+        for key, _ in FIGURES[:2]:
+            theirs = llama.get(context, {}).get(key, [])
+            ours = statistics.median(r[key] for r in runs) if runs else None
+            ratio = f"{ours / statistics.median(theirs):.2f}x" if ours is not None and theirs else "-"
+            cells += [summary(theirs), summary([ours]) if ours is not None else "-", ratio]
+        lines.append(f"| {context} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(results: dict[tuple[str, int], list[dict[str, float]]], llama: dict[int, dict[str, list[float]]],
+         contexts: list[int], path: Path) -> None:
+    """tok/s against the context (log-log), prefill and decode side by side: this checkout, the other, llama.cpp."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (key, label) in zip(axes, FIGURES[:2], strict=False):
+        series = {side: [(c, statistics.median(r[key] for r in results[(side, c)])) for c in contexts
+                         if results.get((side, c))] for side in ("before", "after")}
+        series["llama.cpp"] = [(c, statistics.median(llama[c][key])) for c in contexts if llama.get(c, {}).get(key)]
+        for name, points in series.items():
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label="dsv32 " + name if name != "llama.cpp" else name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("Long context, batch 1 (tiny V3.2, index_topk 2048, 2 threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def report(results: dict[tuple[str, int], list[dict[str, float]]], contexts: list[int],
            args: argparse.Namespace, machine: str, commits: dict[str, str], load: list[str]) -> str:
     lines = [
@@ -147,6 +223,9 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/dsv32-long-context"))
     parser.add_argument("--output", type=Path, default=OUTPUT_MD)
+    parser.add_argument("--llama-cpp", type=Path, help="llama.cpp's directory (setup_llama_cpp.sh DEST)")
+    parser.add_argument("--llama-repeats", type=int, default=1)
+    parser.add_argument("--png", type=Path, default=OUTPUT_PNG)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -179,6 +258,12 @@ def main() -> None:
                 results.setdefault((side, context), []).append(result)
         text = report(results, args.contexts, args, machine_description(args.threads), commits, load_lines(busy))
         args.output.write_text(text)  # after every context: a cut-off run still leaves its figures
+    if args.llama_cpp is not None:
+        llama = llama_figures(args.llama_cpp.resolve(), checkpoint, args.contexts, args, busy)
+        text = report(results, args.contexts, args, machine_description(args.threads), commits, load_lines(busy))
+        text += "\n".join(llama_lines(results, llama, args.contexts, args)) + "\n"
+        args.output.write_text(text)
+        plot(results, llama, args.contexts, args.png)
     print(text)
 
 
