@@ -92,12 +92,9 @@ def index_queries(q: torch.Tensor, layout: CacheLayout, cache_dtype: torch.dtype
     cache's for a bf16 / fp16 ``auto`` cache (the keys are used as stored), else fp32 in the keys' numeric domain
     (``prepare_index_q``)."""
     batch, n, n_heads, dim = q.shape
-    q = q.to(cache_dtype) if _scores_in_storage_dtype(layout, cache_dtype) else prepare_index_q(q, layout)
+    in_storage_dtype = layout.fmt == "auto" and cache_dtype in (torch.bfloat16, torch.float16)
+    q = q.to(cache_dtype) if in_storage_dtype else prepare_index_q(q, layout)
     return q.reshape(batch, n * n_heads, dim).transpose(1, 2)
-
-
-def _scores_in_storage_dtype(layout: CacheLayout, cache_dtype: torch.dtype) -> bool:
-    return layout.fmt == "auto" and cache_dtype in (torch.bfloat16, torch.float16)
 
 
 def index_scores(q_cols: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
@@ -109,10 +106,9 @@ def index_scores(q_cols: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor
     (fp32 accumulation; ~2.5x the fp32 GEMM's speed on this CPU, no fp32 copy of the keys) and each head's dot is
     rounded to that dtype: scores move by at most ~2^-9 of ``sum_h |w_h| ReLU(...)``, so a selection can differ from
     the fp32 reference's only among keys whose scores are that close to the top-k boundary."""
-    batch, dim, columns = q_cols.shape
+    batch, dim, _ = q_cols.shape
     n, n_heads = weights.shape[1], weights.shape[2]
-    keys = rows.view(batch, -1, dim) if q_cols.dtype == rows.dtype else read_index_rows(rows, layout).view(
-        batch, -1, dim)
+    keys = (rows if q_cols.dtype == rows.dtype else read_index_rows(rows, layout)).view(batch, -1, dim)
     dots = torch.bmm(keys, q_cols).float().mul_(dim ** -0.5).relu_()  # [B, t, n H]
     return torch.einsum("btnh,bnh->bnt", dots.view(batch, -1, n, n_heads), weights)
 
