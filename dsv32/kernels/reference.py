@@ -202,7 +202,9 @@ def matmul_wt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``y = x @ W^T`` (``W`` [N, K] in ``x``'s dtype). On CPU, for a large ``W`` (the 129280-row LM head),
     ``W @ x^T`` streams the weight once in its stored row-major order and runs up to 2x faster than ``x @ W^T``;
     for small weights ``F.linear`` is faster (measured on 2 AVX2 cores: 12-50 us against 15-68 us at 8 rows)."""
-    if x.device.type == "cpu" and x.dim() == 2 and weight.numel() >= WEIGHT_MAJOR_MIN_NUMEL:
+    # Compiled graphs take ``F.linear``: Inductor lays the (frozen) weight out for its own GEMM.
+    if (x.device.type == "cpu" and x.dim() == 2 and weight.numel() >= WEIGHT_MAJOR_MIN_NUMEL
+            and not torch.compiler.is_compiling()):
         return torch.mm(weight, x.t()).t()
     return F.linear(x, weight)
 

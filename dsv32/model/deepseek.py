@@ -262,8 +262,13 @@ class DeepseekForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``[rows, vocab]`` (vocab-parallel: each rank's slice, gathered)."""
-        logits = self.parallel.all_gather(self.lm_head(hidden).float())
+        local = self.decode_graphs.logits(hidden) if self.decode_graphs is not None else None
+        logits = self.parallel.all_gather(self.local_logits(hidden) if local is None else local)
         return logits[:, :self.config.vocab_size] if logits.shape[1] != self.config.vocab_size else logits
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's fp32 logits ``[rows, vocab / ranks]``: the LM head's product in the compute dtype, widened."""
+        return self.lm_head(hidden).float()
 
     @_on_kernels
     @torch.inference_mode()

@@ -10,10 +10,12 @@ in between.
 Shapes: a step of ``B`` decodes is padded to the next capture size ``B'`` (its padding rows read and write the
 cache's ``scratch_block``); the context width ``L`` (the longest context of the step) is a dynamic dimension, padded
 up to ``index_topk + 1`` with the lightning indexer (so every step takes the same top-k path: a context shorter than
-that has all its positions selected, exactly what the uncompiled step attends) and to 2 without it. Batch size 1 is
-compiled on its own (its shapes static but ``L``), the other sizes share one graph with a dynamic batch dimension;
-the fixed-shape MoE (``fused_moe_fixed_shape``) switches formulation at ``B' * top_k > n_experts``, one more graph.
-Every graph is compiled when the runner warms the sizes up at start-up (``capture``), never while serving.
+that has all its positions selected, exactly what the uncompiled step attends) and to 2 without it, then to a
+multiple of ``CONTEXT_WIDTH_GRANULE`` (so the GEMMs over the context do not take a new shape every step). Batch size 1
+is compiled on its own (its shapes static but ``L``; with Inductor's autotuned C++ GEMMs, and its LM head compiled
+too: ``logits``), the other sizes share one graph with a dynamic batch dimension; the fixed-shape MoE
+(``fused_moe_fixed_shape``) switches formulation at ``B' * top_k > n_experts``, one more graph. Every graph is
+compiled when the runner warms the sizes up at start-up (``capture``), never while serving.
 
 Steps that are not decode-only (prefill chunks, speculative verification), larger than the largest capture size or
 split by data-parallel attention run eagerly, as does everything with ``--enforce-eager``. On CUDA the same
@@ -43,6 +45,12 @@ logger = logging.getLogger(__name__)
 # vLLM's capture sizes, the ones a CPU engine reaches: a step of B decodes runs on the smallest size >= B.
 DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
+# The context width a graph runs at is rounded up to a multiple of this. oneDNN builds (JIT-compiles) a primitive for
+# every new shape of a bf16 GEMM, ~0.7-1 ms here against ~30 us to run one: a width growing by one position per step
+# would pay that at every step for the indexer's scoring GEMM ([L, D] keys). Padded, a new shape comes once every
+# 64 steps, for at most 63 masked positions scored in vain (~0.4 us each at any context on 2 cores).
+CONTEXT_WIDTH_GRANULE = 64
+
 
 def _kept_guards(entries: Sequence[Any]) -> list[bool]:
     """Dynamo's guards worth checking before each call: the global state, the shapes of the step's input tensors
@@ -55,6 +63,11 @@ def _kept_guards(entries: Sequence[Any]) -> list[bool]:
 # Inductor's settings for the captured step: weights are constants (packed for oneDNN once), the C++ wrapper calls
 # the kernels without Python between them, and only the guards that pick a graph are checked.
 _INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True, "guard_filter_fn": _kept_guards}
+# Batch 1's (its step and its LM head): Inductor's C++ GEMM templates, autotuned against ATen's GEMMs at capture. One
+# row times the 129280-row LM head takes ~1.3 ms here against ~2.5 ms with oneDNN's packed GEMV (the largest cost of
+# a tiny model's step), the tiny model's step 1.65 against 1.9 ms. Batched steps keep ATen's GEMMs: autotuning them
+# tripled the start-up (210 s for sizes 1-8) for no gain at 8 rows.
+_ONE_ROW_OPTIONS = {**_INDUCTOR_OPTIONS, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 def capture_sizes(max_num_seqs: int, sizes: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -76,7 +89,10 @@ class DecodeGraphs:
         self.min_width = config.index_topk + 1 if config.has_indexer else 2
         self.captured: set[int] = set()
         self.steps_run = 0  # steps served by a graph (the others ran eagerly)
-        self._step = torch.compile(_own_code(model.decode_forward), options=_INDUCTOR_OPTIONS)
+        self._one_row_step = torch.compile(_own_code(model.decode_forward), options=_ONE_ROW_OPTIONS)
+        self._batched_step = torch.compile(_own_code(model.decode_forward), options=_INDUCTOR_OPTIONS)
+        self._head = torch.compile(_own_code(model.local_logits), dynamic=False, options=_ONE_ROW_OPTIONS)
+        self.head_captured = False
 
     @classmethod
     def for_model(cls, model: DeepseekForCausalLM, sizes: Sequence[int], device: torch.device) -> DecodeGraphs | None:
@@ -112,6 +128,13 @@ class DecodeGraphs:
         self.steps_run += 1
         return self._call(size, batch, kv_cache)[:num_seqs]
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``model.local_logits`` of one row ``hidden`` [1, hidden], compiled; None for more rows (they run
+        eagerly: oneDNN's GEMM is as fast there)."""
+        if hidden.shape[0] != 1 or not self.head_captured:
+            return None
+        return self._head(hidden)
+
     def capture(self, kv_cache: KVCache) -> float:
         """Compile and run every capture size once on a dummy step in the scratch block (largest first, as vLLM);
         returns the seconds it took."""
@@ -121,6 +144,10 @@ class DecodeGraphs:
         with torch._inductor.config.patch(freezing=True):
             for size in reversed(self.sizes):
                 self._capture_size(size, kv_cache)
+            if 1 in self.sizes:
+                self._head(torch.zeros(1, self.model.config.hidden_size, dtype=self.model.dtype,
+                                       device=self.model.inv_freq.device))
+                self.head_captured = True
         return time.perf_counter() - start
 
     def _capture_size(self, size: int, kv_cache: KVCache) -> None:
@@ -143,6 +170,7 @@ class DecodeGraphs:
         block_size = kv_cache.block_size
         scratch_slot = kv_cache.scratch_block * block_size
         width = max(max(batch.seq_lens), self.min_width)
+        width = -(-width // CONTEXT_WIDTH_GRANULE) * CONTEXT_WIDTH_GRANULE
         # Context slot of every position < width of every sequence, block by block; positions past a sequence's
         # blocks repeat its last block (masked by its length, so any slot serves).
         tables = batch.block_tables
@@ -163,7 +191,7 @@ class DecodeGraphs:
         # Data-dependent integers (a batch of one's expert ids, ``.tolist()``) stay in the graph as symbols instead
         # of breaking it; patched at every call, since a call may trace (a new context width's graph).
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
-            return self._step(*inputs, kv_cache)
+            return (self._one_row_step if size == 1 else self._batched_step)(*inputs, kv_cache)
 
 
 def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -100,6 +100,10 @@ def test_captured_graphs_hold_their_weights_frozen() -> None:
 
     compiled, eager_hidden = step()
     torch.testing.assert_close(compiled, eager_hidden, rtol=1e-4, atol=1e-4)
+    # The batch-1 LM head runs compiled too; more rows run eagerly.
+    with torch.inference_mode():
+        torch.testing.assert_close(graphs.logits(compiled), model.local_logits(compiled), rtol=1e-4, atol=1e-4)
+        assert graphs.logits(compiled.expand(2, -1)) is None
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight.zero_()
     compiled_after, eager_after = step()
