@@ -12,10 +12,10 @@ cache's ``scratch_block``); the context width ``L`` (the longest context of the 
 up to ``index_topk + 1`` with the lightning indexer (so every step takes the same top-k path: a context shorter than
 that has all its positions selected, exactly what the uncompiled step attends) and to 2 without it, then to a
 multiple of ``CONTEXT_WIDTH_GRANULE`` (so the GEMMs over the context do not take a new shape every step). Batch size 1
-is compiled on its own (its shapes static but ``L``; its LM head too: ``logits``), the other sizes share one graph
-with a dynamic batch dimension; the fixed-shape MoE (``fused_moe_fixed_shape``) switches formulation at
-``B' * top_k > n_experts``, one more graph. Every graph is compiled when the runner warms the sizes up at start-up
-(``capture``), never while serving.
+is compiled on its own (its shapes static but ``L``; with Inductor's autotuned C++ GEMMs, and its LM head compiled
+too: ``logits``), the other sizes share one graph with a dynamic batch dimension; the fixed-shape MoE
+(``fused_moe_fixed_shape``) switches formulation at ``B' * top_k > n_experts``, one more graph. Every graph is
+compiled when the runner warms the sizes up at start-up (``capture``), never while serving.
 
 Steps that are not decode-only (prefill chunks, speculative verification), larger than the largest capture size or
 split by data-parallel attention run eagerly, as does everything with ``--enforce-eager``. On CUDA the same
@@ -63,12 +63,11 @@ def _kept_guards(entries: Sequence[Any]) -> list[bool]:
 # Inductor's settings for the captured step: weights are constants (packed for oneDNN once), the C++ wrapper calls
 # the kernels without Python between them, and only the guards that pick a graph are checked.
 _INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True, "guard_filter_fn": _kept_guards}
-# The batch-1 LM head's: Inductor's C++ GEMM template, autotuned against ATen's GEMM at capture. One row times the
-# 129280-row head takes ~1.3-1.8 ms here against ~2.5-3.5 ms with oneDNN's packed GEMV (the largest cost of a tiny
-# model's step). The steps keep ATen's GEMMs: autotuned, the batch-1 step gained 0.25 ms of 1.9 but its context-wide
-# GEMMs (dynamic shapes) became C++ templates slower at long contexts, and autotuning every batch size tripled the
-# start-up (210 s for sizes 1-8).
-_HEAD_OPTIONS = {**_INDUCTOR_OPTIONS, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# Batch 1's (its step and its LM head): Inductor's C++ GEMM templates, autotuned against ATen's GEMMs at capture. One
+# row times the 129280-row LM head takes ~1.3 ms here against ~2.5 ms with oneDNN's packed GEMV (the largest cost of
+# a tiny model's step), the tiny model's step 1.65 against 1.9 ms. Batched steps keep ATen's GEMMs: autotuning them
+# tripled the start-up (210 s for sizes 1-8) for no gain at 8 rows.
+_ONE_ROW_OPTIONS = {**_INDUCTOR_OPTIONS, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 def capture_sizes(max_num_seqs: int, sizes: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -90,8 +89,9 @@ class DecodeGraphs:
         self.min_width = config.index_topk + 1 if config.has_indexer else 2
         self.captured: set[int] = set()
         self.steps_run = 0  # steps served by a graph (the others ran eagerly)
-        self._step = torch.compile(_own_code(model.decode_forward), options=_INDUCTOR_OPTIONS)
-        self._head = torch.compile(_own_code(model.local_logits), dynamic=False, options=_HEAD_OPTIONS)
+        self._one_row_step = torch.compile(_own_code(model.decode_forward), options=_ONE_ROW_OPTIONS)
+        self._batched_step = torch.compile(_own_code(model.decode_forward), options=_INDUCTOR_OPTIONS)
+        self._head = torch.compile(_own_code(model.local_logits), dynamic=False, options=_ONE_ROW_OPTIONS)
         self.head_captured = False
 
     @classmethod
@@ -191,7 +191,7 @@ class DecodeGraphs:
         # Data-dependent integers (a batch of one's expert ids, ``.tolist()``) stay in the graph as symbols instead
         # of breaking it; patched at every call, since a call may trace (a new context width's graph).
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
-            return self._step(*inputs, kv_cache)
+            return (self._one_row_step if size == 1 else self._batched_step)(*inputs, kv_cache)
 
 
 def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
