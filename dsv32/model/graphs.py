@@ -65,8 +65,10 @@ def _kept_guards(entries: Sequence[Any]) -> list[bool]:
 _INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True, "guard_filter_fn": _kept_guards}
 # Batch 1's (its step and its LM head): Inductor's C++ GEMM templates, autotuned against ATen's GEMMs at capture. One
 # row times the 129280-row LM head takes ~1.3 ms here against ~2.5 ms with oneDNN's packed GEMV (the largest cost of
-# a tiny model's step), the tiny model's step 1.65 against 1.9 ms. Batched steps keep ATen's GEMMs: autotuning them
-# tripled the start-up (210 s for sizes 1-8) for no gain at 8 rows.
+# a tiny model's step), the tiny model's step 1.65 against 1.9 ms (batch-1 decode 0.89x llama.cpp against 0.52x with
+# the head alone autotuned). At index_topk 2048 its dynamic-shape templates for the context-wide products are slower
+# than oneDNN's (1K context: 103 against 124-148 tok/s). Batched steps keep ATen's GEMMs: autotuning them tripled the
+# start-up (210 s for sizes 1-8) for no gain at 8 rows.
 _ONE_ROW_OPTIONS = {**_INDUCTOR_OPTIONS, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
