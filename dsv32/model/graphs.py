@@ -91,7 +91,10 @@ class DecodeGraphs:
         self.min_width = config.index_topk + 1 if config.has_indexer else 2
         self.captured: set[int] = set()
         self.steps_run = 0  # steps served by a graph (the others ran eagerly)
-        self._one_row_step = torch.compile(_own_code(model.decode_forward), options=_ONE_ROW_OPTIONS)
+        # Sharded over ranks, Inductor's C++ GEMM template fails to render an epilogue of the step (an assertion in
+        # its codegen, torch 2.13): the step of a multi-rank model keeps ATen's GEMMs.
+        one_row_options = _ONE_ROW_OPTIONS if model.parallel.world_size == 1 else _INDUCTOR_OPTIONS
+        self._one_row_step = torch.compile(_own_code(model.decode_forward), options=one_row_options)
         self._batched_step = torch.compile(_own_code(model.decode_forward), options=_INDUCTOR_OPTIONS)
         self._head = torch.compile(_own_code(model.local_logits), dynamic=False, options=_ONE_ROW_OPTIONS)
         self.head_captured = False
