@@ -26,6 +26,7 @@ from tests.server.conftest import ServerProcess, free_port
 pytestmark = pytest.mark.e2e
 
 ROUTER_START_TIMEOUT_S = 60.0
+PORT_RETRIES = 3
 
 
 def router_binary() -> str:
@@ -48,6 +49,15 @@ def start_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     started: list[subprocess.Popen[bytes]] = []
 
     def start(*args: str) -> str:
+        """Start one router; a port taken between `free_port` and the router's bind (the router's own health
+        checks open connections from the same ephemeral range first) is retried on fresh ports."""
+        for _ in range(PORT_RETRIES):
+            base_url = start_once(*args)
+            if base_url is not None:
+                return base_url
+        raise AssertionError(f"vllm-router found its port taken {PORT_RETRIES} times")
+
+    def start_once(*args: str) -> str | None:
         port = free_port()
         log_path = log_dir / f"router-{port}.log"
         with log_path.open("wb") as log:
@@ -59,6 +69,8 @@ def start_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         deadline = time.monotonic() + ROUTER_START_TIMEOUT_S
         while True:
             if process.poll() is not None:
+                if "Address already in use" in log_path.read_text():
+                    return None
                 raise AssertionError(f"vllm-router exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{base_url}/readiness", timeout=2).status_code < 500 or "--enable-igw" in args:
