@@ -111,8 +111,12 @@ def spawn_server(log_dir: Path, *extra_args: str) -> ServerProcess:
 
 
 def start_server(log_dir: Path, *extra_args: str) -> ServerProcess:
-    """Start `dsv32 serve` and wait until /health answers."""
+    """Start `dsv32 serve` and wait until /health answers. A port taken by someone else between `free_port` and the
+    server's bind (after its model loaded, seconds later) is retried once on a fresh port."""
     server = spawn_server(log_dir, *extra_args)
+    if not wait_until_healthy(server.process, server.base_url, STARTUP_TIMEOUT_S) and \
+            "address already in use" in server.log().lower():
+        server = spawn_server(log_dir, *extra_args)
     if not wait_until_healthy(server.process, server.base_url, STARTUP_TIMEOUT_S):
         returncode = server.process.poll()
         server.stop()
