@@ -62,7 +62,10 @@ def select_topk(scores: torch.Tensor, allowed: torch.Tensor, topk: int) -> torch
     """Positions of the ``topk`` best allowed scores per row ``[..., min(topk, L)]``, in no particular order; ``-1``
     where fewer are allowed."""
     scores = scores.masked_fill(~allowed, float("-inf"))
-    chosen = scores.topk(min(topk, scores.shape[-1]), dim=-1, sorted=False).indices
+    # A branch, not ``min()``: compiled over a dynamic width, ``min`` stays symbolic and so does every shape after
+    # it (the selected rows' GEMMs then fall back to ATen's, ~45 us each here); the branch guards on the comparison
+    # and keeps the selection's shape static (the decode graphs' width always exceeds the top-k).
+    chosen = scores.topk(topk if scores.shape[-1] >= topk else scores.shape[-1], dim=-1, sorted=False).indices
     return torch.where(allowed.gather(-1, chosen), chosen, -1)
 
 

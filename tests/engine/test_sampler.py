@@ -31,6 +31,24 @@ def sample_many(logits_row: list[float], params: SamplingParams, count: int = 40
     return Sampler(seed=seed)(logits, [row(params)] * count, EOS).token_ids
 
 
+@pytest.mark.parametrize("vocab", [129280, 4096 * 5, 1000, 997])
+def test_blockwise_argmax_is_the_first_maximum(vocab: int) -> None:
+    """The sampler's argmax finds ``Tensor.argmax``'s index: the first maximum, ties across and within blocks,
+    NaN counting as the largest, a row of -inf; rows it cannot cut into blocks (a prime vocab, a strided view) too."""
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab))
+    logits[1, [3, vocab // 2, vocab - 1]] = 50.0  # the same maximum in several blocks: the first wins
+    logits[2, [vocab - 2, vocab - 1]] = 50.0  # a tie in the last block
+    logits[3, [vocab // 3, vocab - 5]] = float("nan")
+    logits[4] = float("-inf")
+    logits[5, vocab - 1] = float("inf")
+    expected = logits.argmax(dim=-1)
+    assert sampler_module.argmax(logits).tolist() == expected.tolist()
+    assert [sampler_module.argmax(logits[i:i + 1]).tolist() for i in range(6)] == [[i] for i in expected.tolist()]
+    assert sampler_module.argmax(torch.cat([logits, logits], dim=1)[:, :vocab]).tolist() == expected.tolist()
+    if vocab == 129280:
+        assert sampler_module._argmax_block(vocab) == 1010  # blocks are used for the real vocabulary
+
+
 def test_greedy_is_argmax_and_draws_no_randomness() -> None:
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
     generator = make_generator(3)

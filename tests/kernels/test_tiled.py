@@ -163,3 +163,25 @@ def test_model_logits_and_greedy_tokens_equal_the_reference_past_the_top_k(promp
     logits, tokens = run(kernels.TORCH_BACKEND)
     assert tokens == expected_tokens
     assert (logits - expected_logits).abs().max().item() <= 1e-4
+
+
+def test_topk_over_a_dynamic_width_compiles_to_a_static_selection() -> None:
+    """Compiled over a context width the graph keeps dynamic (as the decode graphs do), ``select_topk`` returns
+    exactly ``topk`` positions with a static shape once the width exceeds it: a symbolic ``min(topk, width)`` would
+    make every product over the selected rows dynamic too (ATen's GEMMs instead of fixed-shape kernels)."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    topk = 8
+    backend = EagerAndRecordGraphs()
+    select = torch.compile(lambda s, a: reference.select_topk(s, a, topk), backend=backend, fullgraph=True)
+    for width in (40, 57):
+        scores = torch.randn(2, width, generator=torch.Generator().manual_seed(width))
+        allowed = torch.arange(width) < torch.tensor([[width], [5]])
+        torch._dynamo.mark_dynamic(scores, 1)
+        torch._dynamo.mark_dynamic(allowed, 1)
+        chosen = select(scores, allowed)
+        assert torch.equal(chosen.sort(-1).values, reference.select_topk(scores, allowed, topk).sort(-1).values)
+    assert len(backend.graphs) == 1  # one graph serves both widths
+    (output,) = [node for node in backend.graphs[0].graph.nodes if node.op == "output"]
+    shape = output.args[0][0].meta["example_value"].shape
+    assert all(isinstance(size, int) for size in shape) and shape[-1] == topk
