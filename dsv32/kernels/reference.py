@@ -28,6 +28,18 @@ from dsv32.kernels.quant import PackedIntWeight, int_linear
 if TYPE_CHECKING:
     from dsv32.kernels.attention import MLAWeights
 
+# ---- GEMM shape buckets -----------------------------------------------------------------------------------------
+
+
+def bucketed_rows(n: int) -> int:
+    """``n`` rounded up to a multiple of ``max(16, 2^(bits(n) - 4))`` (at most ~12% more rows from 128 up): a row
+    count that varies with the data (an expert group, the union of a chunk's selections) would give oneDNN a new GEMM
+    shape at every step, each built in ~0.7-1 ms and pushing the other steps' shapes out of its bounded primitive
+    cache (``lifetime.DEFAULT_ONEDNN_PRIMITIVE_CACHE``). Padded rows must be ones the result ignores."""
+    granule = max(16, 1 << max(0, n.bit_length() - 4))
+    return -(-n // granule) * granule
+
+
 # ---- paged cache rows -------------------------------------------------------------------------------------------
 
 
@@ -375,10 +387,10 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
 def _experts_padded(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, sorted_ids: torch.Tensor,
                     counts: torch.Tensor) -> torch.Tensor:
     """Expert-grouped rows ``xs`` [P, H] (expert ids ``sorted_ids``) through their experts, every expert's group
-    padded to the largest: ``[E, max_count, H]`` batched GEMMs."""
+    padded to the largest (``bucketed_rows``): ``[E, rows, H]`` batched GEMMs."""
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(xs.shape[0], device=xs.device) - starts[sorted_ids]
-    padded = xs.new_zeros(w13.shape[0], int(counts.max()), xs.shape[1])
+    padded = xs.new_zeros(w13.shape[0], bucketed_rows(int(counts.max())), xs.shape[1])  # zero rows: ignored
     padded[sorted_ids, rank] = xs
     out = torch.bmm(_swiglu(torch.bmm(padded, w13.transpose(1, 2))), w2.transpose(1, 2))
     return out[sorted_ids, rank]

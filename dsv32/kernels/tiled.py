@@ -167,16 +167,20 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, l
                            layout):
         return _absorbed_prefill(q_nope, q_pe, weights, latent_cache, layout, slots, topk_positions, softmax_scale)
     selected = is_selected.nonzero()[:, 0]  # sorted context positions some query chose
+    # Padded with copies of the last one (columns no query selects: masked) to a bucketed count, so the GEMMs over
+    # them keep their shapes from chunk to chunk.
+    width = reference.bucketed_rows(num_selected) if num_selected else 0
+    selected = torch.cat((selected, selected[-1:].expand(width - num_selected)))
     latent_rows, k_pe = read_latent_rows(latent_cache.index_select(0, slots[selected]), layout)
     kv = F.linear(latent_rows, weights.w_kvb)
     # Each query's selection as columns of the selected rows (selections are causal: no further mask is needed).
     column_of = torch.cumsum(is_selected, 0) - 1
     columns = torch.where(chosen, column_of[topk_positions.clamp(min=0)], -1)
     out = q_nope.new_empty(n, n_heads, weights.w_uv.shape[2])
-    query_block = max(1, TILE_ELEMENTS // (n_heads * max(1, num_selected)))
+    query_block = max(1, TILE_ELEMENTS // (n_heads * max(1, width)))
     for q0 in range(0, n, query_block):
         rows = slice(q0, min(n, q0 + query_block))
-        allowed = reference.positions_to_mask(columns[rows], num_selected)
+        allowed = reference.positions_to_mask(columns[rows], width)
         out[rows] = reference.mha_attention(q_nope[rows], q_pe[rows], kv, k_pe, allowed, softmax_scale)
     return out
 

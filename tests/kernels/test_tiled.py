@@ -185,3 +185,13 @@ def test_topk_over_a_dynamic_width_compiles_to_a_static_selection() -> None:
     (output,) = [node for node in backend.graphs[0].graph.nodes if node.op == "output"]
     shape = output.args[0][0].meta["example_value"].shape
     assert all(isinstance(size, int) for size in shape) and shape[-1] == topk
+
+
+def test_bucketed_rows_cover_the_count_with_few_distinct_shapes() -> None:
+    """Row counts padded for oneDNN's GEMM shapes: never fewer rows, at most ~12.5% (or 15 rows) more, and a few
+    buckets across a range of counts (each new shape costs a primitive build and a cache entry)."""
+    for n in range(1, 5000):
+        padded = reference.bucketed_rows(n)
+        assert n <= padded <= max(n + 15, n * 1.125 + 1)
+    assert len({reference.bucketed_rows(n) for n in range(582, 784)}) <= 4  # the MoE groups of one 8 x 128 prefill
+    assert reference.bucketed_rows(124) == reference.bucketed_rows(128) == 128
