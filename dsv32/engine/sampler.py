@@ -115,7 +115,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Row-wise argmax ``[B]`` of ``[B, V]`` logits: the first maximum, as ``Tensor.argmax`` (NaN counting as the
     largest). On a CPU a row's ``argmax`` / ``max(dim)`` is one scalar loop (70 us for 129280 fp32 logits, 200 us
     for ``argmax``), while ``amax`` is vectorised: so the row is cut into blocks, the block holding the first maximum
-    is found from the blocks' ``amax`` and only that block is scanned (35 us; 8 rows 0.18 against 0.30 ms)."""
+    is found from the blocks' ``amax`` and only that block is scanned (22 us a row; 8 rows 0.18 against 0.30 ms)."""
     rows, vocab = logits.shape
     block = _argmax_block(vocab)
     if block is None or not logits.is_contiguous() or logits.device.type != "cpu":

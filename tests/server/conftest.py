@@ -114,10 +114,11 @@ def start_server(log_dir: Path, *extra_args: str) -> ServerProcess:
     """Start `dsv32 serve` and wait until /health answers. A port taken by someone else between `free_port` and the
     server's bind (after its model loaded, seconds later) is retried once on a fresh port."""
     server = spawn_server(log_dir, *extra_args)
-    if not wait_until_healthy(server.process, server.base_url, STARTUP_TIMEOUT_S) and \
-            "address already in use" in server.log().lower():
+    healthy = wait_until_healthy(server.process, server.base_url, STARTUP_TIMEOUT_S)
+    if not healthy and "address already in use" in server.log().lower():
         server = spawn_server(log_dir, *extra_args)
-    if not wait_until_healthy(server.process, server.base_url, STARTUP_TIMEOUT_S):
+        healthy = wait_until_healthy(server.process, server.base_url, STARTUP_TIMEOUT_S)
+    if not healthy:
         returncode = server.process.poll()
         server.stop()
         raise AssertionError(f"dsv32 serve did not become healthy (exit code {returncode}); log:\n"
