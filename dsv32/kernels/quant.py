@@ -30,6 +30,7 @@ Widening costs ``N * K`` element operations against the GEMM's ``M * N * K`` mul
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 
@@ -43,7 +44,6 @@ _TRITON_GROUP_MULTIPLE = 16  # a Triton W4A16 K step (a divisor of the group) mu
 CPU_LAYOUT = "cpu"
 TRITON_LAYOUT = "triton"
 LAYOUTS = (CPU_LAYOUT, TRITON_LAYOUT)
-_INT4PACK_BLOCK_N = 64  # its layout: each 64 rows one block, byte [k, j] = row j (low nibble), row j + 32 (high)
 # From this many rows on, widening the weight and the compute-dtype GEMM beat the packed kernels (measured on 2
 # AVX512/AMX cores: at 64 rows the packed kernels are as fast, at 256 the GEMM path is ~1.5-2x faster).
 MANY_ROWS = 128
@@ -284,11 +284,22 @@ def stack_packed(experts: list[PackedIntWeight]) -> PackedIntWeight:
     return replace(first, data=stacked("data"), scales=stacked("scales"), perm=stacked("perm"), zeros=stacked("zeros"))
 
 
+@cache
+def int4pack_block_rows() -> int:
+    """Rows per block of tinygemm's CPU INT4 layout, which depends on the CPU kernel PyTorch dispatches to: byte
+    ``[block, k, j]`` holds row ``j`` (low nibble) and row ``j + B / 2`` (high nibble) of a block of ``B`` rows, with
+    ``B`` 64 on AVX512 and 32 on AVX2. Read off the packing itself (rows numbered by their 16-row group), not
+    assumed."""
+    rows = (torch.arange(64, dtype=torch.int32) // 16)[:, None].expand(64, 2).contiguous()
+    first = int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1).view(-1)[0])
+    return 32 * (first >> 4)  # the high nibble holds row B / 2, in group (B / 2) / 16
+
+
 def widenable(weight: PackedIntWeight) -> bool:
     """Whether ``widen`` reads this weight: the ``cpu`` layout's INT8, or INT4 whose rows fill whole tinygemm blocks;
     not W8A8 (its activations are rounded, the integer product is exact already)."""
     return weight.layout == CPU_LAYOUT and not weight.act_quant and (
-        weight.bits == 8 or weight.out_features % _INT4PACK_BLOCK_N == 0)
+        weight.bits == 8 or weight.out_features % int4pack_block_rows() == 0)
 
 
 def widen(weight: PackedIntWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -297,7 +308,8 @@ def widen(weight: PackedIntWeight, dtype: torch.dtype) -> torch.Tensor:
     rows, cols = weight.out_features, weight.in_features
     if weight.bits == 8:
         return weight.data.to(dtype) * weight.scales.to(dtype)[:, None]
-    blocks = weight.data.view(rows // _INT4PACK_BLOCK_N, cols, _INT4PACK_BLOCK_N // 2)
+    block = int4pack_block_rows()
+    blocks = weight.data.view(rows // block, cols, block // 2)
     codes = torch.cat((blocks & 15, blocks >> 4), dim=2).transpose(1, 2).reshape(rows, cols // weight.group_size,
                                                                                 weight.group_size)
     scale, offset = weight.scales.to(dtype).permute(2, 1, 0)[..., None]  # each [N, K / group, 1]

@@ -317,10 +317,27 @@ def test_minimum_chunk_keeps_a_very_long_prompt_progressing():
 def test_short_contexts_keep_nearly_full_token_budget_chunks():
     """With K >> the token budget, short contexts cost about their token count: chunks stay near the budget."""
     manager = BlockManager(64, BS)
-    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=32, context_cost_tokens=10_000.0)
+    sched = Scheduler(manager, max_num_seqs=1, max_num_batched_tokens=32, context_cost_tokens=10_000.0)
     seq = make_seq(100, 1)
     sched.add(seq)
+    sched.add(make_seq(10, 1, first_token=5000, rid="queued"))  # waits (max_num_seqs 1): seq is not alone
     assert [item.num_new_tokens for item in fake_step(sched).scheduled] == [31]  # 32 * (1 + 32 / 1e4) > 32
+
+
+def test_a_prompt_alone_in_the_engine_gets_token_budget_chunks_until_another_arrives():
+    """Nothing else running or waiting: the cost budget protects nobody, so a long prompt's chunks are the token
+    budget's (small chunks at long context cost more in all); once another sequence arrives they shrink again."""
+    manager = BlockManager(4000, BS)
+    sched = Scheduler(manager, max_num_seqs=8, max_num_batched_tokens=256, context_cost_tokens=100.0,
+                      min_prefill_chunk=4)
+    long = make_seq(3000, 1, first_token=1000, rid="long")
+    sched.add(long)
+    sizes = [fake_step(sched).scheduled[0].num_new_tokens for _ in range(4)]
+    assert sizes == [256] * 4
+    sched.add(make_seq(5, 100, first_token=10, rid="other"))
+    out = fake_step(sched)
+    chunk = {item.seq.request_id: item.num_new_tokens for item in out.scheduled}
+    assert chunk["long"] == max_chunk_for_cost(1024, 256.0, 100.0) < 256  # the cost budget applies again
 
 
 def test_prefill_chunks_of_one_step_share_the_cost_budget():
