@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+def spread(tokens: int, runs: list[float]) -> str:
+    """The (min-max) tokens/s of ``tokens`` generated in each of ``runs`` seconds."""
+    return f"({tokens / max(runs):.1f}-{tokens / min(runs):.1f})"
 
 
 def make_checkpoint(maker: str, out: str) -> None:
@@ -138,17 +144,19 @@ def worker(args: argparse.Namespace) -> None:
     results: dict[str, dict] = {}
     for batch_size in args.batch_sizes:
         run(random_prompts(batch_size, args.input_len, seed=-batch_size), 4)  # warm-up
-        best, best_prefill, tokens = float("inf"), float("inf"), []
+        runs, prefill_runs, tokens = [], [], []
         for repeat in range(args.repeats):
             prompts = random_prompts(batch_size, args.input_len, seed=1000 * batch_size + repeat)
             start = time.perf_counter()
             run(prompts, 1)
-            best_prefill = min(best_prefill, time.perf_counter() - start)
+            prefill_runs.append(time.perf_counter() - start)
             start = time.perf_counter()
             tokens = run(prompts, args.output_len)
-            best = min(best, time.perf_counter() - start)
-        results[str(batch_size)] = {"seconds": best, "prefill_seconds": best_prefill, "tokens": tokens}
-        print(f"  {args.worker} batch {batch_size}: {batch_size * args.output_len / best:.1f} tok/s", flush=True)
+            runs.append(time.perf_counter() - start)
+        results[str(batch_size)] = {"seconds": statistics.median(runs), "runs": runs,
+                                    "prefill_seconds": statistics.median(prefill_runs), "tokens": tokens}
+        print(f"  {args.worker} batch {batch_size}: {batch_size * args.output_len / statistics.median(runs):.1f} "
+              f"tok/s {spread(batch_size * args.output_len, runs)}", flush=True)
     results["threads"] = torch.get_num_threads()
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(results, fh)
@@ -208,7 +216,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--device", default="cpu", help="cpu or cuda (both engines run there)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per engine and batch size (best is kept)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per engine and batch size (the median is "
+                   "reported, with the spread)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads of each engine's process")
     p.add_argument("--engines", nargs="+", default=["dsv32", "hf"], choices=["dsv32", "hf"])
     p.add_argument("--json", help="also write the rows to this JSON file")
@@ -228,11 +237,13 @@ def main() -> None:
                    for engine in args.engines}
 
     print(f"\nthroughput (output tokens/s), input {args.input_len}, output {args.output_len}, {args.dtype}, "
-          f"{args.device}, {args.threads} threads, each engine alone in its own process, best of {args.repeats}")
+          f"{args.device}, {args.threads} threads, each engine alone in its own process, median of {args.repeats} "
+          "runs (min-max)")
     if set(results) != {"dsv32", "hf"}:
         for engine, result in results.items():
             for b in args.batch_sizes:
-                print(f"{engine} batch {b}: {b * args.output_len / result[str(b)]['seconds']:.1f} tok/s")
+                print(f"{engine} batch {b}: {b * args.output_len / result[str(b)]['seconds']:.1f} tok/s "
+                      f"{spread(b * args.output_len, result[str(b)]['runs'])}")
         return
     rows = []
     for b in args.batch_sizes:
@@ -241,10 +252,12 @@ def main() -> None:
         generated = b * args.output_len
         rows.append(Row(b, generated / ours["seconds"], generated / hf["seconds"], hf["seconds"] / ours["seconds"],
                         ours["seconds"], hf["seconds"], agree / generated))
-    print(f"{'batch':>5} {'dsv32 tok/s':>12} {'HF tok/s':>10} {'ratio':>7} {'dsv32 s':>8} {'HF s':>8} {'same':>6}")
+    print(f"{'batch':>5} {'dsv32 tok/s':>26} {'HF tok/s':>26} {'ratio':>7} {'same':>6}")
     for r in rows:
-        print(f"{r.batch_size:>5} {r.ours_tokens_per_s:>12.1f} {r.hf_tokens_per_s:>10.1f} {r.ratio:>6.2f}x "
-              f"{r.ours_s:>8.3f} {r.hf_s:>8.3f} {r.greedy_agreement:>6.0%}")
+        generated = r.batch_size * args.output_len
+        ours = f"{r.ours_tokens_per_s:.1f} {spread(generated, results['dsv32'][str(r.batch_size)]['runs'])}"
+        hf = f"{r.hf_tokens_per_s:.1f} {spread(generated, results['hf'][str(r.batch_size)]['runs'])}"
+        print(f"{r.batch_size:>5} {ours:>26} {hf:>26} {r.ratio:>6.2f}x {r.greedy_agreement:>6.0%}")
     print("same: mean share of each output that both engines generated identically (up to the first divergence)")
     print(f"\nthe peer against {PEERS_README} ({REFERENCE_ROW}, prompt 128, 2 threads; comparable with "
           f"--input-len 128 --threads 2):")

@@ -109,8 +109,9 @@ def index_scores(q_cols: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor
     batch, dim, _ = q_cols.shape
     n, n_heads = weights.shape[1], weights.shape[2]
     keys = (rows if q_cols.dtype == rows.dtype else read_index_rows(rows, layout)).view(batch, -1, dim)
-    dots = torch.bmm(keys, q_cols).float().mul_(dim ** -0.5).relu_()  # [B, t, n H]
-    return torch.einsum("btnh,bnh->bnt", dots.view(batch, -1, n, n_heads), weights)
+    dots = torch.bmm(keys, q_cols).float().relu_()  # [B, t, n H]
+    # D^-0.5 folded into the head weights (ReLU commutes with a positive scale): one pass over the dots fewer.
+    return torch.einsum("btnh,bnh->bnt", dots.view(batch, -1, n, n_heads), weights * dim ** -0.5)
 
 
 def _block_topk(q_cols: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, layout: CacheLayout,
@@ -174,17 +175,25 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, weights: MLAWeights, l
     width = reference.bucketed_rows(num_selected) if num_selected else 0
     selected = torch.cat((selected, selected[-1:].expand(width - num_selected)))
     latent_rows, k_pe = read_latent_rows(latent_cache.index_select(0, slots[selected]), layout)
-    kv = F.linear(latent_rows, weights.w_kvb)
-    # Each query's selection as columns of the selected rows, -1 for the padding (selections are causal: no further
-    # mask is needed); index 0 of the shifted mask is never set, so its column is -1.
-    columns = (torch.cumsum(is_selected, 0) - 1).index_select(0, shifted).view(topk_positions.shape)
-    out = q_nope.new_empty(n, n_heads, weights.w_uv.shape[2])
+    kv = F.linear(latent_rows, weights.w_kvb).view(width, n_heads, -1)
+    # Laid out once for the query blocks' batched GEMMs: keys [H, d_n + d_r, W] (the rope key shared by the heads,
+    # so one product forms a block's scores) and values [H, W, d_v].
+    keys = torch.cat((kv[..., :nope_dim], k_pe[:, None].expand(-1, n_heads, -1)), -1).permute(1, 2, 0).contiguous()
+    values = kv[..., nope_dim:].transpose(0, 1).contiguous()
+    queries = torch.cat((q_nope, q_pe), -1).transpose(0, 1)  # [H, n, d_n + d_r]
+    # Each query's selection as columns of the selected rows, shifted by one: the padding's -1 lands on column 0,
+    # which the bias drops (selections are causal: no further mask is needed).
+    columns = torch.cumsum(is_selected, 0).index_select(0, shifted).view(topk_positions.shape)
+    out = q_nope.new_empty(n_heads, n, values.shape[-1])
     query_block = max(1, TILE_ELEMENTS // (n_heads * max(1, width)))
     for q0 in range(0, n, query_block):
         rows = slice(q0, min(n, q0 + query_block))
-        allowed = reference.positions_to_mask(columns[rows], width)
-        out[rows] = reference.mha_attention(q_nope[rows], q_pe[rows], kv, k_pe, allowed, softmax_scale)
-    return out
+        # The selection as an additive bias (0 on the selected columns, -inf elsewhere) that the scores' GEMM adds:
+        # one pass fewer than masking the scores afterwards.
+        bias = q_nope.new_full((rows.stop - q0, width + 1), float("-inf")).scatter_(-1, columns[rows], 0.0)[:, 1:]
+        scores = torch.baddbmm(bias.expand(n_heads, -1, -1), queries[:, rows], keys, alpha=softmax_scale)
+        torch.bmm(scores.softmax(-1, dtype=torch.float32).to(values.dtype), values, out=out[:, rows])
+    return out.transpose(0, 1)
 
 
 # What gathering one cached latent value for one query costs, in multiply-adds of a large GEMM: measured on 2 EPYC
