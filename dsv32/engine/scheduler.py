@@ -20,11 +20,10 @@ and ``K = context_cost_tokens`` is the context length at which a token's attenti
 its forward pass (see ``DEFAULT_CONTEXT_COST_TOKENS`` and ``estimate_context_cost_tokens``). Chunks therefore shrink
 roughly like ``K / p`` at long context, so a step takes about as long as ``max_num_batched_tokens`` context-free
 tokens, plus one chunk floor (``MIN_PREFILL_CHUNK``) that keeps a long prompt progressing. Decodes are not charged:
-they run every step anyway. A prompt alone in the engine (nothing else running or waiting) is not charged either:
-the budget protects other sequences' steps, and small chunks at long context cost more in all (each chunk pays a
-share proportional to the whole context: 16K-token prompt, tiny V3.2 with top-2048, 2 cores: ~40-token chunks 187
-tok/s, 256-token 278, 2048-token 289), so it gets token-budget chunks as in vLLM; a request that arrives meanwhile
-waits at most that one step, and the next step shares the cost budget again.
+they run every step anyway. A prompt alone in the engine (nothing else running or waiting) gets chunks of at least
+``ALONE_MIN_PREFILL_CHUNK`` tokens: the budget protects other sequences' steps, and small chunks at long context
+cost more in all (each chunk pays work proportional to the whole context); a request that arrives meanwhile waits
+that one step, and the next step shares the cost budget again.
 
 Speculative decoding (``num_speculative_tokens`` k > 0): a decode also schedules the sequence's drafted tokens
 (as many as the budget and its ``max_tokens`` leave room for) and allocates their slots, plus the k - 1 slots past
@@ -54,6 +53,12 @@ DEFAULT_CONTEXT_COST_TOKENS = 320.0
 # also pays a cost proportional to the whole context (reading its cached keys/latents), so tiny chunks at long
 # context would make almost no progress per step (tiny model, 64K context: 16 tokens ~0.7 s a step).
 MIN_PREFILL_CHUNK = 16
+
+# The smallest chunk of a prompt alone in the engine. A 16K-token prompt (tiny V3.2 with top-2048, 2 cores): ~40-token
+# cost-budget chunks 187 tok/s, 256-token chunks 278-282, 512: 290, 2048: 289. Not the whole token budget: a single
+# 1024-token chunk prefilled a 1K prompt slower than the cost budget's ~500-token ones (3299 vs 3673 tok/s, five
+# prompts each; noisy), and a request arriving meanwhile waits for the step.
+ALONE_MIN_PREFILL_CHUNK = 512
 
 
 def chunk_cost(num_tokens: int, start: int, context_cost_tokens: float | None) -> float:
@@ -273,11 +278,11 @@ class Scheduler:
         """Tokens a prompt chunk from position ``start`` gets (at most ``limit``, what the token budget and the prompt
         leave): as many as the step's remaining cost budget pays for; the first prompt chunk of a step gets at least
         ``min_prefill_chunk`` tokens (progress), later ones may get 0 (they wait for the next step). A prompt alone
-        in the engine gets ``limit`` (module docstring)."""
-        if self._alone:  # no other sequence's step to protect
-            return limit
+        in the engine gets at least ``ALONE_MIN_PREFILL_CHUNK`` (module docstring)."""
         num_new = min(limit, max_chunk_for_cost(start, self._cost_budget, self.context_cost_tokens))
-        if not self._any_prefill:
+        if self._alone:  # no other sequence's step to protect
+            num_new = max(num_new, min(limit, ALONE_MIN_PREFILL_CHUNK))
+        elif not self._any_prefill:
             num_new = max(num_new, min(limit, self.min_prefill_chunk))
         return num_new
 

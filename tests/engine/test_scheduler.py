@@ -8,6 +8,7 @@ from dsv32.engine.block_manager import BlockManager, DataParallelBlockManager
 from dsv32.engine.request import TokenSequence
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import (
+    ALONE_MIN_PREFILL_CHUNK,
     DEFAULT_CONTEXT_COST_TOKENS,
     Scheduler,
     SchedulerOutput,
@@ -324,20 +325,21 @@ def test_short_contexts_keep_nearly_full_token_budget_chunks():
     assert [item.num_new_tokens for item in fake_step(sched).scheduled] == [31]  # 32 * (1 + 32 / 1e4) > 32
 
 
-def test_a_prompt_alone_in_the_engine_gets_token_budget_chunks_until_another_arrives():
-    """Nothing else running or waiting: the cost budget protects nobody, so a long prompt's chunks are the token
-    budget's (small chunks at long context cost more in all); once another sequence arrives they shrink again."""
+def test_a_prompt_alone_in_the_engine_keeps_large_chunks_until_another_arrives():
+    """Nothing else running or waiting: the cost budget protects nobody, so a long prompt's chunks do not shrink below
+    ``ALONE_MIN_PREFILL_CHUNK`` (small chunks at long context cost more in all); once another sequence arrives they
+    shrink again."""
     manager = BlockManager(4000, BS)
-    sched = Scheduler(manager, max_num_seqs=8, max_num_batched_tokens=256, context_cost_tokens=100.0,
+    sched = Scheduler(manager, max_num_seqs=8, max_num_batched_tokens=1024, context_cost_tokens=100.0,
                       min_prefill_chunk=4)
     long = make_seq(3000, 1, first_token=1000, rid="long")
     sched.add(long)
     sizes = [fake_step(sched).scheduled[0].num_new_tokens for _ in range(4)]
-    assert sizes == [256] * 4
+    assert sizes == [ALONE_MIN_PREFILL_CHUNK] * 4  # the cost budget alone: 1024 * 100 / 1500 ~ 70 at context 1500
     sched.add(make_seq(5, 100, first_token=10, rid="other"))
     out = fake_step(sched)
     chunk = {item.seq.request_id: item.num_new_tokens for item in out.scheduled}
-    assert chunk["long"] == max_chunk_for_cost(1024, 256.0, 100.0) < 256  # the cost budget applies again
+    assert chunk["long"] == max_chunk_for_cost(2048, 1024.0, 100.0) < ALONE_MIN_PREFILL_CHUNK  # the cost budget again
 
 
 def test_prefill_chunks_of_one_step_share_the_cost_budget():
